@@ -1,0 +1,242 @@
+"""The ``clipbatch`` command: a thin layer over orchestration.Client.
+
+Exit codes: 0 success, 1 a failed or cancelled job (or an unreachable service), 2 a bad
+command or spec. A user's mistake prints one line naming the field, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from orchestration.keys import JobState
+from tasks.specs import DEFAULT_BATCH_SIZE, EmbedJobSpec, ModelSpec, SpecError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UserError(click.ClickException):
+    """A mistake in the command or spec: exit 2 with one line."""
+
+    exit_code = EXIT_USAGE
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class ServiceError(click.ClickException):
+    """Redis, S3 or a worker misbehaved: exit 1 with one line."""
+
+    exit_code = EXIT_FAILED
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class Group(click.Group):
+    """Turns the errors a user can cause into one-line messages."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from orchestration.client import BrokerUnavailable, UnknownJob
+        from orchestration.storage import StorageError
+
+        try:
+            return super().invoke(ctx)
+        except (SpecError, UnknownJob, StorageError) as exc:
+            raise UserError(str(exc).strip("'\"")) from None
+        except BrokerUnavailable as exc:
+            raise ServiceError(str(exc)) from None
+        except Exception as exc:
+            if type(exc).__module__.startswith(("botocore", "boto3", "redis", "kombu")):
+                raise ServiceError(f"{type(exc).__name__}: {exc}") from None
+            if type(exc).__name__ == "EmbeddedError":
+                raise ServiceError(str(exc)) from None
+            raise
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="clipbatch")
+def main() -> None:
+    """Batch CLIP embedding over webdataset shards with Celery workers, Redis and S3."""
+
+
+def _embed_options(fn):
+    options = [
+        click.option("--input", "input_", required=True, help="Shard, brace pattern ({00000..00099}), folder or s3:// prefix."),
+        click.option("--output", required=True, help="Output folder or s3://bucket/prefix."),
+        click.option("--model", help="open_clip model name, e.g. ViT-B-32 or clipbatch-tiny."),
+        click.option("--pretrained", help="open_clip pretrained tag, checkpoint path or s3:// URI."),
+        click.option("--model-config", type=click.Path(dir_okay=False), help="JSON config for an architecture open_clip does not know."),
+        click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True),
+        click.option("--json", "as_json", is_flag=True, help="Print the job status as JSON."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _spec(input_: str, output: str, model: str | None, pretrained: str | None, model_config: str | None,
+          batch_size: int, queue: str) -> EmbedJobSpec:
+    config = None
+    if model_config:
+        try:
+            config = json.loads(Path(model_config).read_text())
+        except (OSError, ValueError) as exc:
+            raise SpecError("model_config", f"{model_config}: cannot read JSON ({exc})") from None
+        model = model or Path(model_config).stem
+    if not model:
+        raise SpecError("model", "is required (or give --model-config FILE.json)")
+    spec = EmbedJobSpec(input_, output, ModelSpec(model, pretrained, config), batch_size=batch_size, queue=queue)
+    spec.validate()
+    return spec
+
+
+def _print_status(status: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(status, indent=2, sort_keys=True))
+        return
+    click.echo(
+        f"job {status['job_id']} ({status['kind']}): {status['state']}\n"
+        f"  shards  {status['shards_done']}/{status['shards_total']} done, {status['shards_failed']} failed, "
+        f"{status['shards_skipped']} already committed\n"
+        f"  samples {status['samples_done']} embedded, {status['samples_failed']} recorded as errors\n"
+        f"  output  {status['output']}"
+    )
+    for index, reason in sorted(status.get("failures", {}).items()):
+        click.echo(f"  shard {index} failed: {reason}")
+
+
+def _exit_for(status: dict[str, Any]) -> None:
+    if status["state"] in (JobState.FAILED.value, JobState.CANCELLED.value):
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.option("--queues", default="gpu", show_default=True, help="Comma-separated queues to consume.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--concurrency", type=int, default=1, show_default=True, help="Processes; one per device.")
+@click.option("--loglevel", default="info", show_default=True)
+@click.option("--hostname", help="Celery node name (default clipbatch-<pid>@<host>).")
+def worker(queues: str, device: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
+    """Run a Celery worker that processes shard messages."""
+    if concurrency < 1:
+        raise SpecError("concurrency", "must be at least 1")
+    os.environ["CLIPBATCH_DEVICE"] = device
+    from tasks.app import app
+
+    node = hostname or f"clipbatch-{os.getpid()}@%h"
+    app.worker_main(["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork",
+                     "--loglevel", loglevel, "--hostname", node, "-O", "fair"])
+
+
+@main.group()
+def submit() -> None:
+    """Submit a job to the workers through Redis."""
+
+
+@submit.command("embed")
+@_embed_options
+@click.option("--queue", default="gpu", show_default=True, help="Queue the shard messages go to.")
+@click.option("--wait", is_flag=True, help="Wait for the job to end, with a progress bar.")
+def submit_embed(input_, output, model, pretrained, model_config, batch_size, as_json, queue, wait) -> None:
+    """Embed every image and caption of the input shards."""
+    from orchestration.client import Client
+
+    spec = _spec(input_, output, model, pretrained, model_config, batch_size, queue)
+    job = Client().submit(spec)
+    status = job.wait(progress=not as_json) if wait else job.status()
+    if as_json or wait:
+        _print_status(status, as_json)
+    else:
+        click.echo(job.job_id)
+    _exit_for(status)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--watch", is_flag=True, help="Follow the job with a live progress bar until it ends.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(job_id: str, watch: bool, as_json: bool) -> None:
+    """Show a job's state and counters."""
+    from orchestration.client import Client
+
+    job = Client().job(job_id)
+    result = job.wait(progress=not as_json) if watch else job.status()
+    _print_status(result, as_json)
+    _exit_for(result)
+
+
+@main.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel a job: queued shards are skipped, committed outputs stay valid."""
+    from orchestration.client import Client
+
+    job = Client().job(job_id)
+    moved = job.cancel()
+    click.echo(f"job {job_id}: {'cancelled' if moved else 'already ' + job.status()['state']}")
+
+
+@main.command("jobs")
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def list_jobs(limit: int, as_json: bool) -> None:
+    """List recent jobs."""
+    from orchestration.client import Client
+
+    jobs = Client().list_jobs(limit)
+    if as_json:
+        click.echo(json.dumps(jobs, indent=2, sort_keys=True))
+        return
+    for s in jobs:
+        click.echo(f"{s['job_id']}  {s['kind']:6} {s['state']:10} {s['shards_done']}/{s['shards_total']} shards  {s['output']}")
+
+
+@main.group()
+def run() -> None:
+    """Run a job here with no Redis or S3 to set up (a private Redis and worker)."""
+
+
+@run.command("embed")
+@_embed_options
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes to start.")
+@click.option("--device", default="auto", show_default=True)
+def run_embed(input_, output, model, pretrained, model_config, batch_size, as_json, workers, device) -> None:
+    """Embed the input shards with a private Redis and worker subprocesses."""
+    from orchestration.embedded import EMBEDDED_QUEUE, run_embedded
+
+    spec = _spec(input_, output, model, pretrained, model_config, batch_size, EMBEDDED_QUEUE)
+    status = run_embedded(spec, workers=workers, device=device, progress=not as_json)
+    _print_status(status, as_json)
+    _exit_for(status)
+
+
+@main.command("make-checkpoint")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--model", default="clipbatch-tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_checkpoint(path: str, model: str, seed: int) -> None:
+    """Save a seeded random checkpoint of MODEL (for tests and demos; no download)."""
+    from workers.models import save_seeded_checkpoint
+
+    click.echo(save_seeded_checkpoint(model, path, seed))
+
+
+@main.command()
+@click.option("--workdir", default="demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--shards", type=int, default=4, show_default=True)
+@click.option("--samples-per-shard", type=int, default=64, show_default=True)
+def demo(workdir: str, shards: int, samples_per_shard: int) -> None:
+    """Build shards from real photos, embed them on the embedded default, print a summary."""
+    from workers.demo import run_demo
+
+    run_demo(Path(workdir), shards, samples_per_shard)
+
+
+if __name__ == "__main__":
+    main()

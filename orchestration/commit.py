@@ -1,0 +1,94 @@
+"""Exactly-once shard output on at-least-once delivery.
+
+An attempt writes its files under ``_tmp/{attempt}/``, then tries to create the shard's
+marker ``_commits/{index}.json`` with a conditional put (If-None-Match: * on S3, an
+exclusive link locally). The marker names the winning attempt. Only then are the winner's
+files copied to their final names, so a late or concurrent attempt, whose bytes may differ,
+never overwrites the winner. Anyone who finds a marker whose files are not all in place
+finishes the move (idempotent); losers delete their own temporaries.
+"""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from orchestration.storage import Storage
+
+MARKER_DIR = "_commits"
+TMP_DIR = "_tmp"
+_IO_THREADS = 8
+
+
+class CommitError(RuntimeError):
+    """A marker names files that exist neither in place nor in the attempt's temporaries."""
+
+
+def marker_key(index: int) -> str:
+    return f"{MARKER_DIR}/{index:05d}.json"
+
+
+def tmp_key(attempt: str, name: str) -> str:
+    return f"{TMP_DIR}/{attempt}/{name}"
+
+
+def read_marker(storage: Storage, index: int) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read(marker_key(index)))
+    except FileNotFoundError:
+        return None
+
+
+def list_markers(storage: Storage) -> dict[int, dict[str, Any]]:
+    """Every committed shard of an output, by index (one LIST plus parallel GETs)."""
+    names = [k for k in storage.list(MARKER_DIR + "/") if k.endswith(".json")]
+    indices = [int(k.rsplit("/", 1)[1].split(".")[0]) for k in names]
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        markers = list(pool.map(lambda i: read_marker(storage, i), indices))
+    return {i: m for i, m in zip(indices, markers) if m is not None}
+
+
+def _parallel(fn, items) -> None:
+    items = list(items)
+    if items:
+        with ThreadPoolExecutor(min(_IO_THREADS, len(items))) as pool:
+            list(pool.map(fn, items))
+
+
+def finish(storage: Storage, marker: dict[str, Any]) -> None:
+    """Move the marker's attempt files into their final names, then drop the temporaries."""
+    attempt = marker["attempt"]
+
+    def move(name: str) -> None:
+        try:
+            storage.copy(tmp_key(attempt, name), name)
+        except FileNotFoundError:
+            # Temporaries go only after every file is in place, so the move was done.
+            if not storage.exists(name):
+                raise CommitError(f"shard {marker['index']}: {name} missing for attempt {attempt}") from None
+
+    _parallel(move, marker["files"])
+    _parallel(lambda name: storage.delete(tmp_key(attempt, name)), marker["files"])
+
+
+def is_finished(storage: Storage, marker: dict[str, Any]) -> bool:
+    return not any(storage.exists(tmp_key(marker["attempt"], n)) for n in marker["files"])
+
+
+def commit(
+    storage: Storage, index: int, attempt: str, files: dict[str, bytes], record: dict[str, Any]
+) -> tuple[bool, dict[str, Any]]:
+    """Stage ``files``, race for the marker and finish the winner's move.
+
+    Returns (won, marker): ``marker`` is the winner's, whoever that is.
+    """
+    _parallel(lambda item: storage.write(tmp_key(attempt, item[0]), item[1]), files.items())
+    marker = {**record, "index": index, "attempt": attempt, "files": sorted(files)}
+    won = storage.create_exclusive(marker_key(index), json.dumps(marker, sort_keys=True).encode())
+    if not won:
+        _parallel(lambda name: storage.delete(tmp_key(attempt, name)), files)
+        marker = read_marker(storage, index)
+        if marker is None:
+            raise CommitError(f"shard {index}: conditional put refused but no marker is readable")
+    finish(storage, marker)
+    return won, marker

@@ -1,0 +1,45 @@
+"""Settings read from the environment, shared by the producer and the workers."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_QUEUE = "gpu"
+# Longer than the slowest shard: a message not acked within it is redelivered.
+DEFAULT_VISIBILITY_TIMEOUT_S = 3600
+# Deliveries of one shard message before the shard is recorded as failed.
+DEFAULT_MAX_RETRIES = 2
+DEFAULT_JOB_TTL_S = 30 * 24 * 3600
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: must be an integer") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r}: must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything both sides of the queue must agree on."""
+
+    broker_url: str
+    visibility_timeout_s: int
+    max_retries: int
+    job_ttl_s: int
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            broker_url=os.environ.get("CLIPBATCH_BROKER_URL") or DEFAULT_BROKER_URL,
+            visibility_timeout_s=_int_env("CLIPBATCH_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT_S),
+            max_retries=_int_env("CLIPBATCH_MAX_RETRIES", DEFAULT_MAX_RETRIES),
+            job_ttl_s=_int_env("CLIPBATCH_JOB_TTL", DEFAULT_JOB_TTL_S),
+        )

@@ -1,0 +1,133 @@
+"""Job records in Redis: one hash per job plus the sets that make counting idempotent.
+
+Counting a shard is idempotent (a shard index enters the ``done`` set once), so whoever
+reports a committed shard -- the attempt that won, a loser, or a redelivery that found the
+marker -- moves the counters at most once. Storage stays the durable truth.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from orchestration import keys
+from orchestration.keys import JobState
+
+_COUNTERS = ("shards_total", "shards_done", "shards_failed", "shards_skipped", "samples_done", "samples_failed")
+
+# KEYS: job hash, done set, failed hash. ARGV: index, samples ok, samples failed.
+# Returns {done, failed, total} or -1 when the job record is gone.
+_REPORT_DONE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
+  if redis.call('HDEL', KEYS[3], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[1], 'shards_failed', -1) end
+  redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
+  redis.call('HINCRBY', KEYS[1], 'samples_done', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'samples_failed', ARGV[3])
+end
+return {tonumber(redis.call('HGET', KEYS[1], 'shards_done')),
+        tonumber(redis.call('HGET', KEYS[1], 'shards_failed')),
+        tonumber(redis.call('HGET', KEYS[1], 'shards_total'))}
+"""
+
+# KEYS: job hash, done set, failed hash. ARGV: index, reason.
+_REPORT_FAILED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 and redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'shards_failed', 1)
+end
+return {tonumber(redis.call('HGET', KEYS[1], 'shards_done')),
+        tonumber(redis.call('HGET', KEYS[1], 'shards_failed')),
+        tonumber(redis.call('HGET', KEYS[1], 'shards_total'))}
+"""
+
+# KEYS: job hash. ARGV: new state, now. Moves a non-terminal job only.
+_SET_STATE = """
+local s = redis.call('HGET', KEYS[1], 'state')
+if s == false or s == 'succeeded' or s == 'failed' or s == 'cancelled' then return 0 end
+if ARGV[1] == 'running' and s ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[2])
+return 1
+"""
+
+
+class JobStore:
+    """Reads and writes job records; each write helper is one round trip."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.r = client
+        self.ttl_s = ttl_s
+        self._done = client.register_script(_REPORT_DONE)
+        self._failed = client.register_script(_REPORT_FAILED)
+        self._state = client.register_script(_SET_STATE)
+
+    def create(self, job_id: str, spec: dict[str, Any], shards_total: int, committed: dict[int, dict]) -> None:
+        """Write the job hash; shards already committed in storage count as done and skipped."""
+        now = time.time()
+        record = {
+            "job_id": job_id,
+            "kind": spec["kind"],
+            "spec": json.dumps(spec),
+            "output": spec["output"],
+            "queue": spec["queue"],
+            "state": JobState.QUEUED.value,
+            "created_at": now,
+            "updated_at": now,
+            "shards_total": shards_total,
+            "shards_done": len(committed),
+            "shards_failed": 0,
+            "shards_skipped": len(committed),
+            "samples_done": sum(m["samples_ok"] for m in committed.values()),
+            "samples_failed": sum(m["samples_failed"] for m in committed.values()),
+        }
+        pipe = self.r.pipeline()
+        pipe.hset(keys.job(job_id), mapping=record)
+        if committed:
+            pipe.sadd(keys.job_done(job_id), *committed)
+        for key in keys.job_keys(job_id):
+            pipe.expire(key, self.ttl_s)
+        pipe.zadd(keys.JOBS_INDEX, {job_id: now})
+        pipe.execute()
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.r.hgetall(keys.job(job_id))
+        if not raw:
+            return None
+        status: dict[str, Any] = {k: (int(raw.get(k, 0) or 0)) for k in _COUNTERS}
+        status.update(
+            job_id=job_id,
+            kind=raw["kind"],
+            state=raw["state"],
+            output=raw["output"],
+            queue=raw["queue"],
+            created_at=float(raw["created_at"]),
+            updated_at=float(raw["updated_at"]),
+            failures={int(k): v for k, v in self.r.hgetall(keys.job_failed(job_id)).items()},
+        )
+        return status
+
+    def spec(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.r.hget(keys.job(job_id), "spec")
+        return json.loads(raw) if raw else None
+
+    def report_done(self, job_id: str, index: int, samples_ok: int, samples_failed: int) -> bool:
+        """Count a committed shard once; True when every shard is now accounted for."""
+        res = self._done(keys=keys.job_keys(job_id), args=[index, samples_ok, samples_failed])
+        return res != -1 and res[0] + res[1] == res[2]
+
+    def report_failed(self, job_id: str, index: int, reason: str) -> bool:
+        """Record a shard that failed every attempt; True when every shard is now accounted for."""
+        res = self._failed(keys=keys.job_keys(job_id), args=[index, reason[:2000]])
+        return res != -1 and res[0] + res[1] == res[2]
+
+    def set_state(self, job_id: str, state: JobState) -> bool:
+        """Move a job that is not finished yet; 'running' only from 'queued'."""
+        return bool(self._state(keys=[keys.job(job_id)], args=[state.value, time.time()]))
+
+    def is_complete(self, status: dict[str, Any]) -> bool:
+        return status["shards_done"] + status["shards_failed"] >= status["shards_total"]
+
+    def list_ids(self, limit: int = 50) -> list[str]:
+        return list(self.r.zrevrange(keys.JOBS_INDEX, 0, limit - 1))

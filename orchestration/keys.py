@@ -1,0 +1,38 @@
+"""Every Redis key name clipbatch uses, and the job states."""
+from __future__ import annotations
+
+from enum import Enum
+
+PREFIX = "clipbatch"
+JOBS_INDEX = f"{PREFIX}:jobs"  # sorted set: job_id -> created_at
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+def job(job_id: str) -> str:
+    """Hash: spec, state and counters of one job."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_done(job_id: str) -> str:
+    """Set of shard indices already counted as done (makes counting idempotent)."""
+    return f"{PREFIX}:job:{job_id}:done"
+
+
+def job_failed(job_id: str) -> str:
+    """Hash: shard index -> failure reason."""
+    return f"{PREFIX}:job:{job_id}:failed"
+
+
+def job_keys(job_id: str) -> list[str]:
+    return [job(job_id), job_done(job_id), job_failed(job_id)]

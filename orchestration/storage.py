@@ -1,0 +1,242 @@
+"""One small storage interface: a local directory or any S3-compatible bucket.
+
+Chosen by URI scheme: ``s3://bucket/prefix`` uses boto3 (endpoint and credentials from
+boto3's own environment variables: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+...), ``file:///path`` or a plain path uses the local filesystem. Keys are '/'-separated and
+relative to the root the storage was opened on.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+S3_SCHEME = "s3://"
+FILE_SCHEME = "file://"
+_S3_RETRIES = {"mode": "standard", "max_attempts": 8}
+_PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+
+
+class StorageError(Exception):
+    """A storage location that cannot be used, with the URI in the message."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    etag: str
+
+
+class Storage(Protocol):
+    uri: str
+
+    def read(self, key: str) -> bytes: ...
+    def open_read(self, key: str) -> BinaryIO: ...
+    def write(self, key: str, data: bytes) -> None: ...
+    def create_exclusive(self, key: str, data: bytes) -> bool: ...
+    def exists(self, key: str) -> bool: ...
+    def info(self, key: str) -> ObjectInfo | None: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def copy(self, src: str, dst: str) -> None: ...
+    def delete(self, key: str) -> None: ...
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def join(uri: str, name: str) -> str:
+    return uri.rstrip("/") + "/" + name.lstrip("/")
+
+
+def split(uri: str) -> tuple[str, str]:
+    """``s3://b/p/x.tar`` -> (``s3://b/p``, ``x.tar``); the same for local paths."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    if not name:
+        raise StorageError(f"{uri!r} does not name an object")
+    if not parent:
+        parent = "."
+    if parent.endswith(":/") or parent == "s3:":
+        raise StorageError(f"{uri!r} does not name an object inside a bucket")
+    return parent, name
+
+
+def open_storage(uri: str) -> Storage:
+    """Return the storage rooted at ``uri`` (``s3://``, ``file://`` or a plain path)."""
+    if is_s3(uri):
+        bucket, _, prefix = uri[len(S3_SCHEME):].partition("/")
+        if not bucket:
+            raise StorageError(f"{uri!r}: an s3:// URI needs a bucket name")
+        return S3Storage(bucket, prefix.strip("/"))
+    if "://" in uri and not uri.startswith(FILE_SCHEME):
+        raise StorageError(f"{uri!r}: unsupported scheme (use s3://, file:// or a plain path)")
+    return LocalStorage(uri[len(FILE_SCHEME):] if uri.startswith(FILE_SCHEME) else uri)
+
+
+class LocalStorage:
+    """A directory; writes are atomic (temp file + rename), exclusive create uses link()."""
+
+    def __init__(self, root: str) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def _tmp_beside(self, path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        os.close(fd)
+        return tmp
+
+    def read(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def open_read(self, key: str) -> BinaryIO:
+        return open(self._path(key), "rb")
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._tmp_beside(path)
+        Path(tmp).write_bytes(data)
+        os.replace(tmp, path)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = self._tmp_beside(path)
+        try:
+            Path(tmp).write_bytes(data)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def info(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(size=st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}")
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        return sorted(
+            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.endswith(".part")
+        )
+
+    def copy(self, src: str, dst: str) -> None:
+        path = self._path(dst)
+        tmp = self._tmp_beside(path)
+        shutil.copyfile(self._path(src), tmp)
+        os.replace(tmp, path)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+_clients = threading.local()
+
+
+def s3_client():
+    """A boto3 S3 client per process and thread (boto3 sessions are not fork- or thread-safe)."""
+    client = getattr(_clients, "client", None)
+    if client is None or getattr(_clients, "pid", None) != os.getpid():
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.session.Session().client("s3", config=Config(retries=_S3_RETRIES))
+        _clients.client, _clients.pid = client, os.getpid()
+    return client
+
+
+def _error_code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+class S3Storage:
+    """A bucket prefix on any S3-compatible endpoint."""
+
+    def __init__(self, bucket: str, prefix: str) -> None:
+        self.bucket, self.prefix = bucket, prefix
+        self.uri = f"{S3_SCHEME}{bucket}/{prefix}".rstrip("/")
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def read(self, key: str) -> bytes:
+        return self.open_read(key).read()
+
+    def open_read(self, key: str) -> BinaryIO:
+        from botocore.exceptions import ClientError
+
+        try:
+            return s3_client().get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except ClientError as exc:
+            if _error_code(exc) in {"NoSuchKey", "404"}:
+                raise FileNotFoundError(join(self.uri, key)) from None
+            raise
+
+    def write(self, key: str, data: bytes) -> None:
+        s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            if _error_code(exc) in _PRECONDITION_CODES:
+                return False
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self.info(key) is not None
+
+    def info(self, key: str) -> ObjectInfo | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = s3_client().head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                return None
+            raise
+        return ObjectInfo(size=head["ContentLength"], etag=head["ETag"].strip('"'))
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys: list[str] = []
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+        for page in pages:
+            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def copy(self, src: str, dst: str) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            s3_client().copy_object(
+                Bucket=self.bucket, Key=self._key(dst), CopySource={"Bucket": self.bucket, "Key": self._key(src)}
+            )
+        except ClientError as exc:
+            if _error_code(exc) in {"NoSuchKey", "404"}:
+                raise FileNotFoundError(join(self.uri, src)) from None
+            raise
+
+    def delete(self, key: str) -> None:
+        s3_client().delete_object(Bucket=self.bucket, Key=self._key(key))

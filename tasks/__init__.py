@@ -1,0 +1,1 @@
+"""The contract between producer and workers: specs, task names, thin Celery tasks."""

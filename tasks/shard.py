@@ -1,0 +1,97 @@
+"""The life of one shard message, the same for every kind of shard task.
+
+skip if the job was cancelled -> skip (and finish the move) if the marker exists ->
+compute -> commit (conditional marker) -> count once in Redis -> finalize if last.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from typing import Any, Callable
+
+import redis
+from celery import Task
+
+from orchestration import commit
+from orchestration.client import finalize
+from orchestration.config import Settings
+from orchestration.jobs import JobStore
+from orchestration.keys import JobState
+from orchestration.storage import open_storage
+from tasks.specs import ShardSpec
+
+log = logging.getLogger("clipbatch.shard")
+_SETTINGS = Settings.from_env()
+_store: dict[int, JobStore] = {}
+
+
+def job_store() -> JobStore:
+    """One Redis connection pool per process (created after the fork)."""
+    pid = os.getpid()
+    if pid not in _store:
+        client = redis.Redis.from_url(_SETTINGS.broker_url, decode_responses=True)
+        _store.clear()
+        _store[pid] = JobStore(client, _SETTINGS.job_ttl_s)
+    return _store[pid]
+
+
+class ShardTask(Task):
+    """Retries with backoff; a shard that fails every attempt is recorded with its reason."""
+
+    autoretry_for = (Exception,)
+    retry_backoff = True
+    retry_backoff_max = 60
+    max_retries = _SETTINGS.max_retries
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: ANN001 (Celery's signature)
+        shard = ShardSpec.from_dict(args[0])
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("shard failed job=%s shard=%d input=%s reason=%s", shard.job_id, shard.index, shard.input, reason)
+        jobs = job_store()
+        if jobs.report_failed(shard.job_id, shard.index, reason):
+            finalize(jobs, shard.job_id)
+
+
+def run_shard(shard: ShardSpec, compute: Callable[[ShardSpec, str], Any]) -> dict[str, Any]:
+    """Run ``compute`` for ``shard`` unless it is already committed; count it exactly once."""
+    start = time.perf_counter()
+    jobs = job_store()
+    status = jobs.get(shard.job_id)
+    if status is not None and status["state"] == JobState.CANCELLED.value:
+        log.info("shard skipped job=%s shard=%d reason=cancelled", shard.job_id, shard.index)
+        return {"outcome": "cancelled"}
+    if status is None:
+        log.warning("job %s has no Redis record; shard %d still commits to storage", shard.job_id, shard.index)
+    storage = open_storage(shard.job.output)
+    marker = commit.read_marker(storage, shard.index)
+    if marker is not None:
+        if not commit.is_finished(storage, marker):
+            commit.finish(storage, marker)
+        outcome = "already_committed"
+    else:
+        jobs.set_state(shard.job_id, JobState.RUNNING)
+        attempt = uuid.uuid4().hex
+        log.info("shard start job=%s shard=%d attempt=%s input=%s", shard.job_id, shard.index, attempt, shard.input)
+        result = compute(shard, attempt)
+        record = {
+            "job_id": shard.job_id,
+            "input": shard.input,
+            "input_size": result.input_size,
+            "input_etag": result.input_etag,
+            "model": {"name": shard.job.model.name, "pretrained": shard.job.model.pretrained},
+            "samples_ok": result.samples_ok,
+            "samples_failed": result.samples_failed,
+            "committed_at": time.time(),
+        }
+        won, marker = commit.commit(storage, shard.index, attempt, result.files, record)
+        outcome = "committed" if won else "lost_race"
+    if jobs.report_done(shard.job_id, shard.index, marker["samples_ok"], marker["samples_failed"]):
+        finalize(jobs, shard.job_id)
+    seconds = time.perf_counter() - start
+    log.info(
+        "shard %s job=%s shard=%d attempt=%s samples=%d failed=%d seconds=%.2f",
+        outcome, shard.job_id, shard.index, marker["attempt"], marker["samples_ok"], marker["samples_failed"], seconds,
+    )
+    return {"outcome": outcome, "attempt": marker["attempt"], "seconds": seconds}

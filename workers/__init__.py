@@ -1,0 +1,1 @@
+"""The heavy side: model loading, the image pipeline, compute and writers."""

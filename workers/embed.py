@@ -1,0 +1,111 @@
+"""Embed one input shard: stream it, decode in parallel, run the model, serialise the outputs."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from orchestration.storage import open_storage, split
+from tasks.specs import ShardSpec
+from workers import runtime, writers
+from workers.compute import alignment_scores, encode_pairs
+from workers.pipeline import prefetched_batches
+from workers.shards import decode_sample, iter_raw_samples
+
+
+@dataclass
+class ShardResult:
+    """Everything one attempt produced: output files by key, and the counts for the marker."""
+
+    files: dict[str, bytes]
+    samples_ok: int
+    samples_failed: int
+    input_size: int
+    input_etag: str
+
+
+def output_names(index: int) -> dict[str, str]:
+    """clip-retrieval's layout: file ``i`` holds input shard ``i``."""
+    return {
+        "img": f"img_emb/img_emb_{index}.npy",
+        "text": f"text_emb/text_emb_{index}.npy",
+        "metadata": f"metadata/metadata_{index}.parquet",
+        "errors": f"errors/errors_{index}.parquet",
+        "stats": f"stats/{index}.json",
+    }
+
+
+def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
+    """Run shard ``shard`` end to end on this process's model and device."""
+    start = time.perf_counter()
+    bundle = runtime.model_for(shard.job.model)
+    parent, name = split(shard.input)
+    storage = open_storage(parent)
+    info = storage.info(name)
+    if info is None:
+        raise FileNotFoundError(f"input shard {shard.input} does not exist")
+
+    img_parts: list[np.ndarray] = []
+    txt_parts: list[np.ndarray] = []
+    rows: list[dict[str, Any]] = []
+    metas: list[dict | None] = []
+    errors: list[dict[str, str]] = []
+    waited = forward = 0.0
+    decode = partial(decode_sample, preprocess=bundle.preprocess)
+    with storage.open_read(name) as stream:
+        batches = prefetched_batches(iter_raw_samples(stream), decode, shard.job.batch_size, runtime.decode_pool())
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - t0
+            if batch is None:
+                break
+            good = [s for s in batch if s.error is None]
+            errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch if s.error)
+            if not good:
+                continue
+            t0 = time.perf_counter()
+            images = torch.stack([s.image for s in good])
+            tokens = bundle.tokenizer([s.caption for s in good])
+            img, txt = encode_pairs(bundle.model, images, tokens)
+            forward += time.perf_counter() - t0
+            img_parts.append(img)
+            txt_parts.append(txt)
+            rows.extend({"key": s.key, "caption": s.caption, "shard": shard.input} for s in good)
+            metas.extend(s.meta for s in good)
+
+    t0 = time.perf_counter()
+    dim = bundle.embed_dim
+    img = np.concatenate(img_parts) if img_parts else np.zeros((0, dim), np.float32)
+    txt = np.concatenate(txt_parts) if txt_parts else np.zeros((0, dim), np.float32)
+    names = output_names(shard.index)
+    files = {
+        names["img"]: writers.npy_bytes(img),
+        names["text"]: writers.npy_bytes(txt),
+        names["metadata"]: writers.metadata_bytes(rows, metas, {"clip_score": alignment_scores(img, txt)}),
+        names["errors"]: writers.errors_bytes(errors),
+    }
+    serialise = time.perf_counter() - t0
+    total = time.perf_counter() - start
+    stats = {
+        "shard": shard.input,
+        "index": shard.index,
+        "job_id": shard.job_id,
+        "attempt": attempt,
+        "model": shard.job.model.name,
+        "device": str(bundle.device),
+        "input_bytes": info.size,
+        "samples_total": len(rows) + len(errors),
+        "samples_ok": len(rows),
+        "samples_failed": len(errors),
+        "error_reasons": dict(Counter(e["reason"].split(":")[0] for e in errors)),
+        "seconds": {"total": total, "waiting_for_decode": waited, "forward": forward, "serialise": serialise},
+        "samples_per_s": len(rows) / total if total > 0 else 0.0,
+    }
+    files[names["stats"]] = writers.json_bytes(stats)
+    return ShardResult(files, len(rows), len(errors), info.size, info.etag)

@@ -1,0 +1,58 @@
+"""Per-process worker state: the device, one loaded model, the decode thread pool."""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from celery.signals import worker_process_init
+
+from tasks.specs import ModelSpec
+from workers.models import ModelBundle, load_model, resolve_device
+
+log = logging.getLogger("clipbatch.worker")
+
+_state: dict[str, object] = {}
+
+
+def decode_threads() -> int:
+    return int(os.environ.get("CLIPBATCH_DECODE_THREADS") or max(1, os.cpu_count() or 1))
+
+
+def configure_threads() -> None:
+    """On CPU, torch's intra-op threads and the decode threads share the cores."""
+    torch_threads = os.environ.get("CLIPBATCH_TORCH_THREADS")
+    if torch_threads:
+        torch.set_num_threads(int(torch_threads))
+
+
+@worker_process_init.connect
+def _on_process_start(**_: object) -> None:
+    configure_threads()
+
+
+def device() -> torch.device:
+    if "device" not in _state:
+        _state["device"] = resolve_device(os.environ.get("CLIPBATCH_DEVICE", "auto"))
+    return _state["device"]  # type: ignore[return-value]
+
+
+def decode_pool() -> ThreadPoolExecutor:
+    if "pool" not in _state:
+        _state["pool"] = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode")
+    return _state["pool"]  # type: ignore[return-value]
+
+
+def model_for(spec: ModelSpec) -> ModelBundle:
+    """The process keeps one model: loaded on first use, replaced only when a job needs another."""
+    bundle = _state.get("model")
+    if isinstance(bundle, ModelBundle) and bundle.spec == spec:
+        return bundle
+    _state.pop("model", None)
+    if device().type == "cuda":
+        torch.cuda.empty_cache()
+    bundle = load_model(spec, device())
+    log.info("model %s (%s) loaded on %s in %.1fs", spec.name, spec.pretrained, bundle.device, bundle.load_seconds)
+    _state["model"] = bundle
+    return bundle
