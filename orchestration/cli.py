@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+import redis
 
+from orchestration.config import Settings
 from orchestration.keys import JobState
 from tasks.specs import DEFAULT_BATCH_SIZE, EmbedJobSpec, ModelSpec, SpecError
 
@@ -51,6 +53,9 @@ class Group(click.Group):
             raise UserError(str(exc).strip("'\"")) from None
         except BrokerUnavailable as exc:
             raise ServiceError(str(exc)) from None
+        except redis.ConnectionError as exc:
+            url = Settings.from_env().broker_url
+            raise ServiceError(f"cannot reach Redis at {url} ({exc}); set CLIPBATCH_BROKER_URL") from None
         except Exception as exc:
             if type(exc).__module__.startswith(("botocore", "boto3", "redis", "kombu")):
                 raise ServiceError(f"{type(exc).__name__}: {exc}") from None

@@ -144,7 +144,15 @@ class LocalStorage:
         os.replace(tmp, path)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for parent in path.parents:  # drop folders left empty, like keys vanishing from a prefix
+            if parent == self.root or self.root not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 _clients = threading.local()

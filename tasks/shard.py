@@ -66,6 +66,7 @@ def run_shard(shard: ShardSpec, compute: Callable[[ShardSpec, str], Any]) -> dic
         log.warning("job %s has no Redis record; shard %d still commits to storage", shard.job_id, shard.index)
     storage = open_storage(shard.job.output)
     marker = commit.read_marker(storage, shard.index)
+    attempt = None
     if marker is not None:
         if not commit.is_finished(storage, marker):
             commit.finish(storage, marker)
@@ -91,7 +92,8 @@ def run_shard(shard: ShardSpec, compute: Callable[[ShardSpec, str], Any]) -> dic
         finalize(jobs, shard.job_id)
     seconds = time.perf_counter() - start
     log.info(
-        "shard %s job=%s shard=%d attempt=%s samples=%d failed=%d seconds=%.2f",
-        outcome, shard.job_id, shard.index, marker["attempt"], marker["samples_ok"], marker["samples_failed"], seconds,
+        "shard %s job=%s shard=%d attempt=%s committed_attempt=%s samples=%d failed=%d seconds=%.2f",
+        outcome, shard.job_id, shard.index, attempt, marker["attempt"], marker["samples_ok"], marker["samples_failed"],
+        seconds,
     )
-    return {"outcome": outcome, "attempt": marker["attempt"], "seconds": seconds}
+    return {"outcome": outcome, "attempt": attempt, "committed_attempt": marker["attempt"], "seconds": seconds}

@@ -1,0 +1,41 @@
+"""A user's mistake gets one line naming the field and exit code 2 -- never a traceback."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import free_port, run_cli, service_env
+
+
+@pytest.fixture()
+def env(redis_url):
+    return service_env(redis_url)
+
+
+def assert_one_line_error(result, exit_code: int, *needles: str) -> None:
+    assert result.returncode == exit_code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_bad_specs_are_refused_at_submit(env, tmp_path, checkpoint, photo_shards):
+    folder, _ = photo_shards
+    base = ["submit", "embed", "--input", str(folder), "--output", str(tmp_path / "o")]
+    assert_one_line_error(run_cli(*base, env=env), 2, "--model")
+    assert_one_line_error(run_cli(*base, "--model", "ViT-Nope-99", env=env), 2, "--model:", "ViT-Nope-99")
+    assert_one_line_error(run_cli(*base, "--model", "clipbatch-tiny", "--pretrained", "/no/such.pt", env=env),
+                          2, "--pretrained:")
+    assert_one_line_error(run_cli(*base, "--model", "clipbatch-tiny", "--batch-size", "-3", env=env), 2, "--batch-size")
+    assert_one_line_error(run_cli(*base, "--model", "clipbatch-tiny", "--batch-size", "many", env=env), 2, "--batch-size")
+    missing = ["submit", "embed", "--input", f"{folder}/{{00000..00009}}.tar", "--output", str(tmp_path / "o"),
+               "--model", "clipbatch-tiny"]
+    assert_one_line_error(run_cli(*missing, env=env), 2, "--input:", "7 of 10 shards do not exist")
+    bad_config = tmp_path / "m.json"
+    bad_config.write_text("{not json")
+    assert_one_line_error(run_cli(*base, "--model-config", str(bad_config), env=env), 2, "--model-config:")
+
+
+def test_unknown_job_and_unreachable_redis(env):
+    assert_one_line_error(run_cli("status", "nope", env=env), 2, "unknown")
+    dead = {**env, "CLIPBATCH_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    assert_one_line_error(run_cli("status", "nope", env=dead), 1, "cannot reach Redis")

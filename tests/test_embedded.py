@@ -1,0 +1,36 @@
+"""``clipbatch run``: the embedded default needs no Redis and no S3, and uses a real worker."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import free_port, run_cli, service_env
+
+pytestmark = pytest.mark.integration
+
+
+def test_run_embed_on_a_local_folder_without_redis(photo_shards, checkpoint, tmp_path, redis_url):
+    # given: no reachable Redis configured, only a local folder of shards
+    folder, built = photo_shards
+    env = service_env(f"redis://127.0.0.1:{free_port()}/0")
+    out = tmp_path / "out"
+
+    # when
+    result = run_cli("run", "embed", "--input", str(folder), "--output", str(out), "--model", "clipbatch-tiny",
+                     "--pretrained", str(checkpoint), "--batch-size", "16", "--json", env=env)
+
+    # then
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = json.loads(result.stdout)
+    assert status["state"] == "succeeded"
+    assert (status["samples_done"], status["samples_failed"]) == (built["good"], built["corrupt"])
+    rows = sum(len(np.load(p)) for p in (out / "img_emb").glob("*.npy"))
+    assert rows == built["good"]
+    assert (out / "_job.json").is_file() and not (out / "_tmp").exists()
+
+    # and running it again commits nothing new
+    again = run_cli("run", "embed", "--input", str(folder), "--output", str(out), "--model", "clipbatch-tiny",
+                    "--pretrained", str(checkpoint), "--json", env=env)
+    assert again.returncode == 0 and json.loads(again.stdout)["shards_skipped"] == built["shards"]

@@ -1,0 +1,38 @@
+"""Job specs: refused with the field named; they survive the JSON round trip unchanged."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks.specs import EmbedJobSpec, ModelSpec, ShardSpec, SpecError
+
+
+def spec(**overrides) -> EmbedJobSpec:
+    args = {"input": "/in", "output": "/out", "model": ModelSpec("clipbatch-tiny", "/ckpt.pt")} | overrides
+    return EmbedJobSpec(**args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"input": ""}, "--input"),
+        ({"output": " "}, "--output"),
+        ({"output": "s3:///x"}, "--output"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"batch_size": "8"}, "--batch-size"),
+        ({"queue": "bad queue"}, "--queue"),
+        ({"model": ModelSpec("")}, "--model"),
+        ({"model": ModelSpec("x", "")}, "--pretrained"),
+        ({"model": ModelSpec("x", None, {"embed_dim": 4})}, "--model-config"),
+    ],
+)
+def test_bad_fields_are_named(overrides, field):
+    with pytest.raises(SpecError) as err:
+        spec(**overrides).validate()
+    assert str(err.value).startswith(field + ":")
+
+
+def test_shard_spec_round_trips_through_json():
+    shard = ShardSpec("job1", 4, "s3://b/x.tar", spec(model=ModelSpec("m", "tag", {"embed_dim": 1, "vision_cfg": {}, "text_cfg": {}})))
+    assert ShardSpec.from_dict(json.loads(json.dumps(shard.to_dict()))) == shard

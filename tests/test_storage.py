@@ -1,0 +1,48 @@
+"""Storage semantics both backends must share, against a real local folder and moto's S3 server."""
+from __future__ import annotations
+
+import pytest
+
+from orchestration.storage import open_storage, split
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return open_storage(str(tmp_path / "root"))
+    bucket = request.getfixturevalue("bucket")
+    return open_storage(f"s3://{bucket}/some/prefix")
+
+
+def test_write_read_list_delete(storage):
+    storage.write("a/x.bin", b"1")
+    storage.write("a/y.bin", b"22")
+    storage.write("b.bin", b"333")
+    assert storage.read("a/y.bin") == b"22"
+    assert storage.list("") == ["a/x.bin", "a/y.bin", "b.bin"]
+    assert storage.list("a/") == ["a/x.bin", "a/y.bin"]
+    assert storage.info("b.bin").size == 3 and storage.info("nope") is None
+    storage.delete("a/x.bin")
+    assert storage.list("a/") == ["a/y.bin"]
+    with pytest.raises(FileNotFoundError):
+        storage.read("a/x.bin")
+
+
+def test_create_exclusive_refuses_second_writer(storage):
+    assert storage.create_exclusive("m.json", b"first") is True
+    assert storage.create_exclusive("m.json", b"second") is False
+    assert storage.read("m.json") == b"first"
+
+
+def test_copy_of_missing_source_is_file_not_found(storage):
+    storage.write("src", b"data")
+    storage.copy("src", "dst/copy")
+    assert storage.read("dst/copy") == b"data"
+    with pytest.raises(FileNotFoundError):
+        storage.copy("missing", "dst/other")
+
+
+def test_split_names_parent_and_object():
+    assert split("s3://b/p/x.tar") == ("s3://b/p", "x.tar")
+    assert split("/data/x.tar") == ("/data", "x.tar")
+    assert split("x.tar") == (".", "x.tar")
