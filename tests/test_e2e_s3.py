@@ -44,10 +44,10 @@ def samples_by_key(folder) -> dict[str, dict[str, bytes]]:
     return out
 
 
-def submit_and_wait(env, bucket, names, output, checkpoint, queue):
+def submit_and_wait(env, bucket, names, output, checkpoint_uri, queue):
     pattern = f"s3://{bucket}/laion/{{00000..{len(names) - 1:05d}}}.tar"
     submitted = run_cli("submit", "embed", "--input", pattern, "--output", output, "--model", "clipbatch-tiny",
-                        "--pretrained", str(checkpoint), "--batch-size", "8", "--queue", queue, env=env)
+                        "--pretrained", checkpoint_uri, "--batch-size", "8", "--queue", queue, env=env)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     watched = run_cli("status", job_id, "--watch", "--json", env=env)
@@ -73,17 +73,19 @@ def reference_embeddings(checkpoint, image_bytes: list[bytes], captions: list[st
     return norm(img), norm(txt)
 
 
-def test_submit_embed_s3_end_to_end_then_resubmit(redis_url, bucket, photo_shards, checkpoint, start_worker):
-    # given: shards of real photos in S3 and one real worker on its own queue
+def test_submit_embed_s3_end_to_end_then_resubmit(redis_url, bucket, photo_shards, checkpoint, start_worker, tmp_path):
+    # given: shards of real photos and the checkpoint in S3, and one real worker on its own queue
     folder, built = photo_shards
     names = upload_shards(folder, bucket)
+    boto3.client("s3").upload_file(str(checkpoint), bucket, "models/tiny.pt")
+    checkpoint_uri = f"s3://{bucket}/models/tiny.pt"
     queue = f"q-{uuid.uuid4().hex[:8]}"
-    env = service_env(redis_url)
+    env = service_env(redis_url, CLIPBATCH_CACHE_DIR=str(tmp_path / "cache"))
     worker = start_worker(queue, env)
     output = f"s3://{bucket}/emb/run1"
 
     # when: a job is submitted through the CLI and watched to the end
-    status = submit_and_wait(env, bucket, names, output, checkpoint, queue)
+    status = submit_and_wait(env, bucket, names, output, checkpoint_uri, queue)
 
     # then: it succeeded and every input sample is accounted for
     assert status["state"] == "succeeded"
@@ -131,7 +133,7 @@ def test_submit_embed_s3_end_to_end_then_resubmit(redis_url, bucket, photo_shard
 
     # when: the finished job is resubmitted
     markers = {k: s3_bytes(bucket, k) for k in s3_keys(bucket, "emb/run1/_commits/")}
-    again = submit_and_wait(env, bucket, names, output, checkpoint, queue)
+    again = submit_and_wait(env, bucket, names, output, checkpoint_uri, queue)
 
     # then: zero shards run; nothing in storage changed
     assert again["state"] == "succeeded" and again["shards_skipped"] == len(names)
@@ -144,7 +146,7 @@ def test_submit_embed_s3_end_to_end_then_resubmit(redis_url, bucket, photo_shard
         if key.endswith(("/_commits/00001.json", "img_emb_1.npy", "text_emb_1.npy", "metadata_1.parquet",
                          "errors_1.parquet", "/stats/1.json")):
             s3.delete_object(Bucket=bucket, Key=key)
-    third = submit_and_wait(env, bucket, names, output, checkpoint, queue)
+    third = submit_and_wait(env, bucket, names, output, checkpoint_uri, queue)
 
     # then: exactly that shard ran again
     assert third["state"] == "succeeded" and third["shards_skipped"] == len(names) - 1
@@ -156,3 +158,7 @@ def test_submit_embed_s3_end_to_end_then_resubmit(redis_url, bucket, photo_shard
     assert json.loads(after["emb/run1/_commits/00001.json"])["attempt"] != json.loads(
         markers["emb/run1/_commits/00001.json"])["attempt"]
     assert worker.log().count("shard committed") == len(names) + 1
+
+    # and the worker process loaded the model once, from one cached download of the s3:// checkpoint
+    assert worker.log().count("loaded on cpu") == 1
+    assert len(list((tmp_path / "cache" / "checkpoints").iterdir())) == 1

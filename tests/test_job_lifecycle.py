@@ -1,0 +1,67 @@
+"""Job states with a real worker: a shard that fails every attempt, and a cancelled job."""
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+
+import pytest
+
+from tests.conftest import run_cli, service_env, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def submit(env, input_, output, checkpoint, queue):
+    result = run_cli("submit", "embed", "--input", input_, "--output", output, "--model", "clipbatch-tiny",
+                     "--pretrained", str(checkpoint), "--queue", queue, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_a_shard_failing_every_attempt_fails_the_job_and_names_the_shard(
+    redis_url, photo_shards, checkpoint, tmp_path, start_worker
+):
+    # given: a job over two shards, one of which vanishes before any worker reads it
+    folder, built = photo_shards
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        shutil.copy(folder / name, inputs / name)
+    queue = f"fail-{uuid.uuid4().hex[:8]}"
+    env = service_env(redis_url, CLIPBATCH_MAX_RETRIES="1")
+    job_id = submit(env, str(inputs), str(tmp_path / "out"), checkpoint, queue)
+    (inputs / "00001.tar").unlink()
+
+    # when: a worker processes the job
+    start_worker(queue, env)
+    watched = run_cli("status", job_id, "--watch", "--json", env=env)
+
+    # then: the job failed with exit code 1, naming shard 1 and why; shard 0 completed
+    assert watched.returncode == 1, watched.stderr
+    status = json.loads(watched.stdout)
+    assert status["state"] == "failed"
+    assert (status["shards_done"], status["shards_failed"]) == (1, 1)
+    assert "00001.tar" in status["failures"]["1"] and "FileNotFoundError" in status["failures"]["1"]
+    job_file = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert job_file["state"] == "failed" and job_file["failures"] == {"1": status["failures"]["1"]}
+
+
+def test_cancel_skips_queued_shards(redis_url, photo_shards, checkpoint, tmp_path, start_worker):
+    # given: a job queued with no worker yet
+    folder, _ = photo_shards
+    queue = f"cancel-{uuid.uuid4().hex[:8]}"
+    env = service_env(redis_url)
+    job_id = submit(env, str(folder), str(tmp_path / "out"), checkpoint, queue)
+
+    # when: it is cancelled, then a worker drains the queue
+    cancelled = run_cli("cancel", job_id, env=env)
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    worker = start_worker(queue, env)
+    wait_for(lambda: worker.log().count("reason=cancelled") == 3, 120, "the worker to skip three shards")
+
+    # then: the state is cancelled (exit 1), and nothing was computed or committed
+    status = run_cli("status", job_id, "--json", env=env)
+    assert status.returncode == 1 and json.loads(status.stdout)["state"] == "cancelled"
+    assert "shard start" not in worker.log()
+    assert not (tmp_path / "out" / "_commits").exists()
