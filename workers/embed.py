@@ -58,7 +58,8 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     waited = forward = 0.0
     decode = partial(decode_sample, preprocess=bundle.preprocess)
     with storage.open_read(name) as stream:
-        batches = prefetched_batches(iter_raw_samples(stream), decode, shard.job.batch_size, runtime.decode_pool())
+        raws = iter_raw_samples(stream) if info.size else iter(())  # a zero-byte shard holds no samples
+        batches = prefetched_batches(raws, decode, shard.job.batch_size, runtime.decode_pool())
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)

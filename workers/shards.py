@@ -8,16 +8,27 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
 META_EXT = "json"
 TRUNCATED_KEY = "__shard__"
+# Set deliberately: an image whose header claims more pixels is refused before decoding.
+MAX_IMAGE_PIXELS = int(os.environ.get("CLIPBATCH_MAX_IMAGE_PIXELS", 100_000_000))
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class ImageRefused(ValueError):
+    """An image refused on its header alone (empty, or a decompression bomb)."""
 
 
 @dataclass
@@ -95,11 +106,39 @@ def decode_sample(raw: RawSample, preprocess=None) -> Sample:
         if not isinstance(meta, dict):
             return Sample(raw.key, error="json member is not a JSON object")
     try:
-        with Image.open(io.BytesIO(raw.members[image_ext])) as img:
-            img.load()
-            image = img.convert("RGB")
+        image = open_rgb(raw.members[image_ext])
         if preprocess is not None:
             image = preprocess(image)
+    except ImageRefused as exc:
+        return Sample(raw.key, error=f"image ({image_ext}) refused: {exc}")
     except Exception as exc:  # PIL raises many types for hostile bytes; the reason is kept
         return Sample(raw.key, error=f"image ({image_ext}) undecodable: {type(exc).__name__}: {exc}")
     return Sample(raw.key, image=image, caption=caption, meta=meta)
+
+
+def open_rgb(data: bytes) -> Image.Image:
+    """Decode to an upright 8-bit RGB image, checking the pixel count before decoding."""
+    if not data:
+        raise ImageRefused("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise ImageRefused(f"decompression bomb: {exc}") from None
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageRefused(f"decompression bomb: header claims {width}x{height} pixels, over {MAX_IMAGE_PIXELS}")
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Like open_clip's RGB conversion, but 16-bit images are scaled, not clipped to white."""
+    if img.mode in _HIGH_DEPTH_MODES:
+        scale = 65535 if img.mode != "I" or np.asarray(img).max() > 255 else 255
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) * (255 / scale)).clip(0, 255).astype(np.uint8))
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
