@@ -86,9 +86,12 @@ def commit(
     marker = {**record, "index": index, "attempt": attempt, "files": sorted(files)}
     won = storage.create_exclusive(marker_key(index), json.dumps(marker, sort_keys=True).encode())
     if not won:
-        _parallel(lambda name: storage.delete(tmp_key(attempt, name)), files)
         marker = read_marker(storage, index)
         if marker is None:
             raise CommitError(f"shard {index}: conditional put refused but no marker is readable")
+        # A retried PUT whose first try landed is refused too: then the marker is our own.
+        won = marker["attempt"] == attempt
+        if not won:
+            _parallel(lambda name: storage.delete(tmp_key(attempt, name)), files)
     finish(storage, marker)
     return won, marker

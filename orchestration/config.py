@@ -10,6 +10,8 @@ DEFAULT_QUEUE = "gpu"
 DEFAULT_VISIBILITY_TIMEOUT_S = 3600
 # Deliveries of one shard message before the shard is recorded as failed.
 DEFAULT_MAX_RETRIES = 2
+# Starts of one shard (redeliveries after lost workers included) before it is dead-lettered.
+DEFAULT_MAX_DELIVERIES = 5
 DEFAULT_JOB_TTL_S = 30 * 24 * 3600
 
 
@@ -34,6 +36,7 @@ class Settings:
     visibility_timeout_s: int
     max_retries: int
     job_ttl_s: int
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -42,4 +45,5 @@ class Settings:
             visibility_timeout_s=_int_env("CLIPBATCH_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT_S),
             max_retries=_int_env("CLIPBATCH_MAX_RETRIES", DEFAULT_MAX_RETRIES),
             job_ttl_s=_int_env("CLIPBATCH_JOB_TTL", DEFAULT_JOB_TTL_S),
+            max_deliveries=_int_env("CLIPBATCH_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES),
         )

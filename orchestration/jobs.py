@@ -114,13 +114,29 @@ class JobStore:
 
     def report_done(self, job_id: str, index: int, samples_ok: int, samples_failed: int) -> bool:
         """Count a committed shard once; True when every shard is now accounted for."""
-        res = self._done(keys=keys.job_keys(job_id), args=[index, samples_ok, samples_failed])
+        res = self._done(keys=keys.job_keys(job_id)[:3], args=[index, samples_ok, samples_failed])
         return res != -1 and res[0] + res[1] == res[2]
 
-    def report_failed(self, job_id: str, index: int, reason: str) -> bool:
-        """Record a shard that failed every attempt; True when every shard is now accounted for."""
-        res = self._failed(keys=keys.job_keys(job_id), args=[index, reason[:2000]])
+    def count_delivery(self, job_id: str, index: int) -> int:
+        """Count one more start of shard ``index``; returns the count so far."""
+        pipe = self.r.pipeline()
+        pipe.hincrby(keys.job_deliveries(job_id), str(index), 1)
+        pipe.expire(keys.job_deliveries(job_id), self.ttl_s)
+        return int(pipe.execute()[0])
+
+    def dead_letter(self, job_id: str, index: int, input_uri: str, reason: str) -> bool:
+        """Give up on a shard: record it in the dead-letter list and as failed in its job.
+
+        Returns True when every shard of the job is now accounted for.
+        """
+        reason = reason[:2000]
+        record = {"job_id": job_id, "index": index, "input": input_uri, "reason": reason, "at": time.time()}
+        self.r.lpush(keys.DEAD_LETTERS, json.dumps(record))
+        res = self._failed(keys=keys.job_keys(job_id)[:3], args=[index, reason])
         return res != -1 and res[0] + res[1] == res[2]
+
+    def dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
+        return [json.loads(r) for r in self.r.lrange(keys.DEAD_LETTERS, 0, limit - 1)]
 
     def set_state(self, job_id: str, state: JobState) -> bool:
         """Move a job that is not finished yet; 'running' only from 'queued'."""

@@ -5,6 +5,7 @@ from enum import Enum
 
 PREFIX = "clipbatch"
 JOBS_INDEX = f"{PREFIX}:jobs"  # sorted set: job_id -> created_at
+DEAD_LETTERS = f"{PREFIX}:dead_letters"  # list of JSON records, newest first
 
 
 class JobState(str, Enum):
@@ -34,5 +35,10 @@ def job_failed(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:failed"
 
 
+def job_deliveries(job_id: str) -> str:
+    """Hash: shard index -> how many times a worker started it (caps poison shards)."""
+    return f"{PREFIX}:job:{job_id}:deliveries"
+
+
 def job_keys(job_id: str) -> list[str]:
-    return [job(job_id), job_done(job_id), job_failed(job_id)]
+    return [job(job_id), job_done(job_id), job_failed(job_id), job_deliveries(job_id)]

@@ -12,7 +12,13 @@ def make_app(settings: Settings | None = None, include: tuple[str, ...] = ()) ->
     """Build the Celery app; the producer and every worker must use the same settings."""
     settings = settings or Settings.from_env()
     app = Celery("clipbatch", broker=settings.broker_url, include=list(include))
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    vt = settings.visibility_timeout_s
+    transport = {
+        "visibility_timeout": vt,
+        # Sweep for messages of dead workers often enough that a short timeout means a short wait.
+        "unacked_restore_interval": max(1, min(10, vt // 10)),
+        "unacked_restore_throttle": 1,
+    }
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -50,8 +50,18 @@ class ShardTask(Task):
         reason = f"{type(exc).__name__}: {exc}"
         log.error("shard failed job=%s shard=%d input=%s reason=%s", shard.job_id, shard.index, shard.input, reason)
         jobs = job_store()
-        if jobs.report_failed(shard.job_id, shard.index, reason):
+        if jobs.dead_letter(shard.job_id, shard.index, shard.input, reason):
             finalize(jobs, shard.job_id)
+
+
+def _give_up(jobs: JobStore, shard: ShardSpec, deliveries: int) -> dict[str, Any]:
+    """A poison shard: started too often without finishing (its worker process died each time)."""
+    reason = (f"poison shard: started {deliveries - 1} times without finishing "
+              f"(the worker process was lost each time; CLIPBATCH_MAX_DELIVERIES={_SETTINGS.max_deliveries})")
+    log.error("shard dead-lettered job=%s shard=%d input=%s reason=%s", shard.job_id, shard.index, shard.input, reason)
+    if jobs.dead_letter(shard.job_id, shard.index, shard.input, reason):
+        finalize(jobs, shard.job_id)
+    return {"outcome": "dead_lettered", "reason": reason}
 
 
 def run_shard(shard: ShardSpec, compute: Callable[[ShardSpec, str], Any]) -> dict[str, Any]:
@@ -72,6 +82,10 @@ def run_shard(shard: ShardSpec, compute: Callable[[ShardSpec, str], Any]) -> dic
             commit.finish(storage, marker)
         outcome = "already_committed"
     else:
+        if status is not None:
+            deliveries = jobs.count_delivery(shard.job_id, shard.index)
+            if deliveries > _SETTINGS.max_deliveries:
+                return _give_up(jobs, shard, deliveries)
         jobs.set_state(shard.job_id, JobState.RUNNING)
         attempt = uuid.uuid4().hex
         log.info("shard start job=%s shard=%d attempt=%s input=%s", shard.job_id, shard.index, attempt, shard.input)

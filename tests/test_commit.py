@@ -68,3 +68,19 @@ def test_list_markers(storage):
     for i in (0, 2):
         commit.commit(storage, i, f"a{i}", {f"x_{i}": b"x"}, {"samples_ok": i, "samples_failed": 0})
     assert sorted(commit.list_markers(storage)) == [0, 2]
+
+
+def test_a_retried_put_that_had_landed_is_still_our_win(storage):
+    # given: our marker is already there (the first try of a retried PUT landed)
+    files = files_for("me")
+    marker = {"index": 3, "attempt": "attempt-me", "files": sorted(files), "samples_ok": 1}
+    for name, data in files.items():
+        storage.write(commit.tmp_key("attempt-me", name), data)
+    storage.create_exclusive(commit.marker_key(3), __import__("json").dumps(marker).encode())
+
+    # when: the same attempt commits
+    won, seen = commit.commit(storage, 3, "attempt-me", files, {"samples_ok": 1})
+
+    # then: it is the winner and its files are in place
+    assert won and seen["attempt"] == "attempt-me"
+    assert storage.read("img_emb/img_emb_3.npy") == b"img-me"

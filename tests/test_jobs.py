@@ -28,12 +28,12 @@ def test_reporting_a_shard_twice_counts_it_once(redis_url):
 def test_completion_with_a_failed_shard_that_later_succeeds(redis_url):
     store, job_id = new_job(redis_url, total=2)
     store.report_done(job_id, 0, 5, 0)
-    assert store.report_failed(job_id, 1, "boom") is True
+    assert store.dead_letter(job_id, 1, "/in/1.tar", "boom") is True
     assert store.get(job_id)["failures"] == {1: "boom"}
     assert store.report_done(job_id, 1, 5, 0) is True  # a redelivery succeeded after all
     status = store.get(job_id)
     assert (status["shards_done"], status["shards_failed"], status["failures"]) == (2, 0, {})
-    assert store.report_failed(job_id, 1, "late failure") is True
+    assert store.dead_letter(job_id, 1, "/in/1.tar", "late failure") is True
     assert store.get(job_id)["shards_failed"] == 0
 
 
@@ -47,3 +47,12 @@ def test_committed_shards_count_at_creation_and_states_only_move_forward(redis_u
     assert not store.set_state(job_id, JobState.SUCCEEDED)
     assert store.get(job_id)["state"] == "cancelled"
     assert store.report_done("no-such-job", 0, 1, 0) is False
+
+
+def test_dead_letters_are_listed_newest_first(redis_url):
+    store, job_id = new_job(redis_url, total=1)
+    assert store.count_delivery(job_id, 0) == 1 and store.count_delivery(job_id, 0) == 2
+    assert store.dead_letter(job_id, 0, "/in/0.tar", "poison") is True
+    newest = store.dead_letters(1)[0]
+    assert (newest["job_id"], newest["index"], newest["reason"]) == (job_id, 0, "poison")
+    assert store.get(job_id)["failures"] == {0: "poison"}

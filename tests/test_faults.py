@@ -1,0 +1,200 @@
+"""Faults injected for real: killed workers and pool children, scale-down, poison shards,
+visibility-timeout duplicates and cancellation, with real ``clipbatch worker`` subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from orchestration.client import Client
+from orchestration.config import Settings
+from tasks.specs import EmbedJobSpec, ModelSpec
+from tests.conftest import service_env, wait_for
+from workers.samples import build_collection
+
+pytestmark = pytest.mark.integration
+SAMPLES_PER_SHARD = 300
+
+
+@pytest.fixture(scope="module")
+def big_shards(tmp_path_factory) -> tuple[Path, dict[str, int]]:
+    """Shards big enough (seconds each on this machine) that a fault lands mid-shard."""
+    folder = tmp_path_factory.mktemp("big")
+    return folder, build_collection(folder, shards=3, samples_per_shard=SAMPLES_PER_SHARD, seed=3)
+
+
+def child_pids(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def submit(redis_url: str, inputs: Path, out: Path, checkpoint: Path, queue: str, **settings) -> tuple[Client, str]:
+    client = Client(Settings(**{**Settings.from_env().__dict__, "broker_url": redis_url, **settings}))
+    spec = EmbedJobSpec(str(inputs), str(out), ModelSpec("clipbatch-tiny", str(checkpoint)), batch_size=16, queue=queue)
+    return client, client.submit(spec).job_id
+
+
+def assert_exactly_once(out: Path, shards: int, built: dict[str, int]) -> None:
+    """One marker per shard, its files in place, row counts equal to the input's."""
+    markers = sorted((out / "_commits").glob("*.json"))
+    assert len(markers) == shards
+    rows = 0
+    for path in markers:
+        marker = json.loads(path.read_text())
+        i = marker["index"]
+        assert all((out / f).is_file() for f in marker["files"])
+        assert json.loads((out / f"stats/{i}.json").read_text())["attempt"] == marker["attempt"]
+        n = len(np.load(out / f"img_emb/img_emb_{i}.npy"))
+        assert n == pq.read_table(out / f"metadata/metadata_{i}.parquet").num_rows == marker["samples_ok"]
+        rows += n
+    assert rows == built["good"]
+    assert not (out / "_tmp").exists()
+
+
+def starts(log: str, index: int) -> int:
+    return len(re.findall(rf"shard start job=\S+ shard={index} ", log))
+
+
+def test_sigkill_of_worker_main_process_mid_shard(redis_url, big_shards, checkpoint, tmp_path, start_worker):
+    # given: a short visibility timeout and a worker in the middle of a shard
+    folder, built = big_shards
+    queue, out = f"kill-{uuid.uuid4().hex[:8]}", tmp_path / "out"
+    env = service_env(redis_url, CLIPBATCH_VISIBILITY_TIMEOUT="5")
+    client, job_id = submit(redis_url, folder, out, checkpoint, queue, visibility_timeout_s=5)
+    victim = start_worker(queue, env)
+    wait_for(lambda: "shard start" in victim.log(), 60, "the first shard to start")
+
+    # when: the machine "dies" (main process and pool child SIGKILLed), and another worker comes up
+    os.killpg(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait()
+    rescuer = start_worker(queue, env)
+    status = client.job(job_id).wait(timeout_s=300)
+
+    # then: the shard was redelivered and completed; everything exactly once
+    assert status["state"] == "succeeded"
+    assert (status["shards_done"], status["samples_done"], status["samples_failed"]) == (3, built["good"], built["corrupt"])
+    assert "shard committed" not in victim.log()
+    assert rescuer.log().count("shard committed") == 3
+    assert_exactly_once(out, 3, built)
+
+
+def test_sigkill_of_pool_child_requeues_the_message(redis_url, big_shards, checkpoint, tmp_path, start_worker):
+    # given: a worker whose pool child is in the middle of a shard
+    folder, built = big_shards
+    queue, out = f"child-{uuid.uuid4().hex[:8]}", tmp_path / "out"
+    env = service_env(redis_url)
+    client, job_id = submit(redis_url, folder, out, checkpoint, queue)
+    worker = start_worker(queue, env)
+    wait_for(lambda: "shard start" in worker.log(), 60, "the first shard to start")
+    first = int(re.search(r"shard start job=\S+ shard=(\d+)", worker.log()).group(1))
+
+    # when: the pool child is SIGKILLed
+    for pid in child_pids(worker.proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    status = client.job(job_id).wait(timeout_s=300)
+
+    # then: the message went back to the queue and the same worker completed it
+    assert status["state"] == "succeeded" and status["samples_done"] == built["good"]
+    assert starts(worker.log(), first) == 2
+    assert "WorkerLostError" in worker.log()
+    assert_exactly_once(out, 3, built)
+
+
+def test_visibility_timeout_duplicate_is_harmless(redis_url, big_shards, checkpoint, tmp_path, start_worker):
+    # given: a visibility timeout shorter than one shard, and two workers
+    folder, built = big_shards
+    queue, out = f"vt-{uuid.uuid4().hex[:8]}", tmp_path / "out"
+    env = service_env(redis_url, CLIPBATCH_VISIBILITY_TIMEOUT="1")
+    workers = [start_worker(queue, env), start_worker(queue, env)]
+
+    # when: a job runs, so running shards are redelivered to the other worker while still in progress
+    client, job_id = submit(redis_url, folder, out, checkpoint, queue, visibility_timeout_s=1)
+    status = client.job(job_id).wait(timeout_s=300)
+    logs = lambda: "".join(w.log() for w in workers)  # noqa: E731
+
+    # then: duplicates ran, yet one commit per shard won and the counters equal the input
+    assert status["state"] == "succeeded"
+    assert (status["shards_done"], status["samples_done"]) == (3, built["good"])
+    assert logs().count("shard start") > 3
+    assert logs().count("shard committed") == 3
+    assert_exactly_once(out, 3, built)
+
+
+def test_poison_shard_is_dead_lettered(redis_url, big_shards, checkpoint, tmp_path, start_worker):
+    # given: shard 1 kills its worker process every time it runs (we SIGKILL the pool child)
+    folder, built = big_shards
+    queue, out = f"poison-{uuid.uuid4().hex[:8]}", tmp_path / "out"
+    env = service_env(redis_url, CLIPBATCH_MAX_DELIVERIES="2")
+    client, job_id = submit(redis_url, folder, out, checkpoint, queue, max_deliveries=2)
+    worker = start_worker(queue, env)
+    killed = 0
+
+    def kill_poison_runs() -> bool:
+        nonlocal killed
+        if starts(worker.log(), 1) > killed:
+            for pid in child_pids(worker.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            killed += 1
+        return client.job(job_id).status()["state"] in ("succeeded", "failed")
+
+    # when: the job runs to its end
+    wait_for(kill_poison_runs, 300, "the job to end", interval_s=0.05)
+    status = client.job(job_id).status()
+
+    # then: after two deliveries the shard is dead-lettered, the job failed naming it, the rest completed
+    assert status["state"] == "failed" and killed == 2
+    assert (status["shards_done"], status["shards_failed"]) == (2, 1)
+    assert "poison shard" in status["failures"][1]
+    dead = [d for d in client.jobs.dead_letters(20) if d["job_id"] == job_id]
+    assert len(dead) == 1 and dead[0]["index"] == 1 and dead[0]["input"].endswith("00001.tar")
+    assert not (out / "_commits" / "00001.json").exists() and (out / "_commits" / "00000.json").exists()
+
+
+def test_sigterm_finishes_the_running_shard_and_loses_nothing(redis_url, big_shards, checkpoint, tmp_path, start_worker):
+    # given: a worker in the middle of the first of three shards
+    folder, built = big_shards
+    queue, out = f"term-{uuid.uuid4().hex[:8]}", tmp_path / "out"
+    env = service_env(redis_url)
+    client, job_id = submit(redis_url, folder, out, checkpoint, queue)
+    leaving = start_worker(queue, env)
+    wait_for(lambda: "shard start" in leaving.log(), 60, "the first shard to start")
+
+    # when: it is told to scale down (SIGTERM), and a new worker is added later
+    leaving.proc.send_signal(signal.SIGTERM)
+    assert leaving.proc.wait(timeout=120) == 0
+    joining = start_worker(queue, env)
+    status = client.job(job_id).wait(timeout_s=300)
+
+    # then: the leaving worker finished its shard (warm shutdown); the rest ran on the new one
+    assert leaving.log().count("shard committed") == 1
+    assert joining.log().count("shard committed") == 2
+    assert status["state"] == "succeeded" and status["samples_done"] == built["good"]
+    assert_exactly_once(out, 3, built)
+
+
+def test_cancel_a_running_job(redis_url, big_shards, checkpoint, tmp_path, start_worker):
+    # given: a running job
+    folder, built = big_shards
+    queue, out = f"cancel-{uuid.uuid4().hex[:8]}", tmp_path / "out"
+    client, job_id = submit(redis_url, folder, out, checkpoint, queue)
+    worker = start_worker(queue, service_env(redis_url))
+    wait_for(lambda: "shard start" in worker.log(), 60, "the first shard to start")
+
+    # when: it is cancelled mid-shard
+    assert client.job(job_id).cancel()
+    wait_for(lambda: worker.log().count("reason=cancelled") == 2, 120, "the queued shards to be skipped")
+
+    # then: state cancelled; the running shard's commit is valid; queued shards never ran
+    assert client.job(job_id).status()["state"] == "cancelled"
+    assert worker.log().count("shard start") == 1
+    markers = list((out / "_commits").glob("*.json"))
+    assert len(markers) == 1
+    marker = json.loads(markers[0].read_text())
+    assert all((out / f).is_file() for f in marker["files"])
