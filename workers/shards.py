@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
@@ -126,6 +126,8 @@ def open_rgb(data: bytes) -> Image.Image:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             raise ImageRefused(f"decompression bomb: {exc}") from None
+        except UnidentifiedImageError:  # its message holds a memory address: keep reasons reproducible
+            raise UnidentifiedImageError("not a recognised image format") from None
     width, height = img.size
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageRefused(f"decompression bomb: header claims {width}x{height} pixels, over {MAX_IMAGE_PIXELS}")

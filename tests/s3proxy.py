@@ -1,0 +1,107 @@
+"""A fault-injecting HTTP proxy for an S3 endpoint: a fraction of requests get 500 / 503
+SlowDown or a dropped connection, half of them after the real request already landed."""
+from __future__ import annotations
+
+import http.client
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+            b"<Message>We encountered an internal error. Please try again.</Message></Error>")
+_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
+
+
+class FaultyS3Proxy:
+    """Forwards to ``upstream`` (host, port); counts the faults it injected."""
+
+    def __init__(self, upstream: tuple[str, int], fault_rate: float, seed: int = 0) -> None:
+        self.upstream, self.fault_rate = upstream, fault_rate
+        self.rng, self.lock = random.Random(seed), threading.Lock()
+        self.faults = {"500": 0, "503": 0, "drop": 0, "after_landing": 0}
+        self.requests = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    parts = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return b"".join(parts)
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self) -> None:
+                body = self._body()
+                fault, after = proxy._draw()
+                if fault and not after:
+                    return self._fail(fault)
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                if fault:
+                    return self._fail(fault)
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                # HEAD answers carry the object's length, not the (empty) body's
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _fail(self, fault: str) -> None:
+                if fault == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                status, body = (503, SLOW_DOWN) if fault == "503" else (500, INTERNAL)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _draw(self) -> tuple[str | None, bool]:
+        with self.lock:
+            self.requests += 1
+            if self.rng.random() >= self.fault_rate:
+                return None, False
+            fault = self.rng.choice(["500", "503", "drop"])
+            after = self.rng.random() < 0.5
+            self.faults[fault] += 1
+            self.faults["after_landing"] += after
+            return fault, after
+
+    def __enter__(self) -> FaultyS3Proxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
