@@ -14,7 +14,7 @@ from typing import Any
 import click
 import redis
 
-from orchestration.config import Settings
+from orchestration.config import Settings, redact
 from orchestration.keys import JobState
 from tasks.specs import DEFAULT_BATCH_SIZE, EmbedJobSpec, ModelSpec, SpecError
 
@@ -54,7 +54,7 @@ class Group(click.Group):
         except BrokerUnavailable as exc:
             raise ServiceError(str(exc)) from None
         except redis.ConnectionError as exc:
-            url = Settings.from_env().broker_url
+            url = redact(Settings.from_env().broker_url)
             raise ServiceError(f"cannot reach Redis at {url} ({exc}); set CLIPBATCH_BROKER_URL") from None
         except Exception as exc:
             if type(exc).__module__.startswith(("botocore", "boto3", "redis", "kombu")):

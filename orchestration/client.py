@@ -19,7 +19,7 @@ from typing import Any, Callable
 import redis
 
 from orchestration import commit
-from orchestration.config import Settings
+from orchestration.config import Settings, redact
 from orchestration.inputs import expand_input, InputError
 from orchestration.jobs import JobStore
 from orchestration.keys import JobState
@@ -29,6 +29,7 @@ from tasks.app import EMBED_SHARD, make_app
 from tasks.specs import EmbedJobSpec, ModelSpec, ShardSpec, SpecError
 
 JOB_FILE = "_job.json"
+PROBE_DIR = "_probe"
 
 
 class BrokerUnavailable(RuntimeError):
@@ -61,7 +62,7 @@ class Client:
             self.redis.ping()
         except redis.RedisError as exc:
             raise BrokerUnavailable(
-                f"cannot reach Redis at {self.settings.broker_url} ({exc}); set CLIPBATCH_BROKER_URL"
+                f"cannot reach Redis at {redact(self.settings.broker_url)} ({exc}); set CLIPBATCH_BROKER_URL"
             ) from None
 
     def submit_embed(
@@ -124,13 +125,17 @@ def _normalise(spec: EmbedJobSpec) -> EmbedJobSpec:
 
 
 def _committed_shards(spec: EmbedJobSpec, shards: list[str]) -> dict[int, dict[str, Any]]:
-    """Markers already in the output; refuse an output that holds another job's shards."""
+    """Markers already in the output; refuse an output that is not writable or holds another job's shards."""
     try:
-        markers = commit.list_markers(open_storage(spec.output))
+        storage = open_storage(spec.output)
+        probe = f"{PROBE_DIR}/{uuid.uuid4().hex}"
+        storage.write(probe, b"")
+        storage.delete(probe)
+        markers = commit.list_markers(storage)
     except Exception as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code")
         if code or isinstance(exc, OSError):
-            raise SpecError("output", f"{spec.output!r} is not usable: {code or exc}") from None
+            raise SpecError("output", f"{spec.output!r} is not writable: {code or exc}") from None
         raise
     model = {"name": spec.model.name, "pretrained": spec.model.pretrained}
     for index, marker in markers.items():
@@ -166,7 +171,7 @@ class Job:
         status = self.client.jobs.get(self.job_id)
         if status is None:
             raise UnknownJob(
-                f"job {self.job_id!r} is unknown to Redis at {self.client.settings.broker_url} "
+                f"job {self.job_id!r} is unknown to Redis at {redact(self.client.settings.broker_url)} "
                 "(expired, or Redis lost its state); resubmit with the same --output: committed shards are skipped"
             )
         if self.client.jobs.is_complete(status) and not JobState(status["state"]).terminal:

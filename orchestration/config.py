@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -26,6 +27,11 @@ def _int_env(name: str, default: int) -> int:
     if value <= 0:
         raise ValueError(f"{name}={raw!r}: must be positive")
     return value
+
+
+def redact(url: str) -> str:
+    """``redis://user:secret@host`` -> ``redis://user:***@host``: safe to print or log."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ class InputError(ValueError):
 
 def expand_input(pattern: str) -> list[str]:
     """Return the sorted shard URIs named by ``pattern``; raise InputError if there are none."""
+    if pattern.count("{") != pattern.count("}"):
+        raise InputError(f"{pattern!r}: malformed brace pattern (unbalanced braces); e.g. 'shards/{{00000..00099}}.tar'")
     try:
         if "{" in pattern:
             return _expand_braces(pattern)

@@ -85,7 +85,11 @@ class LocalStorage:
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
-        return self.root / key if key else self.root
+        if not key:
+            return self.root
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StorageError(f"key {key!r} would escape {self.root}")
+        return self.root / key
 
     def _tmp_beside(self, path: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """A user's mistake gets one line naming the field and exit code 2 -- never a traceback."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.conftest import free_port, run_cli, service_env
@@ -30,9 +32,22 @@ def test_bad_specs_are_refused_at_submit(env, tmp_path, checkpoint, photo_shards
     missing = ["submit", "embed", "--input", f"{folder}/{{00000..00009}}.tar", "--output", str(tmp_path / "o"),
                "--model", "clipbatch-tiny"]
     assert_one_line_error(run_cli(*missing, env=env), 2, "--input:", "7 of 10 shards do not exist")
+    assert_one_line_error(run_cli("submit", "embed", "--input", f"{folder}/{{00000..00002.tar", "--output",
+                                  str(tmp_path / "o"), "--model", "clipbatch-tiny", env=env), 2, "--input:", "malformed")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert_one_line_error(run_cli("submit", "embed", "--input", str(folder), "--output", str(a_file / "sub"),
+                                  "--model", "clipbatch-tiny", env=env), 2, "--output:", "not writable")
     bad_config = tmp_path / "m.json"
     bad_config.write_text("{not json")
     assert_one_line_error(run_cli(*base, "--model-config", str(bad_config), env=env), 2, "--model-config:")
+
+
+def test_output_bucket_that_does_not_exist(env, s3_endpoint, photo_shards):
+    folder, _ = photo_shards
+    result = run_cli("submit", "embed", "--input", str(folder), "--output", "s3://no-such-bucket-zz/out",
+                     "--model", "clipbatch-tiny", env={**env, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
+    assert_one_line_error(result, 2, "--output:", "NoSuchBucket")
 
 
 def test_unknown_job_and_unreachable_redis(env):
