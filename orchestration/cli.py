@@ -202,6 +202,21 @@ def list_jobs(limit: int, as_json: bool) -> None:
         click.echo(f"{s['job_id']}  {s['kind']:6} {s['state']:10} {s['shards_done']}/{s['shards_total']} shards  {s['output']}")
 
 
+@main.command("dead-letters")
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def dead_letters(limit: int, as_json: bool) -> None:
+    """List shards that were given up on, newest first, with the reason."""
+    from orchestration.client import Client
+
+    records = Client().jobs.dead_letters(limit)
+    if as_json:
+        click.echo(json.dumps(records, indent=2, sort_keys=True))
+        return
+    for d in records:
+        click.echo(f"{d['job_id']}  shard {d['index']}  {d['input']}\n    {d['reason']}")
+
+
 @main.group()
 def run() -> None:
     """Run a job here with no Redis or S3 to set up (a private Redis and worker)."""

@@ -43,6 +43,8 @@ def test_a_shard_failing_every_attempt_fails_the_job_and_names_the_shard(
     assert status["state"] == "failed"
     assert (status["shards_done"], status["shards_failed"]) == (1, 1)
     assert "00001.tar" in status["failures"]["1"] and "FileNotFoundError" in status["failures"]["1"]
+    dead = json.loads(run_cli("dead-letters", "--json", "--limit", "50", env=env).stdout)
+    assert [d["index"] for d in dead if d["job_id"] == job_id] == [1]
     job_file = json.loads((tmp_path / "out" / "_job.json").read_text())
     assert job_file["state"] == "failed" and job_file["failures"] == {"1": status["failures"]["1"]}
 
