@@ -41,20 +41,26 @@ def submit(redis_url: str, inputs: Path, out: Path, checkpoint: Path, queue: str
     return client, client.submit(spec).job_id
 
 
-def assert_exactly_once(out: Path, shards: int, built: dict[str, int]) -> None:
-    """One marker per shard, its files in place, row counts equal to the input's."""
+def assert_exactly_once(out: Path, shards: int, built: dict[str, int], label: str = "") -> None:
+    """One marker per shard, its files in place, row counts equal to the input's, no key twice."""
     markers = sorted((out / "_commits").glob("*.json"))
     assert len(markers) == shards
     rows = 0
+    keys: list[str] = []
     for path in markers:
         marker = json.loads(path.read_text())
         i = marker["index"]
         assert all((out / f).is_file() for f in marker["files"])
         assert json.loads((out / f"stats/{i}.json").read_text())["attempt"] == marker["attempt"]
         n = len(np.load(out / f"img_emb/img_emb_{i}.npy"))
-        assert n == pq.read_table(out / f"metadata/metadata_{i}.parquet").num_rows == marker["samples_ok"]
+        meta = pq.read_table(out / f"metadata/metadata_{i}.parquet")
+        assert n == meta.num_rows == marker["samples_ok"]
+        keys += meta.column("key").to_pylist() + pq.read_table(out / f"errors/errors_{i}.parquet").column("key").to_pylist()
         rows += n
-    assert rows == built["good"]
+    duplicates = len(keys) - len(set(keys))
+    print(f"\n[{label or out.parent.name}] samples in {built['good'] + built['corrupt']}, embedded {rows}, "
+          f"error rows {len(keys) - rows}, duplicate keys {duplicates}")
+    assert rows == built["good"] and duplicates == 0
     assert not (out / "_tmp").exists()
 
 
