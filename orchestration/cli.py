@@ -16,7 +16,7 @@ import redis
 
 from orchestration.config import Settings, redact
 from orchestration.keys import JobState
-from tasks.specs import DEFAULT_BATCH_SIZE, EmbedJobSpec, ModelSpec, SpecError
+from tasks.specs import DEFAULT_BATCH_SIZE, JobSpec, ModelSpec, SpecError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -70,7 +70,13 @@ def main() -> None:
     """Batch CLIP embedding over webdataset shards with Celery workers, Redis and S3."""
 
 
-def _embed_options(fn):
+KIND_HELP = {
+    "embed": "Embed every image and caption of the input shards (and score each pair).",
+    "score": "Score every pair (clip_score); only shards without a result for this model run.",
+}
+
+
+def _job_options(fn):
     options = [
         click.option("--input", "input_", required=True, help="Shard, brace pattern ({00000..00099}), folder or s3:// prefix."),
         click.option("--output", required=True, help="Output folder or s3://bucket/prefix."),
@@ -85,8 +91,8 @@ def _embed_options(fn):
     return fn
 
 
-def _spec(input_: str, output: str, model: str | None, pretrained: str | None, model_config: str | None,
-          batch_size: int, queue: str) -> EmbedJobSpec:
+def _spec(kind: str, input_: str, output: str, model: str | None, pretrained: str | None, model_config: str | None,
+          batch_size: int, queue: str, no_embeddings: bool = False) -> JobSpec:
     config = None
     if model_config:
         try:
@@ -96,9 +102,17 @@ def _spec(input_: str, output: str, model: str | None, pretrained: str | None, m
         model = model or Path(model_config).stem
     if not model:
         raise SpecError("model", "is required (or give --model-config FILE.json)")
-    spec = EmbedJobSpec(input_, output, ModelSpec(model, pretrained, config), batch_size=batch_size, queue=queue)
+    spec = JobSpec(input_, output, ModelSpec(model, pretrained, config), batch_size=batch_size, queue=queue,
+                   kind=kind, embeddings=not no_embeddings)
     spec.validate()
     return spec
+
+
+def _with_kind_options(kind: str, fn):
+    fn = _job_options(fn)
+    if kind == "score":
+        fn = click.option("--no-embeddings", is_flag=True, help="Write scores only, not the embedding arrays.")(fn)
+    return fn
 
 
 def _print_status(status: dict[str, Any], as_json: bool) -> None:
@@ -141,25 +155,30 @@ def worker(queues: str, device: str, concurrency: int, loglevel: str, hostname: 
 
 @main.group()
 def submit() -> None:
-    """Submit a job to the workers through Redis."""
+    """Submit a job (embed or score) to the workers through Redis."""
 
 
-@submit.command("embed")
-@_embed_options
-@click.option("--queue", default="gpu", show_default=True, help="Queue the shard messages go to.")
-@click.option("--wait", is_flag=True, help="Wait for the job to end, with a progress bar.")
-def submit_embed(input_, output, model, pretrained, model_config, batch_size, as_json, queue, wait) -> None:
-    """Embed every image and caption of the input shards."""
-    from orchestration.client import Client
+def _submit_command(kind: str):
+    @click.option("--queue", default="gpu", show_default=True, help="Queue the shard messages go to.")
+    @click.option("--wait", is_flag=True, help="Wait for the job to end, with a progress bar.")
+    def command(input_, output, model, pretrained, model_config, batch_size, as_json, queue, wait,
+                no_embeddings=False) -> None:
+        from orchestration.client import Client
 
-    spec = _spec(input_, output, model, pretrained, model_config, batch_size, queue)
-    job = Client().submit(spec)
-    status = job.wait(progress=not as_json) if wait else job.status()
-    if as_json or wait:
-        _print_status(status, as_json)
-    else:
-        click.echo(job.job_id)
-    _exit_for(status)
+        spec = _spec(kind, input_, output, model, pretrained, model_config, batch_size, queue, no_embeddings)
+        job = Client().submit(spec)
+        status = job.wait(progress=not as_json) if wait else job.status()
+        if as_json or wait:
+            _print_status(status, as_json)
+        else:
+            click.echo(job.job_id)
+        _exit_for(status)
+
+    return _with_kind_options(kind, command)
+
+
+for _kind, _help in KIND_HELP.items():
+    submit.command(_kind, help=_help)(_submit_command(_kind))
 
 
 @main.command()
@@ -222,18 +241,62 @@ def run() -> None:
     """Run a job here with no Redis or S3 to set up (a private Redis and worker)."""
 
 
-@run.command("embed")
-@_embed_options
-@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes to start.")
-@click.option("--device", default="auto", show_default=True)
-def run_embed(input_, output, model, pretrained, model_config, batch_size, as_json, workers, device) -> None:
-    """Embed the input shards with a private Redis and worker subprocesses."""
-    from orchestration.embedded import EMBEDDED_QUEUE, run_embedded
+def _run_command(kind: str):
+    @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes to start.")
+    @click.option("--device", default="auto", show_default=True)
+    def command(input_, output, model, pretrained, model_config, batch_size, as_json, workers, device,
+                no_embeddings=False) -> None:
+        from orchestration.embedded import EMBEDDED_QUEUE, run_embedded
 
-    spec = _spec(input_, output, model, pretrained, model_config, batch_size, EMBEDDED_QUEUE)
-    status = run_embedded(spec, workers=workers, device=device, progress=not as_json)
-    _print_status(status, as_json)
-    _exit_for(status)
+        spec = _spec(kind, input_, output, model, pretrained, model_config, batch_size, EMBEDDED_QUEUE, no_embeddings)
+        status = run_embedded(spec, workers=workers, device=device, progress=not as_json)
+        _print_status(status, as_json)
+        _exit_for(status)
+
+    return _with_kind_options(kind, command)
+
+
+for _kind, _help in KIND_HELP.items():
+    run.command(_kind, help=_help)(_run_command(_kind))
+
+
+@main.command()
+@click.argument("job_or_output")
+@click.option("--json", "as_json", is_flag=True)
+def report(job_or_output: str, as_json: bool) -> None:
+    """Print the score report of a job (by id) or of an output folder / s3:// prefix."""
+    from orchestration.report import SUMMARY, format_summary
+    from orchestration.storage import open_storage
+
+    output = job_or_output
+    if "/" not in job_or_output and not Path(job_or_output).exists():
+        from orchestration.client import Client
+
+        output = Client().job(job_or_output).status()["output"]
+    try:
+        summary = json.loads(open_storage(output).read(SUMMARY))
+    except FileNotFoundError:
+        raise UserError(f"{output}: no report yet ({SUMMARY} appears when a job on it ends)") from None
+    click.echo(json.dumps(summary, indent=2, sort_keys=True) if as_json else format_summary(summary))
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="TOML schedule file (see orchestration/schedule.py or the README).")
+@click.option("--state-dir", default=".clipbatch-scheduler", show_default=True, type=click.Path(file_okay=False),
+              help="Where beat keeps its schedule state.")
+def scheduler(config_path: str, state_dir: str) -> None:
+    """Submit each dataset's score job at its cron time (Celery beat)."""
+    from orchestration.schedule import load_schedule
+    from tasks.schedule import SCHEDULER_QUEUE, make_scheduler_app
+
+    datasets = load_schedule(config_path)
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    for d in datasets:
+        click.echo(f"scheduled {d['name']}: '{d['cron']}' (UTC) {d['input']} -> {d['output']}")
+    app = make_scheduler_app(datasets)
+    app.worker_main(["worker", "--beat", "--queues", SCHEDULER_QUEUE, "--pool", "solo", "--loglevel", "info",
+                     "--schedule", str(Path(state_dir) / "beat-schedule"), "--hostname", f"clipbatch-scheduler-{os.getpid()}@%h"])
 
 
 @main.command("make-checkpoint")

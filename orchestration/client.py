@@ -10,26 +10,22 @@ The CLI is a thin layer over this module. Nothing here imports torch.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable
 
 import redis
 
-from orchestration import commit
 from orchestration.config import Settings, redact
-from orchestration.inputs import expand_input, InputError
 from orchestration.jobs import JobStore
 from orchestration.keys import JobState
-from orchestration.models import check_model
-from orchestration.storage import FILE_SCHEME, is_s3, open_storage
+from orchestration.planner import plan
+from orchestration.report import build_report
+from orchestration.storage import open_storage
 from tasks.app import EMBED_SHARD, make_app
-from tasks.specs import EmbedJobSpec, ModelSpec, ShardSpec, SpecError
+from tasks.specs import JobSpec, ModelSpec, ShardSpec
 
 JOB_FILE = "_job.json"
-PROBE_DIR = "_probe"
 
 
 class BrokerUnavailable(RuntimeError):
@@ -38,14 +34,6 @@ class BrokerUnavailable(RuntimeError):
 
 class UnknownJob(LookupError):
     """No record of the job in Redis (never existed, expired, or Redis lost its state)."""
-
-
-def _absolute(uri: str) -> str:
-    """Local paths travel as absolute paths: a worker does not share the producer's cwd."""
-    if is_s3(uri):
-        return uri
-    path = uri[len(FILE_SCHEME):] if uri.startswith(FILE_SCHEME) else uri
-    return str(Path(path).expanduser().absolute())
 
 
 class Client:
@@ -75,30 +63,29 @@ class Client:
         batch_size: int | None = None,
         queue: str | None = None,
     ) -> Job:
+        """Embed every pair (and score it): embeddings plus a ``clip_score`` metadata column."""
         extra = {k: v for k, v in (("batch_size", batch_size), ("queue", queue)) if v is not None}
-        spec = EmbedJobSpec(input, output, ModelSpec(model, pretrained, model_config), **extra)
-        return self.submit(spec)
+        return self.submit(JobSpec(input, output, ModelSpec(model, pretrained, model_config), **extra))
 
-    def submit(self, spec: EmbedJobSpec) -> Job:
-        """Validate, plan, write the job record, then enqueue one message per uncommitted shard."""
-        spec.validate()
-        spec = _normalise(spec)
-        check_model(spec.model)
-        try:
-            shards = expand_input(spec.input)
-        except InputError as exc:
-            raise SpecError("input", str(exc)) from None
-        committed = _committed_shards(spec, shards)
+    def submit_score(self, input: str, output: str, model: str, pretrained: str | None = None,
+                     embeddings: bool = True, **kwargs: Any) -> Job:
+        """Score every pair; incremental: only shards without a result for this model run."""
+        job = JobSpec(input, output, ModelSpec(model, pretrained, kwargs.pop("model_config", None)), kind="score",
+                      embeddings=embeddings, **kwargs)
+        return self.submit(job)
+
+    def submit(self, spec: JobSpec) -> Job:
+        """Validate and plan, write the job record, then enqueue one message per shard to run."""
+        planned = plan(spec)
         self.ping()
         job_id = uuid.uuid4().hex[:16]
-        self.jobs.create(job_id, spec.to_dict(), len(shards), committed)
-        todo = [i for i in range(len(shards)) if i not in committed]
+        self.jobs.create(job_id, planned.spec.to_dict(), len(planned.shards), planned.committed, len(planned.rescored))
         with self.app.producer_or_acquire() as producer:
-            for i in todo:
-                message = ShardSpec(job_id, i, shards[i], spec).to_dict()
-                self.app.send_task(EMBED_SHARD, args=[message], queue=spec.queue, producer=producer)
+            for i in planned.todo:
+                message = ShardSpec(job_id, i, planned.shards[i], planned.spec).to_dict()
+                self.app.send_task(EMBED_SHARD, args=[message], queue=planned.spec.queue, producer=producer)
         job = Job(self, job_id)
-        if not todo:
+        if not planned.todo:
             finalize(self.jobs, job_id)
         return job
 
@@ -109,46 +96,6 @@ class Client:
         return [s for s in (self.jobs.get(j) for j in self.jobs.list_ids(limit)) if s is not None]
 
 
-def _normalise(spec: EmbedJobSpec) -> EmbedJobSpec:
-    pretrained = spec.model.pretrained
-    if pretrained and not is_s3(pretrained) and (os.sep in pretrained or Path(pretrained).suffix):
-        if not Path(pretrained).expanduser().is_file():
-            raise SpecError("pretrained", f"{pretrained!r}: no such checkpoint file")
-        pretrained = _absolute(pretrained)
-    elif pretrained and is_s3(pretrained):
-        bucket_root, _, name = pretrained.rpartition("/")
-        if not open_storage(bucket_root).exists(name):
-            raise SpecError("pretrained", f"{pretrained!r}: no such object")
-    model = ModelSpec(spec.model.name, pretrained, spec.model.config)
-    return EmbedJobSpec(_absolute(spec.input) if "{" not in spec.input else spec.input,
-                        _absolute(spec.output), model, spec.batch_size, spec.queue)
-
-
-def _committed_shards(spec: EmbedJobSpec, shards: list[str]) -> dict[int, dict[str, Any]]:
-    """Markers already in the output; refuse an output that is not writable or holds another job's shards."""
-    try:
-        storage = open_storage(spec.output)
-        probe = f"{PROBE_DIR}/{uuid.uuid4().hex}"
-        storage.write(probe, b"")
-        storage.delete(probe)
-        markers = commit.list_markers(storage)
-    except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-        if code or isinstance(exc, OSError):
-            raise SpecError("output", f"{spec.output!r} is not writable: {code or exc}") from None
-        raise
-    model = {"name": spec.model.name, "pretrained": spec.model.pretrained}
-    for index, marker in markers.items():
-        same_input = index < len(shards) and marker.get("input") == shards[index]
-        if not same_input or marker.get("model") != model:
-            raise SpecError(
-                "output",
-                f"{spec.output} already holds shard {index} of another job (input {marker.get('input')}, "
-                f"model {marker.get('model')}); use a new output or the same input and model",
-            )
-    return markers
-
-
 def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:
     """When every shard is accounted for: write ``_job.json`` to the output, then end the job."""
     status = jobs.get(job_id)
@@ -156,7 +103,9 @@ def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:
         return status
     final = JobState.FAILED if status["shards_failed"] else JobState.SUCCEEDED
     record = {"spec": jobs.spec(job_id), **status, "state": final.value, "finished_at": time.time()}
-    open_storage(status["output"]).write(JOB_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
+    storage = open_storage(status["output"])
+    storage.write(JOB_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
+    build_report(storage, record)
     jobs.set_state(job_id, final)
     return jobs.get(job_id)
 

@@ -25,7 +25,7 @@ import redis
 
 from orchestration.client import Client
 from orchestration.config import Settings
-from tasks.specs import EmbedJobSpec
+from tasks.specs import JobSpec
 
 START_TIMEOUT_S = 20
 STOP_TIMEOUT_S = 60
@@ -98,7 +98,7 @@ def stop_worker(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_embedded(spec: EmbedJobSpec, workers: int = 1, device: str = "auto", progress: bool = True,
+def run_embedded(spec: JobSpec, workers: int = 1, device: str = "auto", progress: bool = True,
                  workdir: Path | None = None) -> dict[str, Any]:
     """Run ``spec`` to the end on a private Redis with ``workers`` worker processes."""
     spec.validate()

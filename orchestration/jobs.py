@@ -15,7 +15,8 @@ import redis
 from orchestration import keys
 from orchestration.keys import JobState
 
-_COUNTERS = ("shards_total", "shards_done", "shards_failed", "shards_skipped", "samples_done", "samples_failed")
+_COUNTERS = ("shards_total", "shards_done", "shards_failed", "shards_skipped", "shards_rescored", "samples_done",
+             "samples_failed")
 
 # KEYS: job hash, done set, failed hash. ARGV: index, samples ok, samples failed.
 # Returns {done, failed, total} or -1 when the job record is gone.
@@ -63,7 +64,8 @@ class JobStore:
         self._failed = client.register_script(_REPORT_FAILED)
         self._state = client.register_script(_SET_STATE)
 
-    def create(self, job_id: str, spec: dict[str, Any], shards_total: int, committed: dict[int, dict]) -> None:
+    def create(self, job_id: str, spec: dict[str, Any], shards_total: int, committed: dict[int, dict],
+               shards_rescored: int = 0) -> None:
         """Write the job hash; shards already committed in storage count as done and skipped."""
         now = time.time()
         record = {
@@ -79,6 +81,7 @@ class JobStore:
             "shards_done": len(committed),
             "shards_failed": 0,
             "shards_skipped": len(committed),
+            "shards_rescored": shards_rescored,
             "samples_done": sum(m["samples_ok"] for m in committed.values()),
             "samples_failed": sum(m["samples_failed"] for m in committed.values()),
         }

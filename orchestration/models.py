@@ -1,14 +1,20 @@
 """Model-name checks at submit time, without importing torch or open_clip."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 from pathlib import Path
 
+from orchestration.storage import is_s3, open_storage
 from tasks.specs import ModelSpec, SpecError
 
 # Shipped with the workers package; read as data, never imported here.
 PROJECT_CONFIGS = Path(__file__).resolve().parent.parent / "workers" / "model_configs"
 _SCHEMES = ("hf-hub:", "local-dir:")
+# Bump when the worker's image decoding changes what a model sees (RGB conversion, EXIF, ...).
+PREPROCESS_VERSION = "rgb-exif-16bit-v1"
+_HASH_CHUNK = 1 << 22
 
 
 def known_models() -> set[str] | None:
@@ -29,3 +35,28 @@ def check_model(model: ModelSpec) -> None:
         close = sorted(n for n in names if n.lower().startswith(model.name.lower()[:5]))[:5]
         hint = f" (close: {', '.join(close)})" if close else ""
         raise SpecError("model", f"{model.name!r} is not an open_clip model{hint}; or give --model-config FILE.json")
+
+
+def _weights_identity(pretrained: str | None) -> str:
+    """A tag names fixed weights; a file is identified by its content; an s3:// object by its ETag."""
+    if pretrained is None:
+        return "random-init"
+    if is_s3(pretrained):
+        parent, _, name = pretrained.rpartition("/")
+        info = open_storage(parent).info(name)
+        return f"etag:{info.etag if info else 'missing'}"
+    path = Path(pretrained)
+    if path.is_file():
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+                digest.update(chunk)
+        return f"sha256:{digest.hexdigest()}"
+    return f"tag:{pretrained}"
+
+
+def fingerprint(model: ModelSpec) -> str:
+    """Identifies what produced a result: model name and config, weights, preprocessing."""
+    identity = {"name": model.name, "config": model.config, "weights": _weights_identity(model.pretrained),
+                "preprocess": PREPROCESS_VERSION}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]

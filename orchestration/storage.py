@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
     def info(self, key: str) -> ObjectInfo | None: ...
     def list(self, prefix: str = "") -> list[str]: ...
+    def list_info(self, prefix: str = "") -> dict[str, ObjectInfo]: ...
     def copy(self, src: str, dst: str) -> None: ...
     def delete(self, key: str) -> None: ...
 
@@ -127,7 +129,9 @@ class LocalStorage:
     def info(self, key: str) -> ObjectInfo | None:
         try:
             st = self._path(key).stat()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
             return None
         return ObjectInfo(size=st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}")
 
@@ -140,6 +144,10 @@ class LocalStorage:
         return sorted(
             str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.endswith(".part")
         )
+
+    def list_info(self, prefix: str = "") -> dict[str, ObjectInfo]:
+        infos = {key: self.info(key) for key in self.list(prefix)}
+        return {k: v for k, v in infos.items() if v is not None}
 
     def copy(self, src: str, dst: str) -> None:
         path = self._path(dst)
@@ -230,13 +238,17 @@ class S3Storage:
         return ObjectInfo(size=head["ContentLength"], etag=head["ETag"].strip('"'))
 
     def list(self, prefix: str = "") -> list[str]:
+        return sorted(self.list_info(prefix))
+
+    def list_info(self, prefix: str = "") -> dict[str, ObjectInfo]:
         full = self._key(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys: list[str] = []
+        found: dict[str, ObjectInfo] = {}
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
         for page in pages:
-            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
-        return sorted(keys)
+            for obj in page.get("Contents", []):
+                found[obj["Key"][strip:]] = ObjectInfo(size=obj["Size"], etag=obj["ETag"].strip('"'))
+        return found
 
     def copy(self, src: str, dst: str) -> None:
         from botocore.exceptions import ClientError

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from orchestration.config import DEFAULT_QUEUE
 
+KINDS = ("embed", "score")
 DEFAULT_BATCH_SIZE = 256
 MAX_BATCH_SIZE = 65536
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
@@ -47,17 +48,28 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class EmbedJobSpec:
-    """A bulk embedding job: every input shard becomes one shard task."""
+class JobSpec:
+    """An embed or score job: every input shard becomes one shard task.
+
+    Both kinds embed images and captions and score each pair; ``embeddings=False`` (score
+    jobs only) skips writing the embedding arrays. ``fingerprint`` identifies the model
+    (name, weights, preprocessing); the producer sets it at submit.
+    """
 
     input: str
     output: str
     model: ModelSpec
     batch_size: int = DEFAULT_BATCH_SIZE
     queue: str = DEFAULT_QUEUE
-    kind: str = field(default="embed", init=False)
+    kind: str = "embed"
+    embeddings: bool = True
+    fingerprint: str | None = None
 
     def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise SpecError("kind", f"{self.kind!r} is not one of {', '.join(KINDS)}")
+        if not self.embeddings and self.kind != "score":
+            raise SpecError("no_embeddings", "only a score job may skip writing embeddings")
         if not self.input or not self.input.strip():
             raise SpecError("input", "give a shard path, brace pattern, folder or s3:// prefix")
         if not self.output or not self.output.strip():
@@ -76,8 +88,8 @@ class EmbedJobSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EmbedJobSpec:
-        known = {f.name for f in fields(cls) if f.init}
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        known = {f.name for f in fields(cls)}
         args = {k: v for k, v in data.items() if k in known}
         args["model"] = ModelSpec(**data["model"])
         return cls(**args)
@@ -90,11 +102,11 @@ class ShardSpec:
     job_id: str
     index: int
     input: str
-    job: EmbedJobSpec
+    job: JobSpec
 
     def to_dict(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "index": self.index, "input": self.input, "job": self.job.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardSpec:
-        return cls(data["job_id"], int(data["index"]), data["input"], EmbedJobSpec.from_dict(data["job"]))
+        return cls(data["job_id"], int(data["index"]), data["input"], JobSpec.from_dict(data["job"]))

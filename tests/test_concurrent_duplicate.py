@@ -13,7 +13,7 @@ import pytest
 from orchestration.client import Client
 from orchestration.config import Settings
 from tasks.app import EMBED_SHARD
-from tasks.specs import EmbedJobSpec, ModelSpec, ShardSpec
+from tasks.specs import JobSpec, ModelSpec, ShardSpec
 from tests.conftest import service_env, wait_for
 from workers.samples import build_collection
 
@@ -28,7 +28,7 @@ def test_duplicate_delivery_runs_concurrently_and_commits_once(redis_url, bucket
     env = service_env(redis_url)
     workers = [start_worker(queue, env), start_worker(queue, env)]
     client = Client(Settings(redis_url, 3600, 2, 3600))
-    spec = EmbedJobSpec(f"s3://{bucket}/in/00000.tar", f"s3://{bucket}/out", ModelSpec("clipbatch-tiny", str(checkpoint)),
+    spec = JobSpec(f"s3://{bucket}/in/00000.tar", f"s3://{bucket}/out", ModelSpec("clipbatch-tiny", str(checkpoint)),
                         batch_size=16, queue=queue)
 
     # when: the job is submitted and its shard message is delivered a second time right away

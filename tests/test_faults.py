@@ -15,7 +15,7 @@ import pytest
 
 from orchestration.client import Client
 from orchestration.config import Settings
-from tasks.specs import EmbedJobSpec, ModelSpec
+from tasks.specs import JobSpec, ModelSpec
 from tests.conftest import service_env, wait_for
 from workers.samples import build_collection
 
@@ -37,7 +37,7 @@ def child_pids(pid: int) -> list[int]:
 
 def submit(redis_url: str, inputs: Path, out: Path, checkpoint: Path, queue: str, **settings) -> tuple[Client, str]:
     client = Client(Settings(**{**Settings.from_env().__dict__, "broker_url": redis_url, **settings}))
-    spec = EmbedJobSpec(str(inputs), str(out), ModelSpec("clipbatch-tiny", str(checkpoint)), batch_size=16, queue=queue)
+    spec = JobSpec(str(inputs), str(out), ModelSpec("clipbatch-tiny", str(checkpoint)), batch_size=16, queue=queue)
     return client, client.submit(spec).job_id
 
 

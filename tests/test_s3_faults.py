@@ -10,7 +10,7 @@ import pytest
 
 from orchestration.client import Client
 from orchestration.config import Settings
-from tasks.specs import EmbedJobSpec, ModelSpec
+from tasks.specs import JobSpec, ModelSpec
 from tests.conftest import service_env
 from tests.s3proxy import FaultyS3Proxy
 
@@ -27,7 +27,7 @@ def data_files(bucket: str, prefix: str) -> dict[str, bytes]:
 
 def run_job(redis_url, bucket, output, checkpoint, queue) -> dict:
     client = Client(Settings(redis_url, 3600, 2, 3600))
-    spec = EmbedJobSpec(f"s3://{bucket}/in/{{00000..00002}}.tar", f"s3://{bucket}/{output}",
+    spec = JobSpec(f"s3://{bucket}/in/{{00000..00002}}.tar", f"s3://{bucket}/{output}",
                         ModelSpec("clipbatch-tiny", str(checkpoint)), batch_size=8, queue=queue)
     return client.submit(spec).wait(timeout_s=300)
 

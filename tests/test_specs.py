@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from tasks.specs import EmbedJobSpec, ModelSpec, ShardSpec, SpecError
+from tasks.specs import JobSpec, ModelSpec, ShardSpec, SpecError
 
 
-def spec(**overrides) -> EmbedJobSpec:
+def spec(**overrides) -> JobSpec:
     args = {"input": "/in", "output": "/out", "model": ModelSpec("clipbatch-tiny", "/ckpt.pt")} | overrides
-    return EmbedJobSpec(**args)
+    return JobSpec(**args)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from orchestration.embedded import run_embedded
-from tasks.specs import EmbedJobSpec, ModelSpec
+from tasks.specs import JobSpec, ModelSpec
 from workers.models import save_seeded_checkpoint
 from workers.samples import build_collection
 
@@ -26,7 +26,7 @@ def run_demo(workdir: Path, shards: int, samples_per_shard: int) -> dict:
     checkpoint = workdir / f"{DEMO_MODEL}-seed0.pt"
     if not checkpoint.is_file():
         save_seeded_checkpoint(DEMO_MODEL, checkpoint, seed=0)
-    spec = EmbedJobSpec(str(inputs), str(output), ModelSpec(DEMO_MODEL, str(checkpoint)), batch_size=64)
+    spec = JobSpec(str(inputs), str(output), ModelSpec(DEMO_MODEL, str(checkpoint)), batch_size=64)
     click.echo(f"embedding {inputs} -> {output} with {DEMO_MODEL} on a private Redis and one worker")
     start = time.perf_counter()
     status = run_embedded(spec, workers=1, device="auto", workdir=workdir / "run")

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from orchestration.scores import histogram
 from orchestration.storage import open_storage, split
 from tasks.specs import ShardSpec
 from workers import runtime, writers
@@ -85,12 +86,14 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     img = np.concatenate(img_parts) if img_parts else np.zeros((0, dim), np.float32)
     txt = np.concatenate(txt_parts) if txt_parts else np.zeros((0, dim), np.float32)
     names = output_names(shard.index)
+    scores = alignment_scores(img, txt)
     files = {
-        names["img"]: writers.npy_bytes(img),
-        names["text"]: writers.npy_bytes(txt),
-        names["metadata"]: writers.metadata_bytes(rows, metas, {"clip_score": alignment_scores(img, txt)}),
+        names["metadata"]: writers.metadata_bytes(rows, metas, {"clip_score": scores}),
         names["errors"]: writers.errors_bytes(errors),
     }
+    if shard.job.embeddings:
+        files[names["img"]] = writers.npy_bytes(img)
+        files[names["text"]] = writers.npy_bytes(txt)
     serialise = time.perf_counter() - t0
     total = time.perf_counter() - start
     stats = {
@@ -107,6 +110,7 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
         "error_reasons": dict(Counter(e["reason"].split(":")[0] for e in errors)),
         "seconds": {"total": total, "waiting_for_decode": waited, "forward": forward, "serialise": serialise},
         "samples_per_s": len(rows) / total if total > 0 else 0.0,
+        "clip_score": histogram(scores),
     }
     files[names["stats"]] = writers.json_bytes(stats)
     return ShardResult(files, len(rows), len(errors), info.size, info.etag)

@@ -1,0 +1,111 @@
+"""Plan a job: normalise the spec, list the input shards, and match them against the output.
+
+Output file ``i`` keeps its input shard for good: shards already in the output keep their
+index (matched by input URI), new shards take the next free indices in sorted order, so on a
+fresh output index ``i`` is the ``i``-th input shard. A shard whose input changed since its
+commit (size or ETag) is planned again; an output holding another model's results is refused.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from orchestration import commit
+from orchestration.inputs import InputError, expand_input
+from orchestration.models import check_model, fingerprint
+from orchestration.storage import FILE_SCHEME, Storage, is_s3, open_storage
+from tasks.specs import JobSpec, ModelSpec, SpecError
+
+PROBE_DIR = "_probe"
+
+
+@dataclass
+class Plan:
+    spec: JobSpec  # normalised, with its model fingerprint
+    shards: dict[int, str]  # output index -> input URI, for every input shard
+    committed: dict[int, dict[str, Any]]  # index -> marker, for shards with nothing to do
+    todo: list[int]  # indices to enqueue
+    rescored: list[int]  # indices whose input changed since their commit (their markers were dropped)
+
+
+def absolute(uri: str) -> str:
+    """Local paths travel as absolute paths: a worker does not share the producer's cwd."""
+    if is_s3(uri):
+        return uri
+    path = uri[len(FILE_SCHEME):] if uri.startswith(FILE_SCHEME) else uri
+    return str(Path(path).expanduser().absolute())
+
+
+def normalise(spec: JobSpec) -> JobSpec:
+    """Check what can be checked here, make local paths absolute, stamp the model fingerprint."""
+    spec.validate()
+    check_model(spec.model)
+    pretrained = spec.model.pretrained
+    if pretrained and is_s3(pretrained):
+        parent, _, name = pretrained.rpartition("/")
+        if not open_storage(parent).exists(name):
+            raise SpecError("pretrained", f"{pretrained!r}: no such object")
+    elif pretrained and (os.sep in pretrained or Path(pretrained).suffix):
+        if not Path(pretrained).expanduser().is_file():
+            raise SpecError("pretrained", f"{pretrained!r}: no such checkpoint file")
+        pretrained = absolute(pretrained)
+    model = ModelSpec(spec.model.name, pretrained, spec.model.config)
+    spec = replace(spec, input=spec.input if "{" in spec.input else absolute(spec.input),
+                   output=absolute(spec.output), model=model)
+    return replace(spec, fingerprint=fingerprint(model))
+
+
+def _writable(spec: JobSpec) -> Storage:
+    try:
+        storage = open_storage(spec.output)
+        probe = f"{PROBE_DIR}/{uuid.uuid4().hex}"
+        storage.write(probe, b"")
+        storage.delete(probe)
+        return storage
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+        if code or isinstance(exc, OSError):
+            raise SpecError("output", f"{spec.output!r} is not writable: {code or exc}") from None
+        raise
+
+
+def plan(spec: JobSpec) -> Plan:
+    spec = normalise(spec)
+    try:
+        inputs = expand_input(spec.input)
+    except InputError as exc:
+        raise SpecError("input", str(exc)) from None
+    storage = _writable(spec)
+    markers = commit.list_markers(storage)
+    for index, marker in markers.items():
+        if marker.get("fingerprint") != spec.fingerprint:
+            raise SpecError(
+                "output",
+                f"{spec.output} holds results of another model (shard {index}: {marker.get('model')}, "
+                f"fingerprint {marker.get('fingerprint')}; this job: {spec.model.name}, {spec.fingerprint}); "
+                "use a separate output per model",
+            )
+    by_input = {m["input"]: (i, m) for i, m in markers.items()}
+    next_index = max(markers, default=-1) + 1
+    shards: dict[int, str] = {}
+    committed: dict[int, dict[str, Any]] = {}
+    todo: list[int] = []
+    rescored: list[int] = []
+    for shard in inputs:
+        if shard.uri in by_input:
+            index, marker = by_input[shard.uri]
+            if (marker.get("input_size"), marker.get("input_etag")) == (shard.size, shard.etag):
+                committed[index] = marker
+            else:
+                storage.delete(commit.marker_key(index))
+                rescored.append(index)
+                todo.append(index)
+        else:
+            index = next_index
+            next_index += 1
+            todo.append(index)
+        shards[index] = shard.uri
+    return Plan(spec, shards, committed, todo, rescored)

@@ -1,0 +1,87 @@
+"""The job report: merged score histograms -> report/summary.json, scores.png and index.html."""
+from __future__ import annotations
+
+import html
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from orchestration import commit
+from orchestration.scores import THRESHOLDS, merge, summarize
+from orchestration.storage import Storage
+
+REPORT_DIR = "report"
+SUMMARY = f"{REPORT_DIR}/summary.json"
+_IO_THREADS = 16
+
+
+def _stats(storage: Storage, index: int) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read(f"stats/{index}.json"))
+    except FileNotFoundError:
+        return None
+
+
+def build_report(storage: Storage, job: dict[str, Any]) -> dict[str, Any]:
+    """Merge every committed shard's score histogram in the output and write the report."""
+    markers = commit.list_markers(storage)
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        stats = [s for s in pool.map(lambda i: _stats(storage, i), markers) if s and "clip_score" in s]
+    summary = summarize(merge(s["clip_score"] for s in stats))
+    summary.update(job_id=job.get("job_id"), output=storage.uri, shards=len(stats),
+                   model=(job.get("spec") or {}).get("model", {}).get("name"))
+    storage.write(SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode())
+    if summary["count"]:
+        storage.write(f"{REPORT_DIR}/scores.png", _plot(summary))
+        storage.write(f"{REPORT_DIR}/index.html", _page(summary).encode())
+    return summary
+
+
+def _plot(summary: dict[str, Any]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    edges, counts = summary["histogram"]["edges"], summary["histogram"]["counts"]
+    fig = Figure(figsize=(8, 4), dpi=100)
+    ax = fig.add_subplot()
+    ax.stairs(counts, edges, fill=True, alpha=0.7)
+    for t in THRESHOLDS:
+        kept = summary["fraction_kept"][f"{t:.2f}"]
+        ax.axvline(t, color="crimson", linestyle="--", linewidth=1)
+        ax.text(t, ax.get_ylim()[1] * 0.95, f" {t:.2f}\n {kept:.1%} kept", color="crimson", fontsize=7, va="top")
+    ax.set_xlabel("clip_score (cosine of image and caption embeddings)")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"{summary['count']} pairs, {summary['model']}")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _page(summary: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><td>{k}</td><td>{v:.4f}</td></tr>" for k, v in summary["quantiles"].items())
+    kept = "".join(f"<tr><td>&ge; {t}</td><td>{f:.2%}</td></tr>" for t, f in summary["fraction_kept"].items())
+    title = html.escape(f"clip_score report: {summary['output']}")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title></head>
+<body><h1>{title}</h1>
+<p>{summary['count']} pairs in {summary['shards']} shards; model {html.escape(str(summary['model']))};
+mean {summary['mean']:.4f}, std {summary['std']:.4f}.</p>
+<img src="scores.png" alt="histogram of clip_score with thresholds">
+<h2>Quantiles</h2><table>{rows}</table>
+<h2>Fraction kept at a threshold</h2><table>{kept}</table>
+</body></html>
+"""
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The report as terminal text."""
+    if not summary.get("count"):
+        return "no scores yet"
+    lines = [f"{summary['count']} pairs in {summary['shards']} shards ({summary['model']}): "
+             f"mean {summary['mean']:.4f}, std {summary['std']:.4f}"]
+    lines.append("quantiles: " + "  ".join(f"{k} {v:.4f}" for k, v in summary["quantiles"].items()))
+    lines.append("kept at:   " + "  ".join(f">={t} {f:.1%}" for t, f in summary["fraction_kept"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Nightly schedules: a TOML file of datasets, each scored incrementally at a cron time.
+
+    [[dataset]]
+    name = "crawl-2026"                    # unique; names the beat entry
+    input = "s3://bkt/crawl/"              # pattern or prefix; new shards are picked up each run
+    output = "s3://bkt/scores/crawl-2026"
+    model = "ViT-B-32"
+    pretrained = "laion2b_s34b_b79k"
+    cron = "0 2 * * *"                     # minute hour day-of-month month day-of-week, UTC
+    queue = "gpu"                          # optional (default gpu)
+    embeddings = false                     # optional (default true): write the arrays too
+    batch_size = 256                       # optional
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from orchestration.config import DEFAULT_QUEUE
+from tasks.specs import DEFAULT_BATCH_SIZE, JobSpec, ModelSpec, SpecError
+
+REQUIRED = ("name", "input", "output", "model", "cron")
+OPTIONAL = {"pretrained": None, "queue": DEFAULT_QUEUE, "embeddings": True, "batch_size": DEFAULT_BATCH_SIZE}
+
+
+class ScheduleError(SpecError):
+    """A schedule file a user got wrong; the message names the dataset and field."""
+
+    def __init__(self, where: str, message: str) -> None:
+        ValueError.__init__(self, f"{where}: {message}")
+        self.field = where
+
+
+def cron_fields(expr: str) -> dict[str, str]:
+    """'m h dom mon dow' -> the keyword arguments of celery.schedules.crontab."""
+    parts = expr.split()
+    if len(parts) != 5:
+        raise ValueError(f"{expr!r} is not a 5-field cron expression (minute hour day-of-month month day-of-week)")
+    keys = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
+    return dict(zip(keys, parts))
+
+
+def dataset_spec(dataset: dict[str, Any]) -> JobSpec:
+    """The score job a dataset entry stands for."""
+    return JobSpec(dataset["input"], dataset["output"], ModelSpec(dataset["model"], dataset["pretrained"]),
+                   batch_size=dataset["batch_size"], queue=dataset["queue"], kind="score",
+                   embeddings=dataset["embeddings"])
+
+
+def load_schedule(path: str | Path) -> list[dict[str, Any]]:
+    """Read and check a schedule file; every problem names the file, the dataset and the field."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ScheduleError(str(path), f"cannot read TOML ({exc})") from None
+    entries = data.get("dataset")
+    if not isinstance(entries, list) or not entries:
+        raise ScheduleError(str(path), "no [[dataset]] entries")
+    datasets, names = [], set()
+    for n, entry in enumerate(entries):
+        where = f"{path}: dataset {entry.get('name', f'#{n + 1}')!s}"
+        missing = [k for k in REQUIRED if not entry.get(k)]
+        unknown = sorted(set(entry) - set(REQUIRED) - set(OPTIONAL))
+        if missing or unknown:
+            raise ScheduleError(where, f"missing {', '.join(missing)}" if missing else f"unknown field {unknown[0]}")
+        dataset = {**OPTIONAL, **entry}
+        if dataset["name"] in names:
+            raise ScheduleError(where, "name is used twice")
+        names.add(dataset["name"])
+        try:
+            cron_fields(dataset["cron"])
+            dataset_spec(dataset).validate()
+        except SpecError as exc:
+            raise ScheduleError(where, str(exc)) from None
+        except ValueError as exc:
+            raise ScheduleError(f"{where}: cron", str(exc)) from None
+        datasets.append(dataset)
+    return datasets
