@@ -17,6 +17,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from celery.schedules import crontab
+
 from orchestration.config import DEFAULT_QUEUE
 from tasks.specs import DEFAULT_BATCH_SIZE, JobSpec, ModelSpec, SpecError
 
@@ -69,7 +71,7 @@ def load_schedule(path: str | Path) -> list[dict[str, Any]]:
             raise ScheduleError(where, "name is used twice")
         names.add(dataset["name"])
         try:
-            cron_fields(dataset["cron"])
+            crontab(**cron_fields(dataset["cron"]))
             dataset_spec(dataset).validate()
         except SpecError as exc:
             raise ScheduleError(where, str(exc)) from None
