@@ -76,8 +76,8 @@ class Client:
 
     def submit(self, spec: JobSpec) -> Job:
         """Validate and plan, write the job record, then enqueue one message per shard to run."""
-        planned = plan(spec)
         self.ping()
+        planned = plan(spec)
         job_id = uuid.uuid4().hex[:16]
         self.jobs.create(job_id, planned.spec.to_dict(), len(planned.shards), planned.committed, len(planned.rescored))
         with self.app.producer_or_acquire() as producer:

@@ -1,12 +1,14 @@
 """Plan a job: normalise the spec, list the input shards, and match them against the output.
 
 Output file ``i`` keeps its input shard for good: shards already in the output keep their
-index (matched by input URI), new shards take the next free indices in sorted order, so on a
-fresh output index ``i`` is the ``i``-th input shard. A shard whose input changed since its
+index (matched by input URI); a new shard takes its position in the sorted input if that
+index is free, else the next index past the end. On a fresh output index ``i`` is the
+``i``-th input shard. A shard whose input changed since its
 commit (size or ETag) is planned again; an output holding another model's results is refused.
 """
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass, replace
@@ -20,6 +22,8 @@ from orchestration.storage import FILE_SCHEME, Storage, is_s3, open_storage
 from tasks.specs import JobSpec, ModelSpec, SpecError
 
 PROBE_DIR = "_probe"
+# Markers of shards being rescored move here first, so their index survives a crash mid-plan.
+SUPERSEDED_DIR = "_superseded"
 
 
 @dataclass
@@ -72,6 +76,20 @@ def _writable(spec: JobSpec) -> Storage:
         raise
 
 
+def _superseded(storage: Storage) -> dict[int, dict[str, Any]]:
+    found = {}
+    for key in storage.list(SUPERSEDED_DIR + "/"):
+        found[int(key.rsplit("/", 1)[1].split(".")[0])] = json.loads(storage.read(key))
+    return found
+
+
+def _free_index(position: int, taken: set[int]) -> int:
+    """A new shard's index: its sorted position if free (always, on a fresh output), else past the end."""
+    if position not in taken:
+        return position
+    return max(taken) + 1
+
+
 def plan(spec: JobSpec) -> Plan:
     spec = normalise(spec)
     try:
@@ -88,24 +106,28 @@ def plan(spec: JobSpec) -> Plan:
                 f"fingerprint {marker.get('fingerprint')}; this job: {spec.model.name}, {spec.fingerprint}); "
                 "use a separate output per model",
             )
-    by_input = {m["input"]: (i, m) for i, m in markers.items()}
-    next_index = max(markers, default=-1) + 1
+    superseded = _superseded(storage)
+    by_input = {m["input"]: (i, None) for i, m in superseded.items() if i not in markers}
+    by_input.update({m["input"]: (i, m) for i, m in markers.items()})
+    taken = {i for i, _ in by_input.values()}
     shards: dict[int, str] = {}
     committed: dict[int, dict[str, Any]] = {}
     todo: list[int] = []
     rescored: list[int] = []
-    for shard in inputs:
+    for position, shard in enumerate(inputs):
         if shard.uri in by_input:
             index, marker = by_input[shard.uri]
-            if (marker.get("input_size"), marker.get("input_etag")) == (shard.size, shard.etag):
+            if marker is not None and (marker.get("input_size"), marker.get("input_etag")) == (shard.size, shard.etag):
                 committed[index] = marker
             else:
-                storage.delete(commit.marker_key(index))
+                if marker is not None:
+                    storage.write(f"{SUPERSEDED_DIR}/{index:05d}.json", json.dumps(marker).encode())
+                    storage.delete(commit.marker_key(index))
                 rescored.append(index)
                 todo.append(index)
         else:
-            index = next_index
-            next_index += 1
+            index = _free_index(position, taken)
             todo.append(index)
+        taken.add(index)
         shards[index] = shard.uri
     return Plan(spec, shards, committed, todo, rescored)
