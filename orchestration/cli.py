@@ -16,7 +16,8 @@ import redis
 
 from orchestration.config import Settings, redact
 from orchestration.keys import JobState
-from tasks.specs import DEFAULT_BATCH_SIZE, JobSpec, ModelSpec, SpecError
+from tasks.specs import (DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES_PER_TRAIN_SHARD, JobSpec, ModelSpec, SpecError,
+                         TrainShardsSpec)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -179,6 +180,31 @@ def _submit_command(kind: str):
 
 for _kind, _help in KIND_HELP.items():
     submit.command(_kind, help=_help)(_submit_command(_kind))
+
+
+@submit.command("shards")
+@click.option("--scored", required=True, help="Output of a score (or embed) job.")
+@click.option("--output", required=True, help="Where the training shards go (folder or s3://bucket/prefix).")
+@click.option("--min-score", type=float, help="Keep pairs with clip_score >= this.")
+@click.option("--top-fraction", type=float, help="Keep this fraction of pairs, highest scores first.")
+@click.option("--dedup-cosine", type=float, help="Drop pairs whose image is this close (cosine) to a kept one.")
+@click.option("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_TRAIN_SHARD, show_default=True)
+@click.option("--queue", default="gpu", show_default=True)
+@click.option("--wait", is_flag=True, help="Wait for the job to end, with a progress bar.")
+@click.option("--json", "as_json", is_flag=True)
+def submit_shards(scored, output, min_score, top_fraction, dedup_cosine, samples_per_shard, queue, wait,
+                  as_json) -> None:
+    """Curate open_clip-ready webdataset shards from a scored output."""
+    from orchestration.client import Client
+
+    spec = TrainShardsSpec(scored, output, min_score, top_fraction, dedup_cosine, samples_per_shard, queue)
+    job = Client().submit_shards(spec)
+    status = job.wait(progress=not as_json) if wait else job.status()
+    if as_json or wait:
+        _print_status(status, as_json)
+    else:
+        click.echo(job.job_id)
+    _exit_for(status)
 
 
 @main.command()

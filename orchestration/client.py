@@ -12,18 +12,21 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Callable
 
 import redis
 
+from orchestration import commit
 from orchestration.config import Settings, redact
 from orchestration.jobs import JobStore
 from orchestration.keys import JobState
-from orchestration.planner import plan
+from orchestration.planner import absolute, plan
 from orchestration.report import build_report
+from orchestration.selection import finish_train_shards, plan_train_shards
 from orchestration.storage import open_storage
-from tasks.app import EMBED_SHARD, make_app
-from tasks.specs import JobSpec, ModelSpec, ShardSpec
+from tasks.app import EMBED_SHARD, TRAIN_SHARD, make_app
+from tasks.specs import JobSpec, ModelSpec, ShardSpec, TrainShardsSpec
 
 JOB_FILE = "_job.json"
 
@@ -89,6 +92,26 @@ class Client:
             finalize(self.jobs, job_id)
         return job
 
+    def submit_shards(self, spec: TrainShardsSpec) -> Job:
+        """Select, dedup and plan training shards from a scored output; one task per output shard."""
+        spec.validate()
+        spec = replace(spec, scored=absolute(spec.scored), output=absolute(spec.output))
+        self.ping()
+        output = open_storage(spec.output)
+        planned = plan_train_shards(spec, output)
+        markers = commit.list_markers(output)
+        committed = {j: m for j, m in markers.items() if j < len(planned.selections)}
+        job_id = uuid.uuid4().hex[:16]
+        self.jobs.create(job_id, spec.to_dict(), len(planned.selections), committed)
+        todo = [j for j in range(len(planned.selections)) if j not in committed]
+        with self.app.producer_or_acquire() as producer:
+            for j in todo:
+                message = ShardSpec(job_id, j, planned.selections[j], spec).to_dict()
+                self.app.send_task(TRAIN_SHARD, args=[message], queue=spec.queue, producer=producer)
+        if not todo:
+            finalize(self.jobs, job_id)
+        return Job(self, job_id)
+
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
 
@@ -105,7 +128,10 @@ def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:
     record = {"spec": jobs.spec(job_id), **status, "state": final.value, "finished_at": time.time()}
     storage = open_storage(status["output"])
     storage.write(JOB_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
-    build_report(storage, record)
+    if status["kind"] == "shards":
+        finish_train_shards(storage)
+    else:
+        build_report(storage, record)
     jobs.set_state(job_id, final)
     return jobs.get(job_id)
 

@@ -6,6 +6,7 @@ from celery import Celery
 from orchestration.config import DEFAULT_QUEUE, Settings
 
 EMBED_SHARD = "clipbatch.embed_shard"
+TRAIN_SHARD = "clipbatch.write_train_shard"
 
 
 def make_app(settings: Settings | None = None, include: tuple[str, ...] = ()) -> Celery:
@@ -44,4 +45,4 @@ def make_app(settings: Settings | None = None, include: tuple[str, ...] = ()) ->
     return app
 
 
-app = make_app(include=("tasks.embed",))
+app = make_app(include=("tasks.embed", "tasks.train_shards"))

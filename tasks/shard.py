@@ -95,11 +95,10 @@ def run_shard(shard: ShardSpec, compute: Callable[[ShardSpec, str], Any]) -> dic
             "input": shard.input,
             "input_size": result.input_size,
             "input_etag": result.input_etag,
-            "model": {"name": shard.job.model.name, "pretrained": shard.job.model.pretrained},
-            "fingerprint": shard.job.fingerprint,
             "samples_ok": result.samples_ok,
             "samples_failed": result.samples_failed,
             "committed_at": time.time(),
+            **shard.job.marker_fields(),
         }
         won, marker = commit.commit(storage, shard.index, attempt, result.files, record)
         outcome = "committed" if won else "lost_race"

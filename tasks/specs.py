@@ -9,6 +9,7 @@ from orchestration.config import DEFAULT_QUEUE
 
 KINDS = ("embed", "score")
 DEFAULT_BATCH_SIZE = 256
+DEFAULT_SAMPLES_PER_TRAIN_SHARD = 10000
 MAX_BATCH_SIZE = 65536
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
@@ -87,6 +88,11 @@ class JobSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def marker_fields(self) -> dict[str, Any]:
+        """What every commit marker of this job records about how it was made."""
+        return {"model": {"name": self.model.name, "pretrained": self.model.pretrained},
+                "fingerprint": self.fingerprint}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         known = {f.name for f in fields(cls)}
@@ -96,17 +102,64 @@ class JobSpec:
 
 
 @dataclass(frozen=True)
+class TrainShardsSpec:
+    """Curate open_clip-ready training shards from a scored output: select, dedup, write."""
+
+    scored: str
+    output: str
+    min_score: float | None = None
+    top_fraction: float | None = None
+    dedup_cosine: float | None = None
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_TRAIN_SHARD
+    queue: str = DEFAULT_QUEUE
+    kind: str = "shards"
+
+    def validate(self) -> None:
+        if not self.scored or not self.scored.strip():
+            raise SpecError("scored", "give the output of a score (or embed) job")
+        if not self.output or not self.output.strip():
+            raise SpecError("output", "give an output folder or s3://bucket/prefix")
+        if (self.min_score is None) == (self.top_fraction is None):
+            raise SpecError("min_score", "give exactly one of --min-score and --top-fraction")
+        if self.min_score is not None and not -1.0 <= self.min_score <= 1.0:
+            raise SpecError("min_score", f"{self.min_score} is not a cosine in [-1, 1]")
+        if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
+            raise SpecError("top_fraction", f"{self.top_fraction} must be in (0, 1]")
+        if self.dedup_cosine is not None and not 0.0 < self.dedup_cosine <= 1.0:
+            raise SpecError("dedup_cosine", f"{self.dedup_cosine} must be in (0, 1]")
+        if isinstance(self.samples_per_shard, bool) or not isinstance(self.samples_per_shard, int) \
+                or self.samples_per_shard < 1:
+            raise SpecError("samples_per_shard", f"{self.samples_per_shard!r} must be a positive integer")
+        if not _QUEUE_RE.match(self.queue or ""):
+            raise SpecError("queue", f"{self.queue!r} is not a queue name (letters, digits, _ . : -)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def marker_fields(self) -> dict[str, Any]:
+        return {"scored": self.scored}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainShardsSpec:
+        return cls(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
+
+
+def job_from_dict(data: dict[str, Any]) -> JobSpec | TrainShardsSpec:
+    return TrainShardsSpec.from_dict(data) if data.get("kind") == "shards" else JobSpec.from_dict(data)
+
+
+@dataclass(frozen=True)
 class ShardSpec:
     """One message on the queue: shard ``index`` of a job, read from ``input``."""
 
     job_id: str
     index: int
     input: str
-    job: JobSpec
+    job: JobSpec | TrainShardsSpec
 
     def to_dict(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "index": self.index, "input": self.input, "job": self.job.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardSpec:
-        return cls(data["job_id"], int(data["index"]), data["input"], JobSpec.from_dict(data["job"]))
+        return cls(data["job_id"], int(data["index"]), data["input"], job_from_dict(data["job"]))

@@ -6,11 +6,12 @@ import importlib.util
 import io
 import json
 import random
-import tarfile
 from pathlib import Path
 from typing import Iterable
 
 from PIL import Image
+
+from workers.writers import write_tar
 
 # (package, folder inside it, file names): real photographs, not synthetic test patterns.
 PHOTO_SOURCES = (
@@ -19,7 +20,6 @@ PHOTO_SOURCES = (
     ("sklearn", "datasets/images", ("china.jpg", "flower.jpg")),
     ("matplotlib", "mpl-data/sample_data", ("grace_hopper.jpg",)),
 )
-FIXED_MTIME = 1_700_000_000  # reproducible tars
 
 
 def find_photos() -> list[Path]:
@@ -58,15 +58,8 @@ def photo_sample(photo: Path, rng: random.Random, max_side: int = 512) -> dict[s
 def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
     """Write (key, {ext: bytes}) samples as a webdataset tar; returns how many were written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), FIXED_MTIME, 0o644
-                tar.addfile(info, io.BytesIO(data))
-            count += 1
-    return count
+    with open(path, "wb") as f:
+        return write_tar(f, samples)
 
 
 def corrupt_samples(prefix: str) -> list[tuple[str, dict[str, bytes], str]]:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+import tarfile
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +14,7 @@ EMBEDDING_DTYPE = np.float16
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string()), ("shard", pa.string())])
 # Columns clipbatch writes; a json field with the same name is kept as ``json_<name>``.
 RESERVED = ("key", "caption", "shard")
+FIXED_MTIME = 1_700_000_000  # reproducible tars
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -53,3 +55,16 @@ def errors_bytes(errors: list[dict[str, str]]) -> bytes:
 
 def json_bytes(data: dict[str, Any]) -> bytes:
     return json.dumps(data, indent=2, sort_keys=True).encode()
+
+
+def write_tar(fileobj, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Write (key, {ext: bytes}) samples as a reproducible webdataset tar; returns the count."""
+    count = 0
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), FIXED_MTIME, 0o644
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
+    return count
