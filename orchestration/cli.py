@@ -16,8 +16,8 @@ import redis
 
 from orchestration.config import Settings, redact
 from orchestration.keys import JobState
-from tasks.specs import (DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES_PER_TRAIN_SHARD, JobSpec, ModelSpec, SpecError,
-                         TrainShardsSpec)
+from tasks.specs import (DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES_PER_TRAIN_SHARD, FinetuneSpec, JobSpec, ModelSpec,
+                         SpecError, TrainShardsSpec)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -127,6 +127,8 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
         f"  samples {status['samples_done']} embedded, {status['samples_failed']} recorded as errors\n"
         f"  output  {status['output']}"
     )
+    if "step" in status:
+        click.echo(f"  step    {status['step']} (last committed), loss {status['loss']}")
     for index, reason in sorted(status.get("failures", {}).items()):
         click.echo(f"  shard {index} failed: {reason}")
 
@@ -199,6 +201,35 @@ def submit_shards(scored, output, min_score, top_fraction, dedup_cosine, samples
 
     spec = TrainShardsSpec(scored, output, min_score, top_fraction, dedup_cosine, samples_per_shard, queue)
     job = Client().submit_shards(spec)
+    status = job.wait(progress=not as_json) if wait else job.status()
+    if as_json or wait:
+        _print_status(status, as_json)
+    else:
+        click.echo(job.job_id)
+    _exit_for(status)
+
+
+@submit.command("finetune")
+@click.option("--train", required=True, help="Training shards, e.g. 's3://bkt/train/{00000..00099}.tar'.")
+@click.option("--output", required=True, help="Where checkpoints, metrics and the report go.")
+@click.option("--model", required=True)
+@click.option("--pretrained", help="Tag, checkpoint path or s3:// URI to start from.")
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lock-image", is_flag=True, help="Freeze the image tower.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--queue", default="gpu", show_default=True)
+@click.option("--wait", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def submit_finetune(train, output, model, pretrained, epochs, lr, batch_size, lock_image, precision, queue, wait,
+                    as_json) -> None:
+    """Fine-tune contrastively, one shard per step, each step resuming from the last checkpoint."""
+    from orchestration.client import Client
+
+    spec = FinetuneSpec(train, output, ModelSpec(model, pretrained), epochs, lr, batch_size, lock_image, precision,
+                        queue=queue)
+    job = Client().submit_finetune(spec)
     status = job.wait(progress=not as_json) if wait else job.status()
     if as_json or wait:
         _print_status(status, as_json)

@@ -21,12 +21,13 @@ from orchestration import commit
 from orchestration.config import Settings, redact
 from orchestration.jobs import JobStore
 from orchestration.keys import JobState
-from orchestration.planner import absolute, plan
-from orchestration.report import build_report
+from orchestration.inputs import InputError, expand_input
+from orchestration.planner import absolute, normalise_model, plan
+from orchestration.report import build_report, finish_finetune
 from orchestration.selection import finish_train_shards, plan_train_shards
 from orchestration.storage import open_storage
-from tasks.app import EMBED_SHARD, TRAIN_SHARD, make_app
-from tasks.specs import JobSpec, ModelSpec, ShardSpec, TrainShardsSpec
+from tasks.app import EMBED_SHARD, FINETUNE_STEP, TRAIN_SHARD, make_app
+from tasks.specs import FinetuneSpec, JobSpec, ModelSpec, ShardSpec, SpecError, TrainShardsSpec
 
 JOB_FILE = "_job.json"
 
@@ -112,6 +113,28 @@ class Client:
             finalize(self.jobs, job_id)
         return Job(self, job_id)
 
+    def submit_finetune(self, spec: FinetuneSpec) -> Job:
+        """Plan the step chain over the training shards and enqueue its first uncommitted step."""
+        spec = replace(spec, output=absolute(spec.output))
+        spec.validate()
+        self.ping()
+        try:
+            shards = tuple(s.uri for s in expand_input(spec.train))
+        except InputError as exc:
+            raise SpecError("train", str(exc)) from None
+        spec = replace(spec, shards=shards, model=normalise_model(spec.model))
+        markers = commit.list_markers(open_storage(spec.output))
+        resume = next(k for k in range(spec.steps + 1) if k not in markers)  # committed steps are a prefix
+        committed = {k: markers[k] for k in range(resume)}
+        job_id = uuid.uuid4().hex[:16]
+        self.jobs.create(job_id, spec.to_dict(), spec.steps, committed)
+        if resume < spec.steps:
+            message = ShardSpec(job_id, resume, shards[resume % len(shards)], spec).to_dict()
+            self.app.send_task(FINETUNE_STEP, args=[message], queue=spec.queue)
+        else:
+            finalize(self.jobs, job_id)
+        return Job(self, job_id)
+
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
 
@@ -130,6 +153,8 @@ def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:
     storage.write(JOB_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
     if status["kind"] == "shards":
         finish_train_shards(storage)
+    elif status["kind"] == "finetune":
+        finish_finetune(storage, record)
     else:
         build_report(storage, record)
     jobs.set_state(job_id, final)

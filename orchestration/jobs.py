@@ -109,6 +109,8 @@ class JobStore:
             updated_at=float(raw["updated_at"]),
             failures={int(k): v for k, v in self.r.hgetall(keys.job_failed(job_id)).items()},
         )
+        if "step" in raw:  # fine-tune jobs publish their last committed step and loss
+            status.update(step=int(raw["step"]), loss=float(raw["loss"]) if raw["loss"] else None)
         return status
 
     def spec(self, job_id: str) -> dict[str, Any] | None:

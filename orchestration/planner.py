@@ -46,8 +46,16 @@ def absolute(uri: str) -> str:
 def normalise(spec: JobSpec) -> JobSpec:
     """Check what can be checked here, make local paths absolute, stamp the model fingerprint."""
     spec.validate()
-    check_model(spec.model)
-    pretrained = spec.model.pretrained
+    model = normalise_model(spec.model)
+    spec = replace(spec, input=spec.input if "{" in spec.input else absolute(spec.input),
+                   output=absolute(spec.output), model=model)
+    return replace(spec, fingerprint=fingerprint(model))
+
+
+def normalise_model(model: ModelSpec) -> ModelSpec:
+    """Refuse an unknown model or a missing checkpoint; local checkpoint paths become absolute."""
+    check_model(model)
+    pretrained = model.pretrained
     if pretrained and is_s3(pretrained):
         parent, _, name = pretrained.rpartition("/")
         if not open_storage(parent).exists(name):
@@ -56,10 +64,7 @@ def normalise(spec: JobSpec) -> JobSpec:
         if not Path(pretrained).expanduser().is_file():
             raise SpecError("pretrained", f"{pretrained!r}: no such checkpoint file")
         pretrained = absolute(pretrained)
-    model = ModelSpec(spec.model.name, pretrained, spec.model.config)
-    spec = replace(spec, input=spec.input if "{" in spec.input else absolute(spec.input),
-                   output=absolute(spec.output), model=model)
-    return replace(spec, fingerprint=fingerprint(model))
+    return ModelSpec(model.name, pretrained, model.config)
 
 
 def _writable(spec: JobSpec) -> Storage:

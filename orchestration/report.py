@@ -85,3 +85,34 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append("quantiles: " + "  ".join(f"{k} {v:.4f}" for k, v in summary["quantiles"].items()))
     lines.append("kept at:   " + "  ".join(f">={t} {f:.1%}" for t, f in summary["fraction_kept"].items()))
     return "\n".join(lines)
+
+
+def finish_finetune(storage: Storage, job: dict[str, Any]) -> dict[str, Any]:
+    """At the end of a fine-tune: ``checkpoints/final.pt`` and the loss curve in ``report/``."""
+    steps = job["shards_total"]
+    metrics = [json.loads(storage.read(f"metrics/step_{k:05d}.json")) for k in range(steps)]
+    storage.copy(f"checkpoints/step_{steps - 1:05d}.pt", "checkpoints/final.pt")
+    summary = {"steps": steps, "final_checkpoint": f"{storage.uri}/checkpoints/final.pt",
+               "loss": [m["loss"] for m in metrics], "logit_scale": [m["logit_scale"] for m in metrics],
+               "samples": sum(m["samples"] for m in metrics)}
+    storage.write(SUMMARY, json.dumps(summary, indent=2).encode())
+    storage.write(f"{REPORT_DIR}/loss.png", _loss_plot(metrics))
+    return summary
+
+
+def _loss_plot(metrics: list[dict[str, Any]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4), dpi=100)
+    ax = fig.add_subplot()
+    losses = [loss for m in metrics for loss in m["losses"]]
+    ax.plot(range(1, len(losses) + 1), losses, linewidth=1)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("contrastive loss (symmetric InfoNCE)")
+    ax.set_title(f"{len(metrics)} steps, final 1/tau = {metrics[-1]['logit_scale']:.1f}")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()

@@ -7,6 +7,7 @@ from orchestration.config import DEFAULT_QUEUE, Settings
 
 EMBED_SHARD = "clipbatch.embed_shard"
 TRAIN_SHARD = "clipbatch.write_train_shard"
+FINETUNE_STEP = "clipbatch.finetune_step"
 
 
 def make_app(settings: Settings | None = None, include: tuple[str, ...] = ()) -> Celery:
@@ -45,4 +46,4 @@ def make_app(settings: Settings | None = None, include: tuple[str, ...] = ()) ->
     return app
 
 
-app = make_app(include=("tasks.embed", "tasks.train_shards"))
+app = make_app(include=("tasks.embed", "tasks.train_shards", "tasks.finetune"))

@@ -64,8 +64,16 @@ def _give_up(jobs: JobStore, shard: ShardSpec, deliveries: int) -> dict[str, Any
     return {"outcome": "dead_lettered", "reason": reason}
 
 
-def run_shard(shard: ShardSpec, compute: Callable[[ShardSpec, str], Any]) -> dict[str, Any]:
-    """Run ``compute`` for ``shard`` unless it is already committed; count it exactly once."""
+def run_shard(
+    shard: ShardSpec,
+    compute: Callable[[ShardSpec, str], Any],
+    after_commit: Callable[[JobStore, ShardSpec, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``compute`` for ``shard`` unless it is already committed; count it exactly once.
+
+    ``after_commit`` runs with the winning marker once the shard is committed (by this attempt
+    or an earlier one), before the shard is counted: a chain enqueues its next step there.
+    """
     start = time.perf_counter()
     jobs = job_store()
     status = jobs.get(shard.job_id)
@@ -99,9 +107,12 @@ def run_shard(shard: ShardSpec, compute: Callable[[ShardSpec, str], Any]) -> dic
             "samples_failed": result.samples_failed,
             "committed_at": time.time(),
             **shard.job.marker_fields(),
+            **getattr(result, "record", {}),
         }
         won, marker = commit.commit(storage, shard.index, attempt, result.files, record)
         outcome = "committed" if won else "lost_race"
+    if after_commit is not None:
+        after_commit(jobs, shard, marker)
     if jobs.report_done(shard.job_id, shard.index, marker["samples_ok"], marker["samples_failed"]):
         finalize(jobs, shard.job_id)
     seconds = time.perf_counter() - start

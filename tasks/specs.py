@@ -144,8 +144,63 @@ class TrainShardsSpec:
         return cls(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
 
 
-def job_from_dict(data: dict[str, Any]) -> JobSpec | TrainShardsSpec:
-    return TrainShardsSpec.from_dict(data) if data.get("kind") == "shards" else JobSpec.from_dict(data)
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """Contrastive fine-tuning as a chain of shard steps: step ``k`` trains on ``shards[k % len]``."""
+
+    train: str
+    output: str
+    model: ModelSpec
+    epochs: int = 1
+    lr: float = 5e-4
+    batch_size: int = 64
+    lock_image: bool = False
+    precision: str = "fp32"
+    weight_decay: float = 0.1
+    seed: int = 0
+    queue: str = DEFAULT_QUEUE
+    shards: tuple[str, ...] = ()  # the expanded training shards, set by the producer
+    kind: str = "finetune"
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * len(self.shards)
+
+    def validate(self) -> None:
+        if not self.train or not self.train.strip():
+            raise SpecError("train", "give training shards, e.g. 's3://bkt/train/{00000..00099}.tar'")
+        if not self.output or not self.output.strip():
+            raise SpecError("output", "give an output folder or s3://bucket/prefix")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SpecError(name, f"{value!r} must be a positive integer")
+        if not 0 < self.lr < 1:
+            raise SpecError("lr", f"{self.lr} must be in (0, 1)")
+        if self.precision not in PRECISIONS:
+            raise SpecError("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if not _QUEUE_RE.match(self.queue or ""):
+            raise SpecError("queue", f"{self.queue!r} is not a queue name (letters, digits, _ . : -)")
+        self.model.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "shards": list(self.shards)}
+
+    def marker_fields(self) -> dict[str, Any]:
+        return {"model": {"name": self.model.name, "pretrained": self.model.pretrained}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneSpec:
+        args = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
+        return cls(**{**args, "model": ModelSpec(**data["model"]), "shards": tuple(data.get("shards", ()))})
+
+
+def job_from_dict(data: dict[str, Any]) -> JobSpec | TrainShardsSpec | FinetuneSpec:
+    kinds = {"shards": TrainShardsSpec, "finetune": FinetuneSpec}
+    return kinds.get(data.get("kind"), JobSpec).from_dict(data)
 
 
 @dataclass(frozen=True)
@@ -155,7 +210,7 @@ class ShardSpec:
     job_id: str
     index: int
     input: str
-    job: JobSpec | TrainShardsSpec
+    job: JobSpec | TrainShardsSpec | FinetuneSpec
 
     def to_dict(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "index": self.index, "input": self.input, "job": self.job.to_dict()}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -28,6 +28,7 @@ class ShardResult:
     samples_failed: int
     input_size: int
     input_etag: str
+    record: dict[str, Any] = field(default_factory=dict)  # extra fields for the commit marker
 
 
 def output_names(index: int) -> dict[str, str]:

@@ -88,3 +88,59 @@ def build_collection(folder: Path, shards: int, samples_per_shard: int, seed: in
         good += samples_per_shard
         bad += len(hostile)
     return {"shards": shards, "good": good, "corrupt": bad}
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
+           "purple": (140, 50, 170), "orange": (245, 140, 20)}
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def shape_classes() -> list[str]:
+    """The synthetic collection's class captions, e.g. 'a red circle'."""
+    return [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def shape_image(colour: str, shape: str, rng: random.Random, size: int = 64) -> Image.Image:
+    """A coloured shape at a random place and size on a light, slightly noisy background."""
+    from PIL import ImageDraw
+
+    grey = rng.randint(200, 255)
+    img = Image.new("RGB", (size, size), (grey, grey, grey))
+    draw = ImageDraw.Draw(img)
+    r = rng.randint(size // 6, size // 3)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:
+        w = max(2, r // 3)
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+    return img
+
+
+def shape_collection(folder: Path | None, per_class: int, shards: int = 1, seed: int = 0):
+    """Coloured shapes with captions: written as ``shards`` tars if ``folder`` is given.
+
+    Returns (images, labels) with labels indexing ``shape_classes()``.
+    """
+    rng = random.Random(seed)
+    classes = shape_classes()
+    items = [(label, caption) for label, caption in enumerate(classes) for _ in range(per_class)]
+    rng.shuffle(items)
+    images = [shape_image(c.split()[1], c.split()[2], rng) for _, c in items]
+    if folder is not None:
+        per_shard = -(-len(items) // shards)
+        for s in range(shards):
+            chunk = range(s * per_shard, min(len(items), (s + 1) * per_shard))
+            samples = []
+            for i in chunk:
+                buf = io.BytesIO()
+                images[i].save(buf, "PNG")
+                samples.append((f"{s:05d}{i:05d}", {"png": buf.getvalue(), "txt": items[i][1].encode()}))
+            write_shard(folder / f"{s:05d}.tar", samples)
+    return images, [label for label, _ in items]

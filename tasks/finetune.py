@@ -1,0 +1,26 @@
+"""The fine-tuning step task: train one shard, commit the next checkpoint, enqueue the next step."""
+from __future__ import annotations
+
+from typing import Any
+
+from orchestration import keys
+from orchestration.jobs import JobStore
+from tasks.app import FINETUNE_STEP, app
+from tasks.shard import ShardTask, run_shard
+from tasks.specs import ShardSpec
+from workers.finetune import train_step
+
+
+def enqueue_next(jobs: JobStore, shard: ShardSpec, marker: dict[str, Any]) -> None:
+    """Publish the live step and loss, then the next step's message (harmless if sent twice)."""
+    spec = shard.job
+    jobs.r.hset(keys.job(shard.job_id), mapping={"step": marker["step"], "loss": marker["loss"] or ""})
+    following = shard.index + 1
+    if following < spec.steps:
+        message = ShardSpec(shard.job_id, following, spec.shards[following % len(spec.shards)], spec).to_dict()
+        app.send_task(FINETUNE_STEP, args=[message], queue=spec.queue)
+
+
+@app.task(name=FINETUNE_STEP, base=ShardTask, bind=True)
+def finetune_step(self: ShardTask, message: dict[str, Any]) -> dict[str, Any]:
+    return run_shard(ShardSpec.from_dict(message), train_step, after_commit=enqueue_next)
