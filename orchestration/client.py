@@ -78,7 +78,15 @@ class Client:
                       embeddings=embeddings, **kwargs)
         return self.submit(job)
 
-    def submit(self, spec: JobSpec) -> Job:
+    def submit(self, spec: JobSpec | TrainShardsSpec | FinetuneSpec) -> Job:
+        """Submit any kind of job: embed/score, training shards, or a fine-tune."""
+        if isinstance(spec, TrainShardsSpec):
+            return self.submit_shards(spec)
+        if isinstance(spec, FinetuneSpec):
+            return self.submit_finetune(spec)
+        return self._submit_job(spec)
+
+    def _submit_job(self, spec: JobSpec) -> Job:
         """Validate and plan, write the job record, then enqueue one message per shard to run."""
         self.ping()
         planned = plan(spec)

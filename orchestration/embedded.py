@@ -25,7 +25,7 @@ import redis
 
 from orchestration.client import Client
 from orchestration.config import Settings
-from tasks.specs import JobSpec
+from tasks.specs import FinetuneSpec, JobSpec, TrainShardsSpec
 
 START_TIMEOUT_S = 20
 STOP_TIMEOUT_S = 60
@@ -98,8 +98,8 @@ def stop_worker(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_embedded(spec: JobSpec, workers: int = 1, device: str = "auto", progress: bool = True,
-                 workdir: Path | None = None) -> dict[str, Any]:
+def run_embedded(spec: JobSpec | TrainShardsSpec | FinetuneSpec, workers: int = 1, device: str = "auto",
+                 progress: bool = True, workdir: Path | None = None) -> dict[str, Any]:
     """Run ``spec`` to the end on a private Redis with ``workers`` worker processes."""
     spec.validate()
     spec = replace(spec, queue=EMBEDDED_QUEUE)
