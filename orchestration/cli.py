@@ -158,7 +158,20 @@ def worker(queues: str, device: str, concurrency: int, loglevel: str, hostname: 
 
 @main.group()
 def submit() -> None:
-    """Submit a job (embed or score) to the workers through Redis."""
+    """Submit a job to the workers through Redis."""
+
+
+def _submit(spec, wait: bool, as_json: bool) -> None:
+    """Submit any job; print its id, or wait and print its final status."""
+    from orchestration.client import Client
+
+    job = Client().submit(spec)
+    status = job.wait(progress=not as_json) if wait else job.status()
+    if as_json or wait:
+        _print_status(status, as_json)
+    else:
+        click.echo(job.job_id)
+    _exit_for(status)
 
 
 def _submit_command(kind: str):
@@ -166,16 +179,8 @@ def _submit_command(kind: str):
     @click.option("--wait", is_flag=True, help="Wait for the job to end, with a progress bar.")
     def command(input_, output, model, pretrained, model_config, batch_size, as_json, queue, wait,
                 no_embeddings=False) -> None:
-        from orchestration.client import Client
-
         spec = _spec(kind, input_, output, model, pretrained, model_config, batch_size, queue, no_embeddings)
-        job = Client().submit(spec)
-        status = job.wait(progress=not as_json) if wait else job.status()
-        if as_json or wait:
-            _print_status(status, as_json)
-        else:
-            click.echo(job.job_id)
-        _exit_for(status)
+        _submit(spec, wait, as_json)
 
     return _with_kind_options(kind, command)
 
@@ -197,16 +202,8 @@ for _kind, _help in KIND_HELP.items():
 def submit_shards(scored, output, min_score, top_fraction, dedup_cosine, samples_per_shard, queue, wait,
                   as_json) -> None:
     """Curate open_clip-ready webdataset shards from a scored output."""
-    from orchestration.client import Client
-
-    spec = TrainShardsSpec(scored, output, min_score, top_fraction, dedup_cosine, samples_per_shard, queue)
-    job = Client().submit_shards(spec)
-    status = job.wait(progress=not as_json) if wait else job.status()
-    if as_json or wait:
-        _print_status(status, as_json)
-    else:
-        click.echo(job.job_id)
-    _exit_for(status)
+    _submit(TrainShardsSpec(scored, output, min_score, top_fraction, dedup_cosine, samples_per_shard, queue),
+            wait, as_json)
 
 
 @submit.command("finetune")
@@ -225,17 +222,8 @@ def submit_shards(scored, output, min_score, top_fraction, dedup_cosine, samples
 def submit_finetune(train, output, model, pretrained, epochs, lr, batch_size, lock_image, precision, queue, wait,
                     as_json) -> None:
     """Fine-tune contrastively, one shard per step, each step resuming from the last checkpoint."""
-    from orchestration.client import Client
-
-    spec = FinetuneSpec(train, output, ModelSpec(model, pretrained), epochs, lr, batch_size, lock_image, precision,
-                        queue=queue)
-    job = Client().submit_finetune(spec)
-    status = job.wait(progress=not as_json) if wait else job.status()
-    if as_json or wait:
-        _print_status(status, as_json)
-    else:
-        click.echo(job.job_id)
-    _exit_for(status)
+    _submit(FinetuneSpec(train, output, ModelSpec(model, pretrained), epochs, lr, batch_size, lock_image, precision,
+                         queue=queue), wait, as_json)
 
 
 @main.command()

@@ -38,15 +38,23 @@ def build_report(storage: Storage, job: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _plot(summary: dict[str, Any]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _axes():
+    """A matplotlib figure and axes with no GUI backend (workers and producers are headless)."""
     from matplotlib.figure import Figure
 
-    edges, counts = summary["histogram"]["edges"], summary["histogram"]["counts"]
     fig = Figure(figsize=(8, 4), dpi=100)
-    ax = fig.add_subplot()
+    return fig, fig.add_subplot()
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _plot(summary: dict[str, Any]) -> bytes:
+    edges, counts = summary["histogram"]["edges"], summary["histogram"]["counts"]
+    fig, ax = _axes()
     ax.stairs(counts, edges, fill=True, alpha=0.7)
     for t in THRESHOLDS:
         kept = summary["fraction_kept"][f"{t:.2f}"]
@@ -55,9 +63,7 @@ def _plot(summary: dict[str, Any]) -> bytes:
     ax.set_xlabel("clip_score (cosine of image and caption embeddings)")
     ax.set_ylabel("pairs")
     ax.set_title(f"{summary['count']} pairs, {summary['model']}")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
+    return _png(fig)
 
 
 def _page(summary: dict[str, Any]) -> str:
@@ -101,18 +107,10 @@ def finish_finetune(storage: Storage, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _loss_plot(metrics: list[dict[str, Any]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4), dpi=100)
-    ax = fig.add_subplot()
+    fig, ax = _axes()
     losses = [loss for m in metrics for loss in m["losses"]]
     ax.plot(range(1, len(losses) + 1), losses, linewidth=1)
     ax.set_xlabel("batch")
     ax.set_ylabel("contrastive loss (symmetric InfoNCE)")
     ax.set_title(f"{len(metrics)} steps, final 1/tau = {metrics[-1]['logit_scale']:.1f}")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
+    return _png(fig)
