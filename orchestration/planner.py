@@ -64,7 +64,21 @@ def normalise_model(model: ModelSpec) -> ModelSpec:
         if not Path(pretrained).expanduser().is_file():
             raise SpecError("pretrained", f"{pretrained!r}: no such checkpoint file")
         pretrained = absolute(pretrained)
+        _check_checkpoint_bytes(pretrained)
     return ModelSpec(model.name, pretrained, model.config)
+
+
+def _check_checkpoint_bytes(path: str) -> None:
+    """Refuse a file that cannot be a checkpoint (torch zip or pickle, safetensors, npz) before any worker tries."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        raise SpecError("pretrained", f"{path!r} is not readable ({exc})") from None
+    zip_or_pickle = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    safetensors = path.endswith(".safetensors") and head[8:9] == b"{"
+    if not (zip_or_pickle or safetensors):
+        raise SpecError("pretrained", f"{path!r} is not a checkpoint (not a torch, safetensors or npz file)")
 
 
 def _writable(spec: JobSpec) -> Storage:

@@ -38,6 +38,10 @@ def test_bad_specs_are_refused_at_submit(env, tmp_path, checkpoint, photo_shards
     a_file.write_text("x")
     assert_one_line_error(run_cli("submit", "embed", "--input", str(folder), "--output", str(a_file / "sub"),
                                   "--model", "clipbatch-tiny", env=env), 2, "--output:", "not writable")
+    not_a_checkpoint = tmp_path / "model.pt"
+    not_a_checkpoint.write_text("<html>not found</html>")
+    assert_one_line_error(run_cli(*base, "--model", "clipbatch-tiny", "--pretrained", str(not_a_checkpoint), env=env),
+                          2, "--pretrained:", "not a checkpoint")
     bad_config = tmp_path / "m.json"
     bad_config.write_text("{not json")
     assert_one_line_error(run_cli(*base, "--model-config", str(bad_config), env=env), 2, "--model-config:")
