@@ -111,14 +111,15 @@ def run_shard(
         }
         won, marker = commit.commit(storage, shard.index, attempt, result.files, record)
         outcome = "committed" if won else "lost_race"
-    if after_commit is not None:
-        after_commit(jobs, shard, marker)
-    if jobs.report_done(shard.job_id, shard.index, marker["samples_ok"], marker["samples_failed"]):
-        finalize(jobs, shard.job_id)
     seconds = time.perf_counter() - start
+    # Logged before the job is counted: once the last shard is counted the job is seen as done.
     log.info(
         "shard %s job=%s shard=%d attempt=%s committed_attempt=%s samples=%d failed=%d seconds=%.2f",
         outcome, shard.job_id, shard.index, attempt, marker["attempt"], marker["samples_ok"], marker["samples_failed"],
         seconds,
     )
+    if after_commit is not None:
+        after_commit(jobs, shard, marker)
+    if jobs.report_done(shard.job_id, shard.index, marker["samples_ok"], marker["samples_failed"]):
+        finalize(jobs, shard.job_id)
     return {"outcome": outcome, "attempt": attempt, "committed_attempt": marker["attempt"], "seconds": seconds}
