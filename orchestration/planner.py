@@ -75,9 +75,9 @@ def _check_checkpoint_bytes(path: str) -> None:
             head = f.read(9)
     except OSError as exc:
         raise SpecError("pretrained", f"{path!r} is not readable ({exc})") from None
-    zip_or_pickle = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    torch_file = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch's zip format, or its legacy one
     safetensors = path.endswith(".safetensors") and head[8:9] == b"{"
-    if not (zip_or_pickle or safetensors):
+    if not (torch_file or safetensors):
         raise SpecError("pretrained", f"{path!r} is not a checkpoint (not a torch, safetensors or npz file)")
 
 
