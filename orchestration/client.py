@@ -90,16 +90,9 @@ class Client:
         """Validate and plan, write the job record, then enqueue one message per shard to run."""
         self.ping()
         planned = plan(spec)
-        job_id = uuid.uuid4().hex[:16]
-        self.jobs.create(job_id, planned.spec.to_dict(), len(planned.shards), planned.committed, len(planned.rescored))
-        with self.app.producer_or_acquire() as producer:
-            for i in planned.todo:
-                message = ShardSpec(job_id, i, planned.shards[i], planned.spec).to_dict()
-                self.app.send_task(EMBED_SHARD, args=[message], queue=planned.spec.queue, producer=producer)
-        job = Job(self, job_id)
-        if not planned.todo:
-            finalize(self.jobs, job_id)
-        return job
+        messages = [(i, planned.shards[i]) for i in planned.todo]
+        return self._launch(planned.spec, EMBED_SHARD, len(planned.shards), planned.committed, messages,
+                            len(planned.rescored))
 
     def submit_shards(self, spec: TrainShardsSpec) -> Job:
         """Select, dedup and plan training shards from a scored output; one task per output shard."""
@@ -110,16 +103,8 @@ class Client:
         planned = plan_train_shards(spec, output)
         markers = commit.list_markers(output)
         committed = {j: m for j, m in markers.items() if j < len(planned.selections)}
-        job_id = uuid.uuid4().hex[:16]
-        self.jobs.create(job_id, spec.to_dict(), len(planned.selections), committed)
-        todo = [j for j in range(len(planned.selections)) if j not in committed]
-        with self.app.producer_or_acquire() as producer:
-            for j in todo:
-                message = ShardSpec(job_id, j, planned.selections[j], spec).to_dict()
-                self.app.send_task(TRAIN_SHARD, args=[message], queue=spec.queue, producer=producer)
-        if not todo:
-            finalize(self.jobs, job_id)
-        return Job(self, job_id)
+        messages = [(j, uri) for j, uri in enumerate(planned.selections) if j not in committed]
+        return self._launch(spec, TRAIN_SHARD, len(planned.selections), committed, messages)
 
     def submit_finetune(self, spec: FinetuneSpec) -> Job:
         """Plan the step chain over the training shards and enqueue its first uncommitted step."""
@@ -134,12 +119,20 @@ class Client:
         markers = commit.list_markers(open_storage(spec.output))
         resume = next(k for k in range(spec.steps + 1) if k not in markers)  # committed steps are a prefix
         committed = {k: markers[k] for k in range(resume)}
+        # Only the first missing step is sent: each step enqueues the next once it commits.
+        messages = [(resume, shards[resume % len(shards)])] if resume < spec.steps else []
+        return self._launch(spec, FINETUNE_STEP, spec.steps, committed, messages)
+
+    def _launch(self, spec: JobSpec | TrainShardsSpec | FinetuneSpec, task: str, total: int,
+                committed: dict[int, dict[str, Any]], messages: list[tuple[int, str]], rescored: int = 0) -> Job:
+        """Write the job record, then one message per (index, input); a job with nothing to run ends now."""
         job_id = uuid.uuid4().hex[:16]
-        self.jobs.create(job_id, spec.to_dict(), spec.steps, committed)
-        if resume < spec.steps:
-            message = ShardSpec(job_id, resume, shards[resume % len(shards)], spec).to_dict()
-            self.app.send_task(FINETUNE_STEP, args=[message], queue=spec.queue)
-        else:
+        self.jobs.create(job_id, spec.to_dict(), total, committed, rescored)
+        with self.app.producer_or_acquire() as producer:
+            for index, uri in messages:
+                message = ShardSpec(job_id, index, uri, spec).to_dict()
+                self.app.send_task(task, args=[message], queue=spec.queue, producer=producer)
+        if not messages:
             finalize(self.jobs, job_id)
         return Job(self, job_id)
 

@@ -122,6 +122,10 @@ class JobStore:
         res = self._done(keys=keys.job_keys(job_id)[:3], args=[index, samples_ok, samples_failed])
         return res != -1 and res[0] + res[1] == res[2]
 
+    def set_progress(self, job_id: str, step: int, loss: float | None) -> None:
+        """A chain job's last committed step and its loss, shown by ``status``."""
+        self.r.hset(keys.job(job_id), mapping={"step": step, "loss": "" if loss is None else loss})
+
     def count_delivery(self, job_id: str, index: int) -> int:
         """Count one more start of shard ``index``; returns the count so far."""
         pipe = self.r.pipeline()

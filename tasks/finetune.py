@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestration import keys
 from orchestration.jobs import JobStore
 from tasks.app import FINETUNE_STEP, app
 from tasks.shard import ShardTask, run_shard
@@ -14,7 +13,7 @@ from workers.finetune import train_step
 def enqueue_next(jobs: JobStore, shard: ShardSpec, marker: dict[str, Any]) -> None:
     """Publish the live step and loss, then the next step's message (harmless if sent twice)."""
     spec = shard.job
-    jobs.r.hset(keys.job(shard.job_id), mapping={"step": marker["step"], "loss": marker["loss"] or ""})
+    jobs.set_progress(shard.job_id, marker["step"], marker["loss"])
     following = shard.index + 1
     if following < spec.steps:
         message = ShardSpec(shard.job_id, following, spec.shards[following % len(spec.shards)], spec).to_dict()

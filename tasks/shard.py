@@ -49,9 +49,12 @@ class ShardTask(Task):
         shard = ShardSpec.from_dict(args[0])
         reason = f"{type(exc).__name__}: {exc}"
         log.error("shard failed job=%s shard=%d input=%s reason=%s", shard.job_id, shard.index, shard.input, reason)
-        jobs = job_store()
-        if jobs.dead_letter(shard.job_id, shard.index, shard.input, reason):
-            finalize(jobs, shard.job_id)
+        _dead_letter(job_store(), shard, reason)
+
+
+def _dead_letter(jobs: JobStore, shard: ShardSpec, reason: str) -> None:
+    if jobs.dead_letter(shard.job_id, shard.index, shard.input, reason):
+        finalize(jobs, shard.job_id)
 
 
 def _give_up(jobs: JobStore, shard: ShardSpec, deliveries: int) -> dict[str, Any]:
@@ -59,8 +62,7 @@ def _give_up(jobs: JobStore, shard: ShardSpec, deliveries: int) -> dict[str, Any
     reason = (f"poison shard: started {deliveries - 1} times without finishing "
               f"(the worker process was lost each time; CLIPBATCH_MAX_DELIVERIES={_SETTINGS.max_deliveries})")
     log.error("shard dead-lettered job=%s shard=%d input=%s reason=%s", shard.job_id, shard.index, shard.input, reason)
-    if jobs.dead_letter(shard.job_id, shard.index, shard.input, reason):
-        finalize(jobs, shard.job_id)
+    _dead_letter(jobs, shard, reason)
     return {"outcome": "dead_lettered", "reason": reason}
 
 
@@ -107,7 +109,7 @@ def run_shard(
             "samples_failed": result.samples_failed,
             "committed_at": time.time(),
             **shard.job.marker_fields(),
-            **getattr(result, "record", {}),
+            **result.record,
         }
         won, marker = commit.commit(storage, shard.index, attempt, result.files, record)
         outcome = "committed" if won else "lost_race"

@@ -17,7 +17,7 @@ def storage(request, tmp_path):
 
 
 def files_for(tag: str) -> dict[str, bytes]:
-    return {f"img_emb/img_emb_3.npy": f"img-{tag}".encode(), f"stats/3.json": f"stats-{tag}".encode()}
+    return {"img_emb/img_emb_3.npy": f"img-{tag}".encode(), "stats/3.json": f"stats-{tag}".encode()}
 
 
 def test_concurrent_attempts_one_winner_and_its_bytes(storage):

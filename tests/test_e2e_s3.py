@@ -27,10 +27,10 @@ def s3_keys(bucket: str, prefix: str) -> list[str]:
     return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
 
 
-def upload_shards(folder, bucket: str) -> list[str]:
+def upload_shards(folder, bucket: str, prefix: str = "laion") -> list[str]:
     names = sorted(p.name for p in folder.glob("*.tar"))
     for name in names:
-        boto3.client("s3").upload_file(str(folder / name), bucket, f"laion/{name}")
+        boto3.client("s3").upload_file(str(folder / name), bucket, f"{prefix}/{name}")
     return names
 
 
@@ -117,7 +117,7 @@ def test_submit_embed_s3_end_to_end_then_resubmit(redis_url, bucket, photo_shard
         all_rows += meta
         all_img.append(img)
         all_txt.append(txt)
-    assert f"emb/run1/_job.json" in keys
+    assert "emb/run1/_job.json" in keys
     assert not [k for k in keys if "/_tmp/" in k]
     job_record = json.loads(s3_bytes(bucket, "emb/run1/_job.json"))
     assert job_record["samples_done"] == built["good"] and job_record["spec"]["model"]["name"] == "clipbatch-tiny"

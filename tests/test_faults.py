@@ -64,18 +64,28 @@ def assert_exactly_once(out: Path, shards: int, built: dict[str, int], label: st
     assert not (out / "_tmp").exists()
 
 
+def started_job(name, redis_url, big_shards, checkpoint, tmp_path, start_worker, wait_first=True, **env_extra):
+    """Submit a job over the big shards on its own queue, start a worker, wait for its first shard."""
+    queue, out = f"{name}-{uuid.uuid4().hex[:8]}", tmp_path / "out"
+    env = service_env(redis_url, **env_extra)
+    settings = {"visibility_timeout_s": int(env_extra["CLIPBATCH_VISIBILITY_TIMEOUT"])} \
+        if "CLIPBATCH_VISIBILITY_TIMEOUT" in env_extra else {}
+    client, job_id = submit(redis_url, big_shards[0], out, checkpoint, queue, **settings)
+    worker = start_worker(queue, env)
+    if wait_first:
+        wait_for(lambda: "shard start" in worker.log(), 60, "the first shard to start")
+    return client, job_id, worker, out, queue, env
+
+
 def starts(log: str, index: int) -> int:
     return len(re.findall(rf"shard start job=\S+ shard={index} ", log))
 
 
 def test_sigkill_of_worker_main_process_mid_shard(redis_url, big_shards, checkpoint, tmp_path, start_worker):
     # given: a short visibility timeout and a worker in the middle of a shard
-    folder, built = big_shards
-    queue, out = f"kill-{uuid.uuid4().hex[:8]}", tmp_path / "out"
-    env = service_env(redis_url, CLIPBATCH_VISIBILITY_TIMEOUT="5")
-    client, job_id = submit(redis_url, folder, out, checkpoint, queue, visibility_timeout_s=5)
-    victim = start_worker(queue, env)
-    wait_for(lambda: "shard start" in victim.log(), 60, "the first shard to start")
+    built = big_shards[1]
+    client, job_id, victim, out, queue, env = started_job("kill", redis_url, big_shards, checkpoint, tmp_path,
+                                                          start_worker, CLIPBATCH_VISIBILITY_TIMEOUT="5")
 
     # when: the machine "dies" (main process and pool child SIGKILLed), and another worker comes up
     os.killpg(victim.proc.pid, signal.SIGKILL)
@@ -93,12 +103,8 @@ def test_sigkill_of_worker_main_process_mid_shard(redis_url, big_shards, checkpo
 
 def test_sigkill_of_pool_child_requeues_the_message(redis_url, big_shards, checkpoint, tmp_path, start_worker):
     # given: a worker whose pool child is in the middle of a shard
-    folder, built = big_shards
-    queue, out = f"child-{uuid.uuid4().hex[:8]}", tmp_path / "out"
-    env = service_env(redis_url)
-    client, job_id = submit(redis_url, folder, out, checkpoint, queue)
-    worker = start_worker(queue, env)
-    wait_for(lambda: "shard start" in worker.log(), 60, "the first shard to start")
+    built = big_shards[1]
+    client, job_id, worker, out, _, _ = started_job("child", redis_url, big_shards, checkpoint, tmp_path, start_worker)
     first = int(re.search(r"shard start job=\S+ shard=(\d+)", worker.log()).group(1))
 
     # when: the pool child is SIGKILLed
@@ -165,12 +171,9 @@ def test_poison_shard_is_dead_lettered(redis_url, big_shards, checkpoint, tmp_pa
 
 def test_sigterm_finishes_the_running_shard_and_loses_nothing(redis_url, big_shards, checkpoint, tmp_path, start_worker):
     # given: a worker in the middle of the first of three shards
-    folder, built = big_shards
-    queue, out = f"term-{uuid.uuid4().hex[:8]}", tmp_path / "out"
-    env = service_env(redis_url)
-    client, job_id = submit(redis_url, folder, out, checkpoint, queue)
-    leaving = start_worker(queue, env)
-    wait_for(lambda: "shard start" in leaving.log(), 60, "the first shard to start")
+    built = big_shards[1]
+    client, job_id, leaving, out, queue, env = started_job("term", redis_url, big_shards, checkpoint, tmp_path,
+                                                           start_worker)
 
     # when: it is told to scale down (SIGTERM), and a new worker is added later
     leaving.proc.send_signal(signal.SIGTERM)
@@ -187,11 +190,7 @@ def test_sigterm_finishes_the_running_shard_and_loses_nothing(redis_url, big_sha
 
 def test_cancel_a_running_job(redis_url, big_shards, checkpoint, tmp_path, start_worker):
     # given: a running job
-    folder, built = big_shards
-    queue, out = f"cancel-{uuid.uuid4().hex[:8]}", tmp_path / "out"
-    client, job_id = submit(redis_url, folder, out, checkpoint, queue)
-    worker = start_worker(queue, service_env(redis_url))
-    wait_for(lambda: "shard start" in worker.log(), 60, "the first shard to start")
+    client, job_id, worker, out, _, _ = started_job("cancel", redis_url, big_shards, checkpoint, tmp_path, start_worker)
 
     # when: it is cancelled mid-shard
     assert client.job(job_id).cancel()

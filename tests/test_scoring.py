@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_cli, service_env
-from tests.test_e2e_s3 import reference_embeddings, s3_bytes, samples_by_key
+from tests.test_e2e_s3 import upload_shards, reference_embeddings, s3_bytes, samples_by_key
 from workers.models import save_seeded_checkpoint
 from workers.samples import build_collection
 
@@ -31,8 +31,7 @@ def test_score_nightly_incremental_and_report(redis_url, bucket, photo_shards, c
     # given: three shards in S3 and a worker
     folder, built = photo_shards
     s3 = boto3.client("s3")
-    for i in range(3):
-        s3.upload_file(str(folder / f"{i:05d}.tar"), bucket, f"in/{i:05d}.tar")
+    upload_shards(folder, bucket, "in")
     queue = f"score-{uuid.uuid4().hex[:8]}"
     env = service_env(redis_url)
     worker = start_worker(queue, env)
@@ -45,7 +44,7 @@ def test_score_nightly_incremental_and_report(redis_url, bucket, photo_shards, c
     # then: every shard ran, and each score is the cosine of the stored embeddings and open_clip's own
     assert (status["kind"], status["state"], status["shards_total"], status["shards_skipped"]) == ("score", "succeeded", 3, 0)
     originals = samples_by_key(folder)
-    scores, rows, img_all, txt_all = [], [], [], []
+    scores, rows = [], []
     for i in range(3):
         meta = pq.read_table(io.BytesIO(s3_bytes(bucket, f"scores/metadata/metadata_{i}.parquet"))).to_pylist()
         img = np.load(io.BytesIO(s3_bytes(bucket, f"scores/img_emb/img_emb_{i}.npy"))).astype(np.float32)
@@ -84,7 +83,7 @@ def test_score_nightly_incremental_and_report(redis_url, bucket, photo_shards, c
     assert worker.log().count("shard start") == 3
 
     # when: one shard appears and one is rewritten, then run 3
-    extra = build_collection(tmp_path / "more", shards=2, samples_per_shard=7, seed=9)
+    build_collection(tmp_path / "more", shards=2, samples_per_shard=7, seed=9)
     s3.upload_file(str(tmp_path / "more" / "00000.tar"), bucket, "in/00003.tar")
     s3.upload_file(str(tmp_path / "more" / "00001.tar"), bucket, "in/00001.tar")
     third = json.loads(score(env, bucket, checkpoint, queue).stdout)

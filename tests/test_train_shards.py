@@ -8,7 +8,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -16,7 +15,7 @@ import webdataset as wds
 
 from orchestration.selection import near_duplicates
 from tests.conftest import run_cli, service_env
-from tests.test_e2e_s3 import s3_bytes, samples_by_key
+from tests.test_e2e_s3 import upload_shards, s3_bytes, samples_by_key
 
 pytestmark = pytest.mark.integration
 
@@ -31,9 +30,7 @@ def test_near_duplicates_is_greedy_and_exact():
 def test_shards_from_a_scored_output(redis_url, bucket, photo_shards, checkpoint, tmp_path, start_worker):
     # given: a scored output (with embeddings) of three shards of real photos
     folder, built = photo_shards
-    s3 = boto3.client("s3")
-    for i in range(3):
-        s3.upload_file(str(folder / f"{i:05d}.tar"), bucket, f"in/{i:05d}.tar")
+    upload_shards(folder, bucket, "in")
     queue = f"train-{uuid.uuid4().hex[:8]}"
     env = service_env(redis_url)
     start_worker(queue, env)

@@ -12,7 +12,6 @@ import io
 import json
 import random
 import time
-from typing import Any
 
 import numpy as np
 import torch
