@@ -13,7 +13,7 @@ from tasks.specs import ModelSpec, SpecError
 PROJECT_CONFIGS = Path(__file__).resolve().parent.parent / "workers" / "model_configs"
 _SCHEMES = ("hf-hub:", "local-dir:")
 # Bump when the worker's image decoding changes what a model sees (RGB conversion, EXIF, ...).
-PREPROCESS_VERSION = "rgb-exif-16bit-v1"
+PREPROCESS_VERSION = "rgb-exif-16bit-draft2-v2"  # v2: JPEG draft decoding (workers/shards.py)
 _HASH_CHUNK = 1 << 22
 
 

@@ -2,15 +2,22 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 
+log = logging.getLogger("clipbatch.compute")
+R = TypeVar("R")
+# Autocast dtypes on CUDA; the CPU runs fp32 (bf16 autocast there is slower on most CPUs).
+CUDA_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+
+def _autocast(device: torch.device, precision: str = "bf16"):
+    dtype = CUDA_PRECISIONS[precision] if device.type == "cuda" else None
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -18,13 +25,54 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def encode_pairs(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Image and text embeddings of a batch of pairs, L2-normalised, float32 on the host."""
+def encode_pairs(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                 precision: str = "bf16") -> tuple[np.ndarray, np.ndarray]:
+    """Image and text embeddings of a batch of pairs, L2-normalised, float32 on the host.
+
+    On CUDA the inputs should come in pinned memory: the copies are then asynchronous.
+    """
     device = next(model.parameters()).device
-    with _autocast(device):
-        img = model.encode_image(images.to(device, non_blocking=True))
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with _autocast(device, precision):
+        img = model.encode_image(images)
         txt = model.encode_text(tokens.to(device, non_blocking=True))
     return l2_normalize(img.float()).cpu().numpy(), l2_normalize(txt.float()).cpu().numpy()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@dataclass
+class BatchLimit:
+    """The largest forward batch this process has found to fit; halved on each out-of-memory."""
+
+    size: int | None = None  # None: no limit found yet, whole batches go through
+
+    def run(self, fn: Callable[[slice], R], n: int) -> list[R]:
+        """Apply ``fn`` to consecutive slices covering ``range(n)``, as large as fit in memory.
+
+        An out-of-memory error halves the slice and retries it; the smaller size is kept for
+        the rest of the process's life, so only the first too-large batch pays for the probe.
+        """
+        out: list[R] = []
+        start = 0
+        while start < n:
+            size = min(self.size or n, n - start)
+            try:
+                out.append(fn(slice(start, start + size)))
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc) or size == 1:
+                    raise
+                self.size = size // 2
+                log.warning("out of memory at a forward batch of %d; retrying at %d", size, self.size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start += size
+        return out
 
 
 def alignment_scores(img: np.ndarray, txt: np.ndarray) -> np.ndarray:

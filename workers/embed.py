@@ -5,7 +5,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from tasks.specs import ShardSpec
 from workers import runtime, writers
 from workers.compute import alignment_scores, encode_pairs
 from workers.pipeline import prefetched_batches
-from workers.shards import decode_sample, iter_raw_samples
+from workers.shards import Sample, decode_sample, iter_raw_samples
 
 
 @dataclass
@@ -29,6 +29,29 @@ class ShardResult:
     input_size: int
     input_etag: str
     record: dict[str, Any] = field(default_factory=dict)  # extra fields for the commit marker
+
+
+@dataclass
+class Batch:
+    """Decoded samples, and the good ones stacked and tokenized, ready for the forward pass."""
+
+    good: list[Sample]
+    failed: list[Sample]
+    images: torch.Tensor | None
+    tokens: torch.Tensor | None
+
+
+def collate_batch(samples: list[Sample], tokenizer: Callable[[list[str]], torch.Tensor], pin: bool) -> Batch:
+    """Stack and tokenize one batch (on the pipeline's collate thread, off the forward's path)."""
+    good = [s for s in samples if s.error is None]
+    failed = [s for s in samples if s.error is not None]
+    if not good:
+        return Batch(good, failed, None, None)
+    images = torch.stack([s.image for s in good])
+    tokens = tokenizer([s.caption for s in good])
+    if pin:  # page-locked host memory lets the copy to the GPU overlap the previous forward
+        images, tokens = images.pin_memory(), tokens.pin_memory()
+    return Batch(good, failed, images, tokens)
 
 
 def output_names(index: int) -> dict[str, str]:
@@ -58,29 +81,30 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     metas: list[dict | None] = []
     errors: list[dict[str, str]] = []
     waited = forward = 0.0
-    decode = partial(decode_sample, preprocess=bundle.preprocess)
+    decode = partial(decode_sample, preprocess=bundle.preprocess, draft_to=bundle.image_size)
+    collate = partial(collate_batch, tokenizer=bundle.tokenizer, pin=bundle.device.type == "cuda")
     with storage.open_read(name) as stream:
         raws = iter_raw_samples(stream) if info.size else iter(())  # a zero-byte shard holds no samples
-        batches = prefetched_batches(raws, decode, shard.job.batch_size, runtime.decode_pool())
+        batches = prefetched_batches(raws, decode, shard.job.batch_size, runtime.decode_pool(), collate=collate)
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
             waited += time.perf_counter() - t0
             if batch is None:
                 break
-            good = [s for s in batch if s.error is None]
-            errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch if s.error)
-            if not good:
+            errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch.failed)
+            if not batch.good:
                 continue
             t0 = time.perf_counter()
-            images = torch.stack([s.image for s in good])
-            tokens = bundle.tokenizer([s.caption for s in good])
-            img, txt = encode_pairs(bundle.model, images, tokens)
+            parts = bundle.limit.run(
+                lambda part: encode_pairs(bundle.model, batch.images[part], batch.tokens[part], runtime.precision()),
+                len(batch.good),
+            )
             forward += time.perf_counter() - t0
-            img_parts.append(img)
-            txt_parts.append(txt)
-            rows.extend({"key": s.key, "caption": s.caption, "shard": shard.input} for s in good)
-            metas.extend(s.meta for s in good)
+            img_parts.extend(i for i, _ in parts)
+            txt_parts.extend(t for _, t in parts)
+            rows.extend({"key": s.key, "caption": s.caption, "shard": shard.input} for s in batch.good)
+            metas.extend(s.meta for s in batch.good)
 
     t0 = time.perf_counter()
     dim = bundle.embed_dim

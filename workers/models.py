@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +19,7 @@ import torch
 
 from orchestration.storage import is_s3, open_storage
 from tasks.specs import ModelSpec
+from workers.compute import BatchLimit
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 CACHE_DIR = Path(os.environ.get("CLIPBATCH_CACHE_DIR", Path.home() / ".cache" / "clipbatch"))
@@ -37,6 +38,8 @@ class ModelBundle:
     device: torch.device
     embed_dim: int
     load_seconds: float
+    image_size: int  # the shorter side the preprocessing resizes to
+    limit: BatchLimit = field(default_factory=BatchLimit)  # the forward batch that fits, learnt on OOM
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,9 +89,13 @@ def load_model(spec: ModelSpec, device: torch.device) -> ModelBundle:
         spec.name, pretrained=pretrained, device=device, weights_only=True
     )
     model.eval()
+    if device.type == "cuda":  # the patch-embedding convolution runs faster on NHWC inputs
+        model = model.to(memory_format=torch.channels_last)
     tokenizer = open_clip.get_tokenizer(spec.name)
     embed_dim = int(open_clip.get_model_config(spec.name)["embed_dim"])
-    return ModelBundle(spec, model, preprocess, tokenizer, device, embed_dim, time.perf_counter() - start)
+    image_size = model.visual.image_size
+    image_size = min(image_size) if isinstance(image_size, (tuple, list)) else int(image_size)
+    return ModelBundle(spec, model, preprocess, tokenizer, device, embed_dim, time.perf_counter() - start, image_size)
 
 
 def save_seeded_checkpoint(name: str, path: str | Path, seed: int = 0) -> Path:

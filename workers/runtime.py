@@ -7,13 +7,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from celery.signals import worker_process_init
+from celery.utils.dispatch import Signal
 
 from tasks.specs import ModelSpec
+from workers.compute import CUDA_PRECISIONS
 from workers.models import ModelBundle, load_model, resolve_device
 
 log = logging.getLogger("clipbatch.worker")
 
 _state: dict[str, object] = {}
+
+# Sent with ``bundle`` (its load_seconds and device) each time this process loads a model; metrics listen.
+model_loaded = Signal(name="model_loaded")
 
 
 def decode_threads() -> int:
@@ -30,6 +35,14 @@ def configure_threads() -> None:
 @worker_process_init.connect
 def _on_process_start(**_: object) -> None:
     configure_threads()
+
+
+def precision() -> str:
+    """Autocast on CUDA: bf16 (default), fp16 or fp32 (CLIPBATCH_PRECISION); the CPU runs fp32."""
+    value = os.environ.get("CLIPBATCH_PRECISION", "bf16")
+    if value not in CUDA_PRECISIONS:
+        raise ValueError(f"CLIPBATCH_PRECISION={value!r} is not one of {', '.join(CUDA_PRECISIONS)}")
+    return value
 
 
 def device() -> torch.device:
@@ -54,5 +67,6 @@ def model_for(spec: ModelSpec) -> ModelBundle:
         torch.cuda.empty_cache()
     bundle = load_model(spec, device())
     log.info("model %s (%s) loaded on %s in %.1fs", spec.name, spec.pretrained, bundle.device, bundle.load_seconds)
+    model_loaded.send(sender=None, bundle=bundle)
     _state["model"] = bundle
     return bundle

@@ -1,0 +1,82 @@
+"""The decode pipeline and the forward's out-of-memory back-off, on the CPU."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from workers.compute import BatchLimit
+from workers.pipeline import prefetched_batches
+
+
+class FakeDevice:
+    """A forward that runs out of memory above ``capacity`` samples, like a GPU would."""
+
+    def __init__(self, capacity: int, error: type[BaseException] = torch.cuda.OutOfMemoryError) -> None:
+        self.capacity, self.error, self.calls = capacity, error, []
+
+    def forward(self, data: np.ndarray):
+        def run(part: slice) -> np.ndarray:
+            self.calls.append(part.stop - part.start)
+            if part.stop - part.start > self.capacity:
+                raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return data[part] * 2
+        return run
+
+
+def test_backoff_halves_until_the_batch_fits_and_remembers_it():
+    # given a device that fits 100 samples and a process that has not hit a limit yet
+    device, limit, data = FakeDevice(100), BatchLimit(), np.arange(512)
+    # when a batch of 512 goes through
+    out = np.concatenate(limit.run(device.forward(data), len(data)))
+    # then it was retried at 256 and 128 and ran at 64 (each sample exactly once, in order)
+    assert out.tolist() == (data * 2).tolist()
+    assert device.calls[:4] == [512, 256, 128, 64] and limit.size == 64
+    # and the next batch starts at the size found, with no more failures
+    device.calls.clear()
+    limit.run(device.forward(data[:200]), 200)
+    assert device.calls == [64, 64, 64, 8]
+
+
+def test_backoff_also_reads_oom_runtime_errors():
+    device, limit = FakeDevice(3, RuntimeError), BatchLimit()
+    assert np.concatenate(limit.run(device.forward(np.arange(10)), 10)).tolist() == list(range(0, 20, 2))
+    assert limit.size == 2
+
+
+def test_other_errors_and_a_single_sample_that_does_not_fit_are_raised():
+    def broken(part: slice):
+        raise RuntimeError("shape mismatch")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        BatchLimit().run(broken, 8)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        BatchLimit().run(FakeDevice(0).forward(np.arange(4)), 4)
+
+
+def test_prefetch_keeps_order_bounds_the_window_and_collates_off_the_consumer_thread():
+    # given a slow source of 50 items and a decode that records how far ahead it ran
+    consumed, decoded = [], []
+    collate_threads = set()
+
+    def decode(i: int) -> int:
+        decoded.append(i)
+        return i * 10
+
+    def collate(batch: list[int]) -> list[int]:
+        collate_threads.add(threading.current_thread().name)
+        return batch
+
+    with ThreadPoolExecutor(2) as pool:
+        # when it is consumed batch by batch, slowly
+        for batch in prefetched_batches(range(50), decode, 8, pool, prefetch=2, collate=collate):
+            consumed.append(batch)
+            assert len(decoded) <= 8 * (len(consumed) + 2) + 8  # never more than the window ahead
+            time.sleep(0.01)
+    # then every item came back once, in order, in batches, collated on its own thread
+    assert [x for b in consumed for x in b] == [i * 10 for i in range(50)]
+    assert [len(b) for b in consumed] == [8] * 6 + [2]
+    assert collate_threads and threading.current_thread().name not in collate_threads
