@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration import commit
-from orchestration.inputs import InputError, expand_input
+from orchestration.inputs import InputError, plan_inputs
 from orchestration.models import check_model, fingerprint
 from orchestration.storage import FILE_SCHEME, Storage, is_s3, open_storage
 from tasks.specs import JobSpec, ModelSpec, SpecError
@@ -112,9 +112,10 @@ def _free_index(position: int, taken: set[int]) -> int:
 def plan(spec: JobSpec) -> Plan:
     spec = normalise(spec)
     try:
-        inputs = expand_input(spec.input)
+        input_format, inputs = plan_inputs(spec)
     except InputError as exc:
         raise SpecError("input", str(exc)) from None
+    spec = replace(spec, input_format=input_format)  # workers get the resolved format
     storage = _writable(spec)
     markers = commit.list_markers(storage)
     for index, marker in markers.items():

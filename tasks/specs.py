@@ -8,7 +8,10 @@ from typing import Any
 from orchestration.config import DEFAULT_QUEUE
 
 KINDS = ("embed", "score")
+INPUT_FORMATS = ("auto", "webdataset", "parquet", "folder", "manifest")
 DEFAULT_BATCH_SIZE = 256
+# Samples per shard task of a folder or manifest input (img2dataset's shard size).
+DEFAULT_SAMPLES_PER_INPUT_SHARD = 10000
 DEFAULT_SAMPLES_PER_TRAIN_SHARD = 10000
 MAX_BATCH_SIZE = 65536
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
@@ -54,7 +57,9 @@ class JobSpec:
 
     Both kinds embed images and captions and score each pair; ``embeddings=False`` (score
     jobs only) skips writing the embedding arrays. ``fingerprint`` identifies the model
-    (name, weights, preprocessing); the producer sets it at submit.
+    (name, weights, preprocessing); the producer sets it at submit. ``input_format`` is
+    resolved from ``auto`` at submit; the column names apply to parquet and manifest inputs,
+    ``samples_per_shard`` to folder and manifest inputs (and splits parquet files by row group).
     """
 
     input: str
@@ -65,6 +70,11 @@ class JobSpec:
     kind: str = "embed"
     embeddings: bool = True
     fingerprint: str | None = None
+    input_format: str = "auto"
+    image_col: str | None = None
+    caption_col: str | None = None
+    key_col: str | None = None
+    samples_per_shard: int | None = None
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -83,7 +93,19 @@ class JobSpec:
             raise SpecError("batch_size", f"{self.batch_size} must be between 1 and {MAX_BATCH_SIZE}")
         if not _QUEUE_RE.match(self.queue or ""):
             raise SpecError("queue", f"{self.queue!r} is not a queue name (letters, digits, _ . : -)")
+        self._validate_input_options()
         self.model.validate()
+
+    def _validate_input_options(self) -> None:
+        if self.input_format not in INPUT_FORMATS:
+            raise SpecError("input_format", f"{self.input_format!r} is not one of {', '.join(INPUT_FORMATS)}")
+        for name in ("image_col", "caption_col", "key_col"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise SpecError(name, f"{value!r} is not a column name")
+        n = self.samples_per_shard
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise SpecError("samples_per_shard", f"{n!r} must be a positive integer")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,7 +227,11 @@ def job_from_dict(data: dict[str, Any]) -> JobSpec | TrainShardsSpec | FinetuneS
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """One message on the queue: shard ``index`` of a job, read from ``input``."""
+    """One message on the queue: shard ``index`` of a job, read from ``input``.
+
+    A folder, manifest or row-group shard carries its range in ``input`` as a fragment
+    (``data.jsonl#rows=0-10000``, see orchestration/inputs.py): that string is its identity.
+    """
 
     job_id: str
     index: int

@@ -25,6 +25,10 @@ def spec(**overrides) -> JobSpec:
         ({"model": ModelSpec("")}, "--model"),
         ({"model": ModelSpec("x", "")}, "--pretrained"),
         ({"model": ModelSpec("x", None, {"embed_dim": 4})}, "--model-config"),
+        ({"input_format": "zip"}, "--input-format"),
+        ({"image_col": " "}, "--image-col"),
+        ({"key_col": 3}, "--key-col"),
+        ({"samples_per_shard": 0}, "--samples-per-shard"),
     ],
 )
 def test_bad_fields_are_named(overrides, field):
@@ -36,3 +40,6 @@ def test_bad_fields_are_named(overrides, field):
 def test_shard_spec_round_trips_through_json():
     shard = ShardSpec("job1", 4, "s3://b/x.tar", spec(model=ModelSpec("m", "tag", {"embed_dim": 1, "vision_cfg": {}, "text_cfg": {}})))
     assert ShardSpec.from_dict(json.loads(json.dumps(shard.to_dict()))) == shard
+    ranged = ShardSpec("job1", 0, "/m.csv#rows=0-10", spec(input_format="manifest", image_col="url", caption_col="text",
+                                                        key_col="id", samples_per_shard=10))
+    assert ShardSpec.from_dict(json.loads(json.dumps(ranged.to_dict()))) == ranged

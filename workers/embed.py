@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from orchestration.scores import histogram
-from orchestration.storage import open_storage, split
 from tasks.specs import ShardSpec
 from workers import runtime, writers
 from workers.compute import alignment_scores, encode_pairs
 from workers.pipeline import prefetched_batches
-from workers.shards import Sample, decode_sample, iter_raw_samples
+from workers.readers import open_shard
+from workers.shards import Sample, decode_sample
 
 
 @dataclass
@@ -69,11 +69,7 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     """Run shard ``shard`` end to end on this process's model and device."""
     start = time.perf_counter()
     bundle = runtime.model_for(shard.job.model)
-    parent, name = split(shard.input)
-    storage = open_storage(parent)
-    info = storage.info(name)
-    if info is None:
-        raise FileNotFoundError(f"input shard {shard.input} does not exist")
+    info, source = open_shard(shard.input, shard.job)  # any input format, as webdataset-style raw samples
 
     img_parts: list[np.ndarray] = []
     txt_parts: list[np.ndarray] = []
@@ -83,8 +79,7 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     waited = forward = 0.0
     decode = partial(decode_sample, preprocess=bundle.preprocess, draft_to=bundle.image_size)
     collate = partial(collate_batch, tokenizer=bundle.tokenizer, pin=bundle.device.type == "cuda")
-    with storage.open_read(name) as stream:
-        raws = iter_raw_samples(stream) if info.size else iter(())  # a zero-byte shard holds no samples
+    with source as raws:
         batches = prefetched_batches(raws, decode, shard.job.batch_size, runtime.decode_pool(), collate=collate)
         while True:
             t0 = time.perf_counter()

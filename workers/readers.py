@@ -1,0 +1,197 @@
+"""Read one shard task's input as RawSamples, whatever its format.
+
+Every format yields the same ``RawSample(key, members={ext: bytes})`` a webdataset tar does
+(image bytes under their extension, ``txt`` caption, ``json`` metadata), so all of them share
+``decode_sample``'s per-sample errors: a row whose image cannot be read, or whose image or
+caption is empty, becomes a RawSample carrying the reason, and the shard still completes.
+Planning (orchestration/inputs.py) and reading compute a ranged shard's size/ETag with the
+same functions, so the commit marker records exactly what was read.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import PurePosixPath
+from typing import Any, ContextManager, Iterable, Iterator
+
+from orchestration.inputs import (BAD_ROW, DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE_EXTS, files_info,
+                                  folder_samples, iter_manifest, manifest_is_csv, open_seekable, parse_range,
+                                  rows_info)
+from orchestration.storage import ObjectInfo, join, open_storage, split
+from tasks.specs import JobSpec
+from workers.shards import RawSample, iter_raw_samples
+
+# Images named by path/URI are fetched this many at a time, in order (S3 latency hides behind threads).
+FETCH_THREADS = 16
+FETCH_CHUNK = 64
+PARQUET_BATCH_ROWS = 256
+_MAGIC = ((b"\x89PNG", "png"), (b"RIFF", "webp"))
+
+Source = tuple[ObjectInfo, ContextManager[Iterator[RawSample]]]
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which row fields hold the image (bytes or a path/URI), the caption and the key."""
+
+    image: str
+    caption: str
+    key: str | None
+
+    @classmethod
+    def of(cls, job: JobSpec) -> Columns:
+        return cls(job.image_col or DEFAULT_IMAGE_COL, job.caption_col or DEFAULT_CAPTION_COL, job.key_col)
+
+
+def open_shard(uri: str, job: JobSpec) -> Source:
+    """The input's size/ETag (for the marker) and a context manager over its samples, in order.
+
+    Raises FileNotFoundError when the input itself is gone (the shard task is then retried).
+    """
+    readers = {"parquet": _parquet, "manifest": _manifest, "folder": _folder}
+    return readers.get(job.input_format, _tar)(uri, job)
+
+
+def _info(uri: str) -> tuple[Any, str, ObjectInfo]:
+    parent, name = split(uri)
+    storage = open_storage(parent)
+    info = storage.info(name)
+    if info is None:
+        raise FileNotFoundError(f"input shard {uri} does not exist")
+    return storage, name, info
+
+
+def _tar(uri: str, job: JobSpec) -> Source:
+    storage, name, info = _info(uri)
+
+    @contextlib.contextmanager
+    def samples() -> Iterator[Iterator[RawSample]]:
+        with storage.open_read(name) as stream:
+            yield iter_raw_samples(stream) if info.size else iter(())  # a zero-byte shard holds no samples
+
+    return info, samples()
+
+
+def _parquet(uri: str, job: JobSpec) -> Source:
+    import pyarrow.parquet as pq
+
+    base, groups = parse_range(uri)
+    _, _, info = _info(base)
+    stem = PurePosixPath(base).stem
+
+    def rows(pf) -> Iterator[tuple[str, dict[str, Any]]]:
+        chosen = list(groups) if groups is not None else list(range(pf.num_row_groups))
+        number = sum(pf.metadata.row_group(g).num_rows for g in range(chosen[0])) if chosen else 0
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=chosen):
+            for row in batch.to_pylist():
+                yield f"{stem}/{number:07d}", row
+                number += 1
+
+    @contextlib.contextmanager
+    def samples() -> Iterator[Iterator[RawSample]]:
+        with open_seekable(base, info.size) as f:
+            yield row_samples(rows(pq.ParquetFile(f)), Columns.of(job), split(base)[0])
+
+    return info, samples()
+
+
+def _manifest(uri: str, job: JobSpec) -> Source:
+    base, span = parse_range(uri)
+    storage, name, _ = _info(base)
+    with storage.open_read(name) as stream:
+        rows = list(iter_manifest(stream, manifest_is_csv(name)))
+    start = span.start if span is not None else 0
+    rows = rows[start:span.stop] if span is not None else rows
+    stem = PurePosixPath(name).stem
+    keyed = [(f"{stem}/{start + i:07d}", row) for i, row in enumerate(rows)]
+    return rows_info(rows), contextlib.nullcontext(row_samples(iter(keyed), Columns.of(job), split(base)[0]))
+
+
+def _folder(uri: str, job: JobSpec) -> Source:
+    base, span = parse_range(uri)
+    storage = open_storage(base)
+    infos = storage.list_info("")
+    samples = folder_samples(infos)
+    samples = samples[span.start:span.stop] if span is not None else samples
+
+    def read(sample) -> RawSample:
+        members = {}
+        for ext, rel in sample.files.items():
+            try:
+                members[ext] = storage.read(rel)
+            except Exception as exc:  # gone since planning, unreadable: this sample's error only
+                return RawSample(sample.key, error=f"file unreadable: {join(storage.uri, rel)}: {_reason(exc)}")
+        return RawSample(sample.key, members)
+
+    return files_info(samples, infos), contextlib.nullcontext(_fetched(samples, read))
+
+
+def _fetched(items: Iterable, fn) -> Iterator[RawSample]:
+    """``fn`` over ``items`` in order, FETCH_CHUNK at a time on FETCH_THREADS threads."""
+    it = iter(items)
+    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+        while chunk := list(islice(it, FETCH_CHUNK)):
+            yield from pool.map(fn, chunk)
+
+
+def row_samples(rows: Iterator[tuple[str, dict[str, Any]]], cols: Columns, base_dir: str) -> Iterator[RawSample]:
+    """(key, row) pairs of a parquet file or manifest -> RawSamples; relative paths are under ``base_dir``."""
+    return _fetched(rows, lambda item: row_sample(item[0], item[1], cols, base_dir))
+
+
+def row_sample(key: str, row: dict[str, Any], cols: Columns, base_dir: str) -> RawSample:
+    """One row as a RawSample: image bytes (given, or read from its path/URI), caption, other fields as json."""
+    if BAD_ROW in row:
+        return RawSample(key, error=row[BAD_ROW])
+    if cols.key and row.get(cols.key) not in (None, ""):
+        key = str(row[cols.key])
+    image = row.get(cols.image)
+    if isinstance(image, dict):  # a Hugging Face datasets Image column: {bytes, path}
+        image = image.get("bytes") or image.get("path")
+    if image in (None, b"", ""):
+        return RawSample(key, error=f"no image (column {cols.image!r} is empty or missing)")
+    caption = row.get(cols.caption)
+    if caption in (None, ""):
+        return RawSample(key, error=f"no caption (column {cols.caption!r} is empty or missing)")
+    if isinstance(image, str):
+        uri = resolve(image, base_dir)
+        try:
+            data = read_uri(uri)
+        except Exception as exc:  # missing file, no such key, no access: this sample's error only
+            return RawSample(key, error=f"image unreadable: {uri}: {_reason(exc)}")
+        ext = uri.rpartition(".")[2].lower()
+    elif isinstance(image, (bytes, bytearray)):
+        data, ext = bytes(image), ""
+    else:
+        return RawSample(key, error=f"column {cols.image!r} holds {type(image).__name__}, not image bytes or a path")
+    members = {ext if ext in IMAGE_EXTS else sniff_ext(data): data, "txt": str(caption).encode()}
+    extra = {k: v for k, v in row.items() if k not in (cols.image, cols.caption, cols.key)
+             and not isinstance(v, (bytes, bytearray))}
+    if extra:
+        members["json"] = json.dumps(extra, default=str).encode()
+    return RawSample(key, members)
+
+
+def resolve(path: str, base_dir: str) -> str:
+    """An image path of a row: s3:// and absolute paths as they are, relative ones under ``base_dir``."""
+    if "://" in path or os.path.isabs(path):
+        return path  # a scheme other than s3:// or file:// is refused per sample by open_storage
+    return join(base_dir, path)
+
+
+def read_uri(uri: str) -> bytes:
+    parent, name = split(uri)
+    return open_storage(parent).read(name)
+
+
+def sniff_ext(data: bytes) -> str:
+    """The image member name for bytes of unknown type (decode_sample names it in its reasons)."""
+    return next((ext for magic, ext in _MAGIC if data.startswith(magic)), "jpg")
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
