@@ -16,8 +16,8 @@ import redis
 
 from orchestration.config import Settings, redact
 from orchestration.keys import JobState
-from tasks.specs import (DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES_PER_TRAIN_SHARD, FinetuneSpec, JobSpec, ModelSpec,
-                         SpecError, TrainShardsSpec)
+from tasks.specs import (DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES_PER_INPUT_SHARD, DEFAULT_SAMPLES_PER_TRAIN_SHARD,
+                         INPUT_FORMATS, FinetuneSpec, JobSpec, ModelSpec, SpecError, TrainShardsSpec)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -79,7 +79,16 @@ KIND_HELP = {
 
 def _job_options(fn):
     options = [
-        click.option("--input", "input_", required=True, help="Shard, brace pattern ({00000..00099}), folder or s3:// prefix."),
+        click.option("--input", "input_", required=True,
+                     help="Shard, brace pattern ({00000..00099}), file, folder or s3:// prefix."),
+        click.option("--input-format", type=click.Choice(INPUT_FORMATS), default="auto", show_default=True,
+                     help="auto: a file by its extension; a folder by what it holds (tar > parquet > manifest > images)."),
+        click.option("--image-col", help="Parquet/manifest column of image bytes or a path/URI [default: image]."),
+        click.option("--caption-col", help="Parquet/manifest column of the caption [default: caption]."),
+        click.option("--key-col", help="Parquet/manifest column of the sample key [default: file stem and row]."),
+        click.option("--samples-per-shard", type=int,
+                     help=f"Folder/manifest samples per shard task [default: {DEFAULT_SAMPLES_PER_INPUT_SHARD}]; "
+                          "for parquet, split files into row groups of about this many rows."),
         click.option("--output", required=True, help="Output folder or s3://bucket/prefix."),
         click.option("--model", help="open_clip model name, e.g. ViT-B-32 or clipbatch-tiny."),
         click.option("--pretrained", help="open_clip pretrained tag, checkpoint path or s3:// URI."),
@@ -93,7 +102,8 @@ def _job_options(fn):
 
 
 def _spec(kind: str, input_: str, output: str, model: str | None, pretrained: str | None, model_config: str | None,
-          batch_size: int, queue: str, no_embeddings: bool = False) -> JobSpec:
+          batch_size: int, queue: str, no_embeddings: bool = False, **input_options: Any) -> JobSpec:
+    """A validated embed/score spec; ``input_options`` are JobSpec's input fields (format, columns, shard size)."""
     config = None
     if model_config:
         try:
@@ -104,7 +114,7 @@ def _spec(kind: str, input_: str, output: str, model: str | None, pretrained: st
     if not model:
         raise SpecError("model", "is required (or give --model-config FILE.json)")
     spec = JobSpec(input_, output, ModelSpec(model, pretrained, config), batch_size=batch_size, queue=queue,
-                   kind=kind, embeddings=not no_embeddings)
+                   kind=kind, embeddings=not no_embeddings, **input_options)
     spec.validate()
     return spec
 
@@ -178,8 +188,9 @@ def _submit_command(kind: str):
     @click.option("--queue", default="gpu", show_default=True, help="Queue the shard messages go to.")
     @click.option("--wait", is_flag=True, help="Wait for the job to end, with a progress bar.")
     def command(input_, output, model, pretrained, model_config, batch_size, as_json, queue, wait,
-                no_embeddings=False) -> None:
-        spec = _spec(kind, input_, output, model, pretrained, model_config, batch_size, queue, no_embeddings)
+                no_embeddings=False, **input_options) -> None:
+        spec = _spec(kind, input_, output, model, pretrained, model_config, batch_size, queue, no_embeddings,
+                     **input_options)
         _submit(spec, wait, as_json)
 
     return _with_kind_options(kind, command)
@@ -255,15 +266,25 @@ def cancel(job_id: str) -> None:
 @click.option("--limit", type=int, default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def list_jobs(limit: int, as_json: bool) -> None:
-    """List recent jobs."""
+    """List recent jobs, newest first: id, kind, state, progress, age, output."""
     from orchestration.client import Client
 
     jobs = Client().list_jobs(limit)
     if as_json:
         click.echo(json.dumps(jobs, indent=2, sort_keys=True))
         return
+    click.echo(f"{'JOB':16}  {'KIND':8} {'STATE':10} {'PROGRESS':>18}  {'AGE':>4}  OUTPUT")
     for s in jobs:
-        click.echo(f"{s['job_id']}  {s['kind']:6} {s['state']:10} {s['shards_done']}/{s['shards_total']} shards  {s['output']}")
+        shards = f"{s['shards_done']}/{s['shards_total']} {s['progress']:4.0%}"
+        click.echo(f"{s['job_id']:16}  {s['kind']:8} {s['state']:10} {shards:>18}  {_age(s['age_s']):>4}  {s['output']}")
+
+
+def _age(seconds: float) -> str:
+    """How long ago, in its largest whole unit: 42s, 5m, 3h, 2d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(0, int(seconds))}s"
 
 
 @main.command("dead-letters")
@@ -290,10 +311,11 @@ def _run_command(kind: str):
     @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes to start.")
     @click.option("--device", default="auto", show_default=True)
     def command(input_, output, model, pretrained, model_config, batch_size, as_json, workers, device,
-                no_embeddings=False) -> None:
+                no_embeddings=False, **input_options) -> None:
         from orchestration.embedded import EMBEDDED_QUEUE, run_embedded
 
-        spec = _spec(kind, input_, output, model, pretrained, model_config, batch_size, EMBEDDED_QUEUE, no_embeddings)
+        spec = _spec(kind, input_, output, model, pretrained, model_config, batch_size, EMBEDDED_QUEUE, no_embeddings,
+                     **input_options)
         status = run_embedded(spec, workers=workers, device=device, progress=not as_json)
         _print_status(status, as_json)
         _exit_for(status)

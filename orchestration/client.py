@@ -66,10 +66,16 @@ class Client:
         model_config: dict[str, Any] | None = None,
         batch_size: int | None = None,
         queue: str | None = None,
+        **input_options: Any,
     ) -> Job:
-        """Embed every pair (and score it): embeddings plus a ``clip_score`` metadata column."""
+        """Embed every pair (and score it): embeddings plus a ``clip_score`` metadata column.
+
+        ``input_options`` are JobSpec's input fields: ``input_format`` (auto, webdataset,
+        parquet, folder, manifest), ``image_col``, ``caption_col``, ``key_col``, ``samples_per_shard``.
+        """
         extra = {k: v for k, v in (("batch_size", batch_size), ("queue", queue)) if v is not None}
-        return self.submit(JobSpec(input, output, ModelSpec(model, pretrained, model_config), **extra))
+        return self.submit(JobSpec(input, output, ModelSpec(model, pretrained, model_config), **extra,
+                                   **input_options))
 
     def submit_score(self, input: str, output: str, model: str, pretrained: str | None = None,
                      embeddings: bool = True, **kwargs: Any) -> Job:
@@ -140,7 +146,12 @@ class Client:
         return Job(self, job_id)
 
     def list_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
-        return [s for s in (self.jobs.get(j) for j in self.jobs.list_ids(limit)) if s is not None]
+        """The newest jobs still in Redis, each with ``progress`` (shards accounted for, 0-1) and ``age_s``."""
+        now = time.time()
+        found = [s for s in (self.jobs.get(j) for j in self.jobs.list_ids(limit)) if s is not None]
+        return [{**s, "age_s": now - s["created_at"],
+                 "progress": (s["shards_done"] + s["shards_failed"]) / s["shards_total"] if s["shards_total"] else 1.0}
+                for s in found]
 
 
 def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:

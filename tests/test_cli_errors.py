@@ -58,3 +58,21 @@ def test_unknown_job_and_unreachable_redis(env):
     assert_one_line_error(run_cli("status", "nope", env=env), 2, "unknown")
     dead = {**env, "CLIPBATCH_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
     assert_one_line_error(run_cli("status", "nope", env=dead), 1, "cannot reach Redis")
+
+
+def test_input_options_that_do_not_fit_are_refused(env, tmp_path, photo_shards):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder, _ = photo_shards
+    pq.write_table(pa.table({"url": ["x.jpg"], "caption": ["c"]}), tmp_path / "a.parquet")
+    base = ["--output", str(tmp_path / "o"), "--model", "clipbatch-tiny"]
+    for command in ("submit", "run"):
+        assert_one_line_error(run_cli(command, "embed", "--input", str(folder), "--input-format", "zip", *base,
+                                      env=env), 2, "--input-format")
+        assert_one_line_error(run_cli(command, "embed", "--input", str(tmp_path / "a.parquet"), *base, env=env), 2,
+                              "--image-col: no column 'image'", "columns: url, caption")
+    assert_one_line_error(run_cli("submit", "embed", "--input", str(folder), "--image-col", "jpg", *base, env=env), 2,
+                          "--image-col: applies to parquet and manifest inputs")
+    assert_one_line_error(run_cli("submit", "score", "--input", str(tmp_path / "a.parquet"), "--image-col", "url",
+                                  "--samples-per-shard", "0", *base, env=env), 2, "--samples-per-shard:")
