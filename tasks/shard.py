@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import redis
 from celery import Task
+from celery.utils.dispatch import Signal
 
 from orchestration import commit
 from orchestration.client import finalize
@@ -25,6 +26,11 @@ from tasks.specs import ShardSpec
 log = logging.getLogger("clipbatch.shard")
 _SETTINGS = Settings.from_env()
 _store: dict[int, JobStore] = {}
+
+# Sent in the worker once a shard's outcome is logged, before it is counted, with ``shard``,
+# ``outcome``, ``result`` (the compute's result, None when compute did not run), ``marker`` and
+# ``timings`` (the seconds of the log line). Metrics listen here; a failing receiver is only logged.
+shard_finished = Signal(name="shard_finished")
 
 
 def job_store() -> JobStore:
@@ -75,6 +81,10 @@ def run_shard(
 
     ``after_commit`` runs with the winning marker once the shard is committed (by this attempt
     or an earlier one), before the shard is counted: a chain enqueues its next step there.
+
+    The outcome line splits the seconds: ``setup_s`` (start -> compute starts: job record, marker,
+    delivery count), ``compute_s`` (the compute call) and ``commit_s`` (compute end -> marker
+    written and files in place). Counting the shard (one Redis script) follows the line.
     """
     start = time.perf_counter()
     jobs = job_store()
@@ -86,8 +96,9 @@ def run_shard(
         log.warning("job %s has no Redis record; shard %d still commits to storage", shard.job_id, shard.index)
     storage = open_storage(shard.job.output)
     marker = commit.read_marker(storage, shard.index)
-    attempt = None
+    attempt = result = None
     if marker is not None:
+        compute_start = compute_end = time.perf_counter()
         if not commit.is_finished(storage, marker):
             commit.finish(storage, marker)
         outcome = "already_committed"
@@ -99,7 +110,9 @@ def run_shard(
         jobs.set_state(shard.job_id, JobState.RUNNING)
         attempt = uuid.uuid4().hex
         log.info("shard start job=%s shard=%d attempt=%s input=%s", shard.job_id, shard.index, attempt, shard.input)
+        compute_start = time.perf_counter()
         result = compute(shard, attempt)
+        compute_end = time.perf_counter()
         record = {
             "job_id": shard.job_id,
             "input": shard.input,
@@ -113,15 +126,20 @@ def run_shard(
         }
         won, marker = commit.commit(storage, shard.index, attempt, result.files, record)
         outcome = "committed" if won else "lost_race"
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    timings = {"seconds": end - start, "setup_s": compute_start - start, "compute_s": compute_end - compute_start,
+               "commit_s": end - compute_end}
     # Logged before the job is counted: once the last shard is counted the job is seen as done.
     log.info(
-        "shard %s job=%s shard=%d attempt=%s committed_attempt=%s samples=%d failed=%d seconds=%.2f",
+        "shard %s job=%s shard=%d attempt=%s committed_attempt=%s samples=%d failed=%d seconds=%.2f setup_s=%.3f "
+        "compute_s=%.3f commit_s=%.3f",
         outcome, shard.job_id, shard.index, attempt, marker["attempt"], marker["samples_ok"], marker["samples_failed"],
-        seconds,
+        timings["seconds"], timings["setup_s"], timings["compute_s"], timings["commit_s"],
     )
+    shard_finished.send(sender=None, shard=shard, outcome=outcome, result=result, marker=marker, timings=timings)
     if after_commit is not None:
         after_commit(jobs, shard, marker)
     if jobs.report_done(shard.job_id, shard.index, marker["samples_ok"], marker["samples_failed"]):
         finalize(jobs, shard.job_id)
-    return {"outcome": outcome, "attempt": attempt, "committed_attempt": marker["attempt"], "seconds": seconds}
+    return {"outcome": outcome, "attempt": attempt, "committed_attempt": marker["attempt"],
+            "seconds": timings["seconds"]}
