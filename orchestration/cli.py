@@ -154,11 +154,21 @@ def _exit_for(status: dict[str, Any]) -> None:
 @click.option("--concurrency", type=int, default=1, show_default=True, help="Processes; one per device.")
 @click.option("--loglevel", default="info", show_default=True)
 @click.option("--hostname", help="Celery node name (default clipbatch-<pid>@<host>).")
-def worker(queues: str, device: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
+@click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="CLIPBATCH_METRICS_PORT",
+              help="Serve Prometheus metrics on this port (env CLIPBATCH_METRICS_PORT; 0 or unset: off).")
+def worker(queues: str, device: str, concurrency: int, loglevel: str, hostname: str | None,
+           metrics_port: int | None) -> None:
     """Run a Celery worker that processes shard messages."""
     if concurrency < 1:
         raise SpecError("concurrency", "must be at least 1")
     os.environ["CLIPBATCH_DEVICE"] = device
+    if metrics_port:
+        from workers.metrics import start as start_metrics
+
+        try:
+            start_metrics(metrics_port)
+        except OSError as exc:
+            raise UserError(f"--metrics-port: cannot listen on {metrics_port} ({exc.strerror})") from None
     from tasks.app import app
 
     node = hostname or f"clipbatch-{os.getpid()}@%h"
