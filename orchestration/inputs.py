@@ -167,7 +167,7 @@ def plan_inputs(spec: JobSpec) -> tuple[str, list[ShardInput]]:
     if fmt == "folder":
         if single or "{" in spec.input:
             raise InputError(f"{spec.input!r}: an image folder input is a folder or s3:// prefix")
-        return fmt, _storage_errors(spec.input, _plan_folder, spec)
+        return fmt, _plan_folder(spec, objects)
     suffixes = (PARQUET_SUFFIX,) if fmt == "parquet" else MANIFEST_SUFFIXES
     files = objects if single else _suffixed(objects, suffixes)
     if not files:
@@ -334,16 +334,19 @@ def files_info(samples: list[FolderSample], infos: dict[str, ObjectInfo]) -> Obj
     return ObjectInfo(size, digest.hexdigest())
 
 
-def _plan_folder(spec: JobSpec) -> list[ShardInput]:
-    storage = open_storage(spec.input)
-    infos = storage.list_info("")
+def _plan_folder(spec: JobSpec, objects: list[ShardInput]) -> list[ShardInput]:
+    root = open_storage(spec.input).uri
+    infos = {o.uri[len(root) + 1:]: ObjectInfo(o.size, o.etag) for o in objects}  # the listing, relative to root
     samples = folder_samples(infos)
     if not samples:
-        raise InputError(f"{spec.input!r}: no images ({', '.join(IMAGE_EXTS)}) there")
+        what = f"images ({', '.join(IMAGE_EXTS)})"
+        if spec.input_format == "auto":
+            what = f"{TAR_SUFFIX} shards, {PARQUET_SUFFIX} files, {'/'.join(MANIFEST_SUFFIXES)} manifests or " + what
+        raise InputError(f"{spec.input!r}: no {what} there")
     n = spec.samples_per_shard or DEFAULT_SAMPLES_PER_INPUT_SHARD
     shards = []
     for start in range(0, len(samples), n):
         chunk = samples[start:start + n]
         info = files_info(chunk, infos)
-        shards.append(ShardInput(ranged(storage.uri, "rows", start, start + len(chunk)), info.size, info.etag))
+        shards.append(ShardInput(ranged(root, "rows", start, start + len(chunk)), info.size, info.etag))
     return shards

@@ -106,6 +106,22 @@ def test_parquet_in_s3_with_relative_local_and_s3_paths(bucket, tmp_path):
     assert errors["k4"].startswith("image unreadable: https://example.com/x.jpg: StorageError")
 
 
+def test_folder_and_manifest_in_s3(bucket):
+    # given: an image folder in S3, and a JSONL manifest beside it naming its images relatively
+    s3 = boto3.client("s3")
+    for i, data in enumerate(photos(2)):
+        s3.put_object(Bucket=bucket, Key=f"f/img/{i}.png" if i else f"f/img/{i}.jpg", Body=data)
+        s3.put_object(Bucket=bucket, Key=f"f/img/{i}.txt", Body=f"caption {i}".encode())
+    s3.put_object(Bucket=bucket, Key="f/list.jsonl", Body=b'{"image": "img/1.png", "caption": "one"}\n')
+
+    # then: each is planned and read from S3, with the same size/ETag on both sides
+    fmt, shards, errors, _ = read_all(f"s3://{bucket}/f/img", samples_per_shard=1)
+    assert fmt == "folder" and [s.uri for s in shards] == [f"s3://{bucket}/f/img#rows={i}-{i + 1}" for i in (0, 1)]
+    assert errors == {"0": None, "1": None}
+    fmt, _, errors, _ = read_all(f"s3://{bucket}/f/list.jsonl")
+    assert fmt == "manifest" and errors == {"list/0000000": None}
+
+
 def write_folder(root, images: list[bytes]) -> None:
     for i, data in enumerate(images):
         sub = root / f"{i % 2:05d}"

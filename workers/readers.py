@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import PurePosixPath
-from typing import Any, ContextManager, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator
 
-from orchestration.inputs import (BAD_ROW, DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE_EXTS, files_info,
-                                  folder_samples, iter_manifest, manifest_is_csv, open_seekable, parse_range,
+from orchestration.inputs import (BAD_ROW, DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE_EXTS, FolderSample,
+                                  files_info, folder_samples, iter_manifest, manifest_is_csv, open_seekable, parse_range,
                                   rows_info)
-from orchestration.storage import ObjectInfo, join, open_storage, split
+from orchestration.storage import ObjectInfo, Storage, join, open_storage, split
 from tasks.specs import JobSpec
 from workers.shards import RawSample, iter_raw_samples
 
@@ -56,7 +56,7 @@ def open_shard(uri: str, job: JobSpec) -> Source:
     return readers.get(job.input_format, _tar)(uri, job)
 
 
-def _info(uri: str) -> tuple[Any, str, ObjectInfo]:
+def _info(uri: str) -> tuple[Storage, str, ObjectInfo]:
     parent, name = split(uri)
     storage = open_storage(parent)
     info = storage.info(name)
@@ -118,7 +118,7 @@ def _folder(uri: str, job: JobSpec) -> Source:
     samples = folder_samples(infos)
     samples = samples[span.start:span.stop] if span is not None else samples
 
-    def read(sample) -> RawSample:
+    def read(sample: FolderSample) -> RawSample:
         members = {}
         for ext, rel in sample.files.items():
             try:
@@ -130,7 +130,7 @@ def _folder(uri: str, job: JobSpec) -> Source:
     return files_info(samples, infos), contextlib.nullcontext(_fetched(samples, read))
 
 
-def _fetched(items: Iterable, fn) -> Iterator[RawSample]:
+def _fetched(items: Iterable[Any], fn: Callable[[Any], RawSample]) -> Iterator[RawSample]:
     """``fn`` over ``items`` in order, FETCH_CHUNK at a time on FETCH_THREADS threads."""
     it = iter(items)
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
