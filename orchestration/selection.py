@@ -42,12 +42,16 @@ def selection_key(index: int) -> str:
 def _scored_rows(source: Storage, markers: dict[int, dict]) -> pa.Table:
     tables = []
     for i in sorted(markers):
+        if not markers[i]["samples_ok"]:  # a shard with no embedded pair has no metadata file
+            continue
         table = pq.read_table(io.BytesIO(source.read(f"metadata/metadata_{i}.parquet")))
         if "clip_score" not in table.column_names:
             raise SpecError("scored", f"{source.uri} has no clip_score column; run a score job on it first")
         table = table.select(["key", "shard", "clip_score"])
         tables.append(table.append_column("part", pa.array(np.full(len(table), i, np.int64)))
                       .append_column("row", pa.array(np.arange(len(table), dtype=np.int64))))
+    if not tables:
+        raise SpecError("scored", f"{source.uri} holds no embedded pairs (every sample was an error)")
     return pa.concat_tables(tables)
 
 

@@ -23,8 +23,9 @@ FOLDER_IMAGES = 10  # write_folder leaves image 1 without a caption
 def build_inputs(root: Path, photo_shards: Path) -> dict[str, tuple[list[str], int, int]]:
     """One input per format: name -> (extra CLI options, samples expected ok, samples expected failed)."""
     images = photos(8, seed=3)
-    pq.write_table(pa.table({"jpg": images[:5] + [HTML] + images[5:7], "txt": [f"p{i}" for i in range(8)],
-                             "id": [f"row{i}" for i in range(8)]}), root / "data.parquet", row_group_size=4)
+    # three row groups of 4; the middle one is all errors (a shard with no embedded pair)
+    pq.write_table(pa.table({"jpg": images[:3] + [HTML] + [HTML] * 4 + images[3:7], "txt": [f"p{i}" for i in range(12)],
+                             "id": [f"row{i}" for i in range(12)]}), root / "data.parquet", row_group_size=4)
     write_folder(root / "folder", photos(FOLDER_IMAGES, seed=4))
     rows = ["path,caption"] + [f"folder/00000/img{i:03d}.jpg,photo {i}" for i in (0, 2, 4)] + ["folder/gone.jpg,gone"]
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
@@ -35,7 +36,7 @@ def build_inputs(root: Path, photo_shards: Path) -> dict[str, tuple[list[str], i
     (i2d / "00000_stats.json").write_text('{"count": 21}')
     return {
         "data.parquet": (["--image-col", "jpg", "--caption-col", "txt", "--key-col", "id", "--samples-per-shard", "4"],
-                         7, 1),
+                         7, 5),
         "folder": (["--samples-per-shard", "4"], FOLDER_IMAGES - 1, 1),
         "manifest.csv": (["--image-col", "path"], 3, 1),
         "img2dataset": ([], 20, 1),
@@ -84,9 +85,10 @@ def test_every_format_through_a_worker(jobs):
                                         "img2dataset": "webdataset"}[name]
         # and a resubmission finds every shard committed: the ranged shards keep their identity
         assert again["state"] == "succeeded" and again["shards_skipped"] == status["shards_total"], name
-    assert results["data.parquet"][0]["shards_total"] == 2 and results["folder"][0]["shards_total"] == 3
+    assert results["data.parquet"][0]["shards_total"] == 3 and results["folder"][0]["shards_total"] == 3
     parquet_rows = pq.read_table(results["data.parquet"][1] / "metadata").to_pylist()
-    assert {r["key"] for r in parquet_rows} == {f"row{i}" for i in (0, 1, 2, 3, 4, 6, 7)}
+    assert {r["key"] for r in parquet_rows} == {f"row{i}" for i in (0, 1, 2, 8, 9, 10, 11)}
+    assert not (results["data.parquet"][1] / "metadata" / "metadata_1.parquet").exists()  # the all-error shard
     manifest_errors = pq.read_table(results["manifest.csv"][1] / "errors").to_pylist()
     assert manifest_errors[0]["reason"].startswith("image unreadable:") and "gone.jpg" in manifest_errors[0]["reason"]
 
@@ -134,3 +136,19 @@ def test_autofaiss_index_finds_each_sample_itself(jobs, tmp_path):
     _, ids = index.search(vectors, 1)
     assert index.ntotal == len(vectors) == FOLDER_IMAGES - 1
     assert ids[:, 0].tolist() == list(range(len(vectors)))
+
+
+def test_embedding_reader_skips_a_shard_with_no_embedded_pair(jobs):
+    from embedding_reader import EmbeddingReader
+
+    # given an output whose middle shard has only error rows (and so no embedding or metadata file)
+    out = jobs[1]["data.parquet"][1]
+    reader = EmbeddingReader(str(out / "img_emb"), file_format="parquet_npy", metadata_folder=str(out / "metadata"),
+                             meta_columns=["key", "caption"])
+    # when embedding-reader reads it, then every row still arrives with its own metadata
+    ours = our_rows(out)
+    got = [(e, m) for emb, meta in reader(batch_size=3, show_progress=False)
+           for e, m in zip(emb, meta.to_dict("records"))]
+    assert len(got) == len(ours) == 7
+    for emb, meta in got:
+        assert np.array_equal(emb, ours[meta["key"]][0]) and meta["caption"] == ours[meta["key"]][1]["caption"]

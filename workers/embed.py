@@ -107,13 +107,12 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     txt = np.concatenate(txt_parts) if txt_parts else np.zeros((0, dim), np.float32)
     names = output_names(shard.index)
     scores = alignment_scores(img, txt)
-    files = {
-        names["metadata"]: writers.metadata_bytes(rows, metas, {"clip_score": scores}),
-        names["errors"]: writers.errors_bytes(errors),
-    }
-    if shard.job.embeddings:
-        files[names["img"]] = writers.npy_bytes(img)
-        files[names["text"]] = writers.npy_bytes(txt)
+    files = {names["errors"]: writers.errors_bytes(errors)}
+    if rows:  # no empty files: embedding-reader skips empty npy files but not their metadata, and would misalign
+        files[names["metadata"]] = writers.metadata_bytes(rows, metas, {"clip_score": scores})
+        if shard.job.embeddings:
+            files[names["img"]] = writers.npy_bytes(img)
+            files[names["text"]] = writers.npy_bytes(txt)
     serialise = time.perf_counter() - t0
     total = time.perf_counter() - start
     stats = {
