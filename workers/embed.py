@@ -31,6 +31,10 @@ class ShardResult:
     record: dict[str, Any] = field(default_factory=dict)  # extra fields for the commit marker
 
 
+# Waiting longer than this for a decoded batch means decoding, not the model, is the bound.
+DECODE_BEHIND_S = 0.002
+
+
 @dataclass
 class Batch:
     """Decoded samples, and the good ones stacked and tokenized, ready for the forward pass."""
@@ -84,9 +88,12 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
-            waited += time.perf_counter() - t0
+            wait = time.perf_counter() - t0
+            waited += wait
             if batch is None:
                 break
+            if bundle.device.type == "cpu" and rows:  # not the first batch: it always waits for the pipeline to fill
+                runtime.forward_threads(decode_is_behind=wait > DECODE_BEHIND_S)
             errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch.failed)
             if not batch.good:
                 continue
