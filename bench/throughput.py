@@ -32,7 +32,6 @@ import tempfile
 import time
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,7 +46,7 @@ from orchestration.storage import open_storage  # noqa: E402
 from tasks.specs import JobSpec, ModelSpec, ShardSpec  # noqa: E402
 from workers import runtime  # noqa: E402
 from workers.compute import encode_pairs  # noqa: E402
-from workers.embed import collate_batch, embed_shard  # noqa: E402
+from workers.embed import embed_shard, pipeline_steps  # noqa: E402
 from workers.models import ModelBundle, save_seeded_checkpoint  # noqa: E402
 from workers.pipeline import prefetched_batches  # noqa: E402
 from workers.samples import corrupt_samples, find_photos, photo_sample, write_shard  # noqa: E402
@@ -99,8 +98,7 @@ def model_bound(bundle: ModelBundle, batch_size: int, n: int, captions: list[str
 
 def decode_bound(bundle: ModelBundle, paths: list[Path], batch_size: int, pool) -> float:
     """(b) Read + decode + preprocess + tokenize with ``pool``, no forward."""
-    decode = partial(decode_sample, preprocess=bundle.preprocess, draft_to=bundle.image_size)
-    collate = partial(collate_batch, tokenizer=bundle.tokenizer, pin=bundle.device.type == "cuda")
+    decode, collate = pipeline_steps(bundle)
 
     def run() -> int:
         good = 0

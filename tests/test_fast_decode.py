@@ -1,17 +1,24 @@
-"""The JPEG draft-mode decode stays faithful to open_clip's preprocessing of the full decode."""
+"""The fast decode paths (JPEG draft mode on the CPU, JPEG decode on the device) stay faithful to
+open_clip's preprocessing of the full PIL decode."""
 from __future__ import annotations
 
 import io
+import json
 
+import numpy as np
 import open_clip
+import pyarrow.parquet as pq
 import pytest
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
+from tasks.specs import JobSpec, ModelSpec, ShardSpec
+from workers.device_decode import DevicePreprocess, decode_on_device
+from workers.embed import embed_shard
 from workers.models import load_model
-from workers.samples import find_photos
+from workers.samples import build_collection, find_photos
 from workers.shards import DRAFT_REDUCING_GAP, open_rgb
-from tasks.specs import ModelSpec
 
 MIN_COSINE = 0.995
 
@@ -68,3 +75,50 @@ def test_non_jpeg_and_small_images_are_decoded_in_full():
     small = io.BytesIO()
     Image.new("RGB", (255, 300), (10, 20, 30)).save(small, "JPEG")
     assert open_rgb(small.getvalue(), draft_to=64).size == (255, 300)
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_device_decode_path_matches_open_clip_preprocessing(size):
+    # given the tensor path of CLIPBATCH_DECODE=device (run here with torchvision's CPU decoder)
+    reference = open_clip.image_transform(size, is_train=False)
+    on_device = DevicePreprocess.for_model({"size": (size, size), "mean": OPENAI_DATASET_MEAN,
+                                            "std": OPENAI_DATASET_STD, "interpolation": "bicubic",
+                                            "resize_mode": "shortest"})
+    variants = jpeg_variants()
+    # when every photo goes through it in one batched call
+    decoded = decode_on_device([d for _, d in variants], on_device, torch.device("cpu"))
+    # then each image equals open_clip's own preprocessing of the full PIL decode
+    for (name, data), image in zip(variants, decoded):
+        assert image is not None and image.shape == (3, size, size), name
+        assert cosine(image, reference(open_rgb(data))) >= MIN_COSINE, name
+
+
+def test_device_decode_refuses_what_it_cannot_reproduce_and_hands_back_bad_jpegs():
+    assert DevicePreprocess.for_model({"size": 224, "mean": (0,) * 3, "std": (1,) * 3, "interpolation": "bilinear"}) is None
+    assert DevicePreprocess.for_model({"size": 224, "mean": (0,) * 3, "std": (1,) * 3, "resize_mode": "squash"}) is None
+    good = jpeg_variants()[0][1]
+    on_device = DevicePreprocess(64, (0.5,) * 3, (0.5,) * 3)
+    out = decode_on_device([good, good[: len(good) // 3], good], on_device, torch.device("cpu"))
+    assert out[0] is not None and out[2] is not None and torch.equal(out[0], out[2])
+    assert out[1] is None or out[1].shape == (3, 64, 64)  # libjpeg may pad a truncated file; never raises
+
+
+def test_a_shard_embeds_the_same_with_device_decode(checkpoint, tmp_path, monkeypatch):
+    # given a shard of real photos with corrupt samples, embedded once on the default CPU path
+    build_collection(tmp_path / "in", 1, 24, corrupt_per_shard=4)
+    spec = JobSpec(str(tmp_path / "in"), str(tmp_path / "out"), ModelSpec("clipbatch-tiny", str(checkpoint)), batch_size=8)
+    shard = ShardSpec("job", 0, str(tmp_path / "in" / "00000.tar"), spec)
+    cpu = embed_shard(shard, "cpu")
+    # when the same shard runs with CLIPBATCH_DECODE=device
+    monkeypatch.setenv("CLIPBATCH_DECODE", "device")
+    dev = embed_shard(shard, "dev")
+    # then the photos were decoded on the device, the same samples are embedded or refused,
+    # and the embeddings agree
+    decoded = [json.loads(r.files["stats/0.json"])["images_decoded_on_device"] for r in (cpu, dev)]
+    assert decoded == [0, 24]
+    for name in ("errors/errors_0.parquet", "metadata/metadata_0.parquet"):
+        a, b = (pq.read_table(io.BytesIO(r.files[name])).drop_columns(["clip_score"] if "metadata" in name else [])
+                for r in (cpu, dev))
+        assert a.equals(b), name
+    a, b = (torch.from_numpy(np.load(io.BytesIO(r.files["img_emb/img_emb_0.npy"])).astype(np.float32)) for r in (cpu, dev))
+    assert torch.nn.functional.cosine_similarity(a, b, dim=1).min().item() >= MIN_COSINE

@@ -80,3 +80,23 @@ def test_prefetch_keeps_order_bounds_the_window_and_collates_off_the_consumer_th
     assert [x for b in consumed for x in b] == [i * 10 for i in range(50)]
     assert [len(b) for b in consumed] == [8] * 6 + [2]
     assert collate_threads and threading.current_thread().name not in collate_threads
+
+
+def test_cpu_forward_threads_yield_to_decoding_only_while_it_is_behind(monkeypatch):
+    from workers import runtime
+
+    monkeypatch.delenv("CLIPBATCH_TORCH_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        runtime.configure_threads()
+        runtime.forward_threads(decode_is_behind=True)
+        assert torch.get_num_threads() == 1
+        runtime.forward_threads(decode_is_behind=False)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("CLIPBATCH_TORCH_THREADS", "2")  # a fixed count is left alone
+        runtime.forward_threads(decode_is_behind=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        runtime.configure_threads()

@@ -3,20 +3,23 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable
 
 import numpy as np
+import open_clip
 import torch
 
 from orchestration.scores import histogram
 from tasks.specs import ShardSpec
 from workers import runtime, writers
 from workers.compute import alignment_scores, encode_pairs
+from workers.device_decode import DevicePreprocess, decode_on_device
+from workers.models import ModelBundle
 from workers.pipeline import prefetched_batches
 from workers.readers import open_shard
-from workers.shards import Sample, decode_sample
+from workers.shards import RawSample, Sample, decode_image, decode_sample
 
 
 @dataclass
@@ -43,19 +46,47 @@ class Batch:
     failed: list[Sample]
     images: torch.Tensor | None
     tokens: torch.Tensor | None
+    on_device: int = 0  # images of this batch decoded on the device
 
 
-def collate_batch(samples: list[Sample], tokenizer: Callable[[list[str]], torch.Tensor], pin: bool) -> Batch:
-    """Stack and tokenize one batch (on the pipeline's collate thread, off the forward's path)."""
+def collate_batch(samples: list[Sample], bundle: ModelBundle, on_device: DevicePreprocess | None) -> Batch:
+    """Stack and tokenize one batch (on the pipeline's collate thread, off the forward's path).
+
+    With ``on_device``, the batch's JPEGs (left as bytes by the decode step) are decoded on the
+    model's device first; one the device cannot decode goes through the CPU path instead.
+    """
+    jpegs = [i for i, s in enumerate(samples) if s.error is None and isinstance(s.image, bytes)]
+    decoded: list[torch.Tensor | None] = []
+    if on_device is not None and jpegs:
+        decoded = decode_on_device([samples[i].image for i in jpegs], on_device, bundle.device)
+        for i, image in zip(jpegs, decoded):
+            if image is None:
+                image, error = decode_image(samples[i].image, "jpg", bundle.preprocess, bundle.image_size)
+                samples[i] = replace(samples[i], image=image, error=error)
+            else:
+                samples[i] = replace(samples[i], image=image)
     good = [s for s in samples if s.error is None]
     failed = [s for s in samples if s.error is not None]
     if not good:
         return Batch(good, failed, None, None)
+    tokens = bundle.tokenizer([s.caption for s in good])
+    if on_device is not None:
+        count = sum(d is not None for d in decoded)
+        return Batch(good, failed, torch.stack([s.image.to(bundle.device) for s in good]), tokens, count)
     images = torch.stack([s.image for s in good])
-    tokens = tokenizer([s.caption for s in good])
-    if pin:  # page-locked host memory lets the copy to the GPU overlap the previous forward
+    if bundle.device.type == "cuda":  # page-locked host memory lets the copy overlap the previous forward
         images, tokens = images.pin_memory(), tokens.pin_memory()
     return Batch(good, failed, images, tokens)
+
+
+def pipeline_steps(bundle: ModelBundle) -> tuple[Callable[[RawSample], Sample], Callable[[list[Sample]], Batch]]:
+    """The per-sample decode and the per-batch collate for ``bundle``, as the worker runs them."""
+    on_device = None
+    if runtime.decode_on_device():
+        on_device = DevicePreprocess.for_model(open_clip.get_model_preprocess_cfg(bundle.model))
+    decode = partial(decode_sample, preprocess=bundle.preprocess, draft_to=bundle.image_size,
+                     keep_jpeg=on_device is not None)
+    return decode, partial(collate_batch, bundle=bundle, on_device=on_device)
 
 
 def output_names(index: int) -> dict[str, str]:
@@ -81,8 +112,8 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     metas: list[dict | None] = []
     errors: list[dict[str, str]] = []
     waited = forward = 0.0
-    decode = partial(decode_sample, preprocess=bundle.preprocess, draft_to=bundle.image_size)
-    collate = partial(collate_batch, tokenizer=bundle.tokenizer, pin=bundle.device.type == "cuda")
+    on_device = 0
+    decode, collate = pipeline_steps(bundle)
     with source as raws:
         batches = prefetched_batches(raws, decode, shard.job.batch_size, runtime.decode_pool(), collate=collate)
         while True:
@@ -95,6 +126,7 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
             if bundle.device.type == "cpu" and rows:  # not the first batch: it always waits for the pipeline to fill
                 runtime.forward_threads(decode_is_behind=wait > DECODE_BEHIND_S)
             errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch.failed)
+            on_device += batch.on_device
             if not batch.good:
                 continue
             t0 = time.perf_counter()
@@ -136,6 +168,7 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
         "error_reasons": dict(Counter(e["reason"].split(":")[0] for e in errors)),
         "seconds": {"total": total, "waiting_for_decode": waited, "forward": forward, "serialise": serialise},
         "samples_per_s": len(rows) / total if total > 0 else 0.0,
+        "images_decoded_on_device": on_device,
         "clip_score": histogram(scores),
     }
     files[names["stats"]] = writers.json_bytes(stats)

@@ -63,6 +63,14 @@ def precision() -> str:
     return value
 
 
+def decode_on_device() -> bool:
+    """CLIPBATCH_DECODE=device: JPEGs are decoded on the model's device (workers/device_decode.py)."""
+    value = os.environ.get("CLIPBATCH_DECODE", "cpu")
+    if value not in ("cpu", "device"):
+        raise ValueError(f"CLIPBATCH_DECODE={value!r} is not cpu or device")
+    return value == "device"
+
+
 def device() -> torch.device:
     if "device" not in _state:
         _state["device"] = resolve_device(os.environ.get("CLIPBATCH_DEVICE", "auto"))

@@ -90,10 +90,12 @@ def iter_raw_samples(stream: BinaryIO) -> Iterator[RawSample]:
         yield current
 
 
-def decode_sample(raw: RawSample, preprocess=None, draft_to: int | None = None) -> Sample:
+def decode_sample(raw: RawSample, preprocess=None, draft_to: int | None = None, keep_jpeg: bool = False) -> Sample:
     """Decode image, caption and metadata; any problem becomes ``Sample.error``.
 
-    ``draft_to`` is the model's input size: large JPEGs are decoded no larger than needed.
+    ``draft_to`` is the model's input size: large JPEGs are decoded no larger than needed. With
+    ``keep_jpeg``, a plain RGB or greyscale JPEG whose header passes the checks is left as bytes
+    (``Sample.image``) for the device decoder.
     """
     if raw.error:
         return Sample(raw.key, error=raw.error)
@@ -114,22 +116,27 @@ def decode_sample(raw: RawSample, preprocess=None, draft_to: int | None = None) 
             return Sample(raw.key, error=f"json member is not valid JSON: {exc}")
         if not isinstance(meta, dict):
             return Sample(raw.key, error="json member is not a JSON object")
+    image, error = decode_image(raw.members[image_ext], image_ext, preprocess, draft_to, keep_jpeg)
+    return Sample(raw.key, image=image, caption=caption, meta=meta, error=error)
+
+
+def decode_image(data: bytes, ext: str, preprocess=None, draft_to: int | None = None,
+                 keep_jpeg: bool = False) -> tuple[object, str | None]:
+    """(image, None), or (None, the reason the image cannot be used)."""
     try:
-        image = open_rgb(raw.members[image_ext], draft_to)
-        if preprocess is not None:
-            image = preprocess(image)
+        img = open_checked(data)
+        if keep_jpeg and img.format == "JPEG" and img.mode in ("RGB", "L"):
+            return data, None
+        image = open_rgb(data, draft_to, img)
+        return (preprocess(image) if preprocess is not None else image), None
     except ImageRefused as exc:
-        return Sample(raw.key, error=f"image ({image_ext}) refused: {exc}")
+        return None, f"image ({ext}) refused: {exc}"
     except Exception as exc:  # PIL raises many types for hostile bytes; the reason is kept
-        return Sample(raw.key, error=f"image ({image_ext}) undecodable: {type(exc).__name__}: {exc}")
-    return Sample(raw.key, image=image, caption=caption, meta=meta)
+        return None, f"image ({ext}) undecodable: {type(exc).__name__}: {exc}"
 
 
-def open_rgb(data: bytes, draft_to: int | None = None) -> Image.Image:
-    """Decode to an upright 8-bit RGB image, checking the pixel count before decoding.
-
-    With ``draft_to``, a JPEG much larger than that is decoded in draft mode (see DRAFT_REDUCING_GAP).
-    """
+def open_checked(data: bytes) -> Image.Image:
+    """Open an image (header only), refusing empty files and decompression bombs."""
     if not data:
         raise ImageRefused("empty file")
     with warnings.catch_warnings():
@@ -143,6 +150,17 @@ def open_rgb(data: bytes, draft_to: int | None = None) -> Image.Image:
     width, height = img.size
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageRefused(f"decompression bomb: header claims {width}x{height} pixels, over {MAX_IMAGE_PIXELS}")
+    return img
+
+
+def open_rgb(data: bytes, draft_to: int | None = None, img: Image.Image | None = None) -> Image.Image:
+    """Decode to an upright 8-bit RGB image, checking the pixel count before decoding.
+
+    With ``draft_to``, a JPEG much larger than that is decoded in draft mode (see DRAFT_REDUCING_GAP).
+    ``img`` is ``open_checked(data)`` when the caller has it already.
+    """
+    img = img if img is not None else open_checked(data)
+    width, height = img.size
     keep = (draft_to or 0) * DRAFT_REDUCING_GAP
     if keep and img.format == "JPEG" and min(width, height) >= 2 * keep:  # else no 1/2^k step fits
         scale = keep / min(width, height)
