@@ -92,6 +92,7 @@ class JobStore:
         for key in keys.job_keys(job_id):
             pipe.expire(key, self.ttl_s)
         pipe.zadd(keys.JOBS_INDEX, {job_id: now})
+        pipe.zremrangebyscore(keys.JOBS_INDEX, "-inf", now - self.ttl_s)  # their records have expired
         pipe.execute()
 
     def get(self, job_id: str) -> dict[str, Any] | None:

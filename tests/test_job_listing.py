@@ -41,3 +41,19 @@ def test_jobs_lists_id_kind_state_progress_and_age(redis_url, photo_shards, chec
     r = redis.Redis.from_url(redis_url)
     ttls = [r.ttl(k) for k in keys.job_keys(job_id) if r.exists(k)]
     assert ttls and all(0 < t <= TTL_S for t in ttls)
+
+
+def test_the_job_index_forgets_jobs_whose_records_expired(redis_url):
+    import time
+
+    from orchestration.jobs import JobStore
+
+    # given: an index entry older than the retention (its record has expired) and a recent one
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    old, recent = f"old-{uuid.uuid4().hex[:8]}", f"recent-{uuid.uuid4().hex[:8]}"
+    r.zadd(keys.JOBS_INDEX, {old: time.time() - 2 * TTL_S, recent: time.time() - TTL_S / 2})
+    # when: a job is created
+    store = JobStore(r, TTL_S)
+    store.create(f"new-{uuid.uuid4().hex[:8]}", {"kind": "embed", "output": "/tmp/unused", "queue": "none"}, 1, {})
+    # then: only the expired entry left the index, so --limit counts live jobs
+    assert r.zscore(keys.JOBS_INDEX, old) is None and r.zscore(keys.JOBS_INDEX, recent) is not None
