@@ -10,6 +10,8 @@
     queue = "gpu"                          # optional (default gpu)
     embeddings = false                     # optional (default true): write the arrays too
     batch_size = 256                       # optional
+    input_format = "parquet"               # optional (default auto), with image_col, caption_col,
+    image_col = "jpg"                      #   key_col and samples_per_shard as on the command line
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from orchestration.config import DEFAULT_QUEUE
 from tasks.specs import DEFAULT_BATCH_SIZE, JobSpec, ModelSpec, SpecError
 
 REQUIRED = ("name", "input", "output", "model", "cron")
-OPTIONAL = {"pretrained": None, "queue": DEFAULT_QUEUE, "embeddings": True, "batch_size": DEFAULT_BATCH_SIZE}
+OPTIONAL = {"pretrained": None, "queue": DEFAULT_QUEUE, "embeddings": True, "batch_size": DEFAULT_BATCH_SIZE,
+            "input_format": "auto", "image_col": None, "caption_col": None, "key_col": None, "samples_per_shard": None}
+INPUT_FIELDS = ("input_format", "image_col", "caption_col", "key_col", "samples_per_shard")
 
 
 class ScheduleError(SpecError):
@@ -47,7 +51,7 @@ def dataset_spec(dataset: dict[str, Any]) -> JobSpec:
     """The score job a dataset entry stands for."""
     return JobSpec(dataset["input"], dataset["output"], ModelSpec(dataset["model"], dataset["pretrained"]),
                    batch_size=dataset["batch_size"], queue=dataset["queue"], kind="score",
-                   embeddings=dataset["embeddings"])
+                   embeddings=dataset["embeddings"], **{k: dataset[k] for k in INPUT_FIELDS})
 
 
 def load_schedule(path: str | Path) -> list[dict[str, Any]]:

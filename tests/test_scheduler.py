@@ -68,3 +68,16 @@ def test_a_bad_schedule_is_refused_naming_dataset_and_field(redis_url, tmp_path,
     result = run_cli("scheduler", "--config", str(config), env=service_env(redis_url))
     assert result.returncode == 2 and "nightly-test" in result.stderr and "cron" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_schedule_takes_the_input_format_options(tmp_path):
+    from orchestration.schedule import ScheduleError, dataset_spec, load_schedule
+
+    entry = ('[[dataset]]\nname = "pq"\ninput = "s3://b/x.parquet"\noutput = "s3://b/o"\nmodel = "ViT-B-32"\n'
+             'cron = "0 2 * * *"\ninput_format = "{fmt}"\nimage_col = "jpg"\nsamples_per_shard = 5000\n')
+    (tmp_path / "ok.toml").write_text(entry.format(fmt="parquet"))
+    spec = dataset_spec(load_schedule(tmp_path / "ok.toml")[0])
+    assert (spec.input_format, spec.image_col, spec.samples_per_shard, spec.kind) == ("parquet", "jpg", 5000, "score")
+    (tmp_path / "bad.toml").write_text(entry.format(fmt="xls"))
+    with pytest.raises(ScheduleError, match="dataset pq.*input.format"):
+        load_schedule(tmp_path / "bad.toml")
