@@ -5,25 +5,42 @@
 # but no network: the rest travels as wheels in .whl/ (make them here with bench/gpu_wheels.sh).
 # Weights cannot be downloaded there either, so the models run from a seeded random state: the
 # same compute as the pretrained weights. Results go to $OUT (or bench/results) as JSON.
+#   MODELS  "name batch rounds" triples, ';'-separated (default ViT-B-32 and ViT-L-14)
+#   DEVICE  default cuda; SAMPLES per shard (4 shards x 4 copies), default 1000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
+DEVICE=${DEVICE:-cuda}
+SAMPLES=${SAMPLES:-1000}
+MODELS=${MODELS:-"ViT-B-32 1024 2;ViT-L-14 256 1"}
 DAY=$(date +%Y-%m-%d)
+mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-# GPU utilisation every 200 ms beside each run (the mean is printed after it)
-util() { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 > "$1" & echo $!; }
-mean_util() { awk -F', ' '{s+=$1; n++} END {if (n) printf "gpu utilisation mean %.1f%% over %d samples\n", s/n, n}' "$1"; }
+PY=${PYTHON:-python3}
+SMI=$(command -v nvidia-smi || true)
+[ -n "$SMI" ] && "$SMI" --query-gpu=name,driver_version,memory.total --format=csv
 
-for spec in "ViT-B-32 1024 2" "ViT-L-14 256 1"; do
-  set -- $spec
-  pid=$(util "$OUT/$1-smi.csv")
-  timeout 200 python3 bench/throughput.py --model "$1" --device cuda --batch-size "$2" --shards 4 \
-    --samples-per-shard 1000 --max-side 512 --copies 4 --rounds "$3" --skip-naive --out "$OUT/$DAY-h200-$1.json" || echo "$1 run failed: $?"
-  kill "$pid" || true
-  mean_util "$OUT/$1-smi.csv"
+INPUT=$(mktemp -d)  # built once from the shipped photos, shared by every run
+IFS=';' read -ra RUNS <<< "$MODELS"
+for run in "${RUNS[@]}"; do
+  read -r model batch rounds <<< "$run"
+  pid=""
+  if [ -n "$SMI" ]; then  # GPU utilisation every 200 ms beside the run
+    "$SMI" --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/$model-smi.csv" &
+    pid=$!
+  fi
+  for decode in cpu device; do
+    CLIPBATCH_DECODE=$decode timeout 200 "$PY" bench/throughput.py --model "$model" --device "$DEVICE" \
+      --batch-size "$batch" --input "$INPUT" --shards 4 --samples-per-shard "$SAMPLES" --max-side 512 --copies 4 --rounds "$rounds" \
+      --skip-naive --out "$OUT/$DAY-h200-$model-decode-$decode.json" || echo "$model (decode on $decode) failed: $?"
+  done
+  if [ -n "$pid" ]; then
+    kill "$pid" || true
+    awk -F', ' '{s+=$1; n++} END {if (n) printf "'"$model"': gpu utilisation mean %.1f%% over %d samples\n", s/n, n}' \
+      "$OUT/$model-smi.csv"
+  fi
 done

@@ -213,8 +213,8 @@ def queue_overhead(spec: JobSpec, folder: Path, shards: int, device: str) -> dic
 @click.option("--pretrained", help="Tag, checkpoint path or s3:// URI (default: a seeded random checkpoint).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--input", "input_", type=click.Path(exists=True, file_okay=False),
-              help="A folder of .tar shards (default: built from the shipped real photos).")
+@click.option("--input", "input_", type=click.Path(file_okay=False),
+              help="A folder of .tar shards; built there from the shipped real photos when it has none.")
 @click.option("--shards", type=int, default=4, show_default=True, help="Shards to build when --input is not given.")
 @click.option("--samples-per-shard", type=int, default=500, show_default=True)
 @click.option("--max-side", type=int, default=768, show_default=True, help="Longest side of the built JPEGs.")
@@ -232,11 +232,14 @@ def main(model, pretrained, device, batch_size, input_, shards, samples_per_shar
         os.environ["CLIPBATCH_DEVICE"] = device
     if pretrained is None:
         pretrained = str(save_seeded_checkpoint(model, work / f"{model}-seed0.pt", seed=0))
-    paths = sorted(Path(input_).glob("*.tar")) if input_ else build_input(work / "in", shards, samples_per_shard, max_side)
+    folder = Path(input_) if input_ else work / "in"
+    built = not any(folder.glob("*.tar"))
+    paths = build_input(folder, shards, samples_per_shard, max_side) if built else sorted(folder.glob("*.tar"))
     originals = list(paths)
+    (work / "copies").mkdir()
     for copy in range(1, copies):
         for path in originals:
-            target = path.with_name(f"{copy:03d}{path.name}")
+            target = work / "copies" / f"{copy:03d}{path.name}"
             shutil.copyfile(path, target)
             paths.append(target)
     spec = JobSpec(str(paths[0].parent), str(work / "out"), ModelSpec(model, pretrained), batch_size=batch_size)
@@ -273,8 +276,8 @@ def main(model, pretrained, device, batch_size, input_, shards, samples_per_shar
                     if bundle.device.type == "cuda" else "fp32"},
         "model": model, "pretrained": pretrained if not pretrained.startswith(str(work)) else "seeded random",
         "image_size": bundle.image_size, "batch_size": batch_size,
-        "input": {"shards": len(paths), "good_samples": good, "built_from_photos": input_ is None,
-                  "max_side": max_side if input_ is None else None},
+        "input": {"shards": len(paths), "good_samples": good, "built_from_photos": built,
+                  "max_side": max_side if built else None},
         "rounds": rounds,
         "samples_per_s_median": {"a_model": a, "b_decode": b, "b_decode_processes": med["decode_processes"],
                                  "c_task": c, "d_naive": med.get("naive")},
