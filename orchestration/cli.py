@@ -172,8 +172,10 @@ def worker(queues: str, device: str, concurrency: int, loglevel: str, hostname: 
     from tasks.app import app
 
     node = hostname or f"clipbatch-{os.getpid()}@%h"
+    # No gossip: every worker would receive every other worker's heartbeats, N^2 pub/sub traffic
+    # in Redis (docs/scaling.md). No mingle: nothing to sync at start (cancel is a job flag, not a revoke).
     app.worker_main(["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork",
-                     "--loglevel", loglevel, "--hostname", node, "-O", "fair"])
+                     "--loglevel", loglevel, "--hostname", node, "-O", "fair", "--without-gossip", "--without-mingle"])
 
 
 @main.group()
