@@ -80,9 +80,7 @@ def containers() -> Iterator[dict[str, Any]]:
 def commands() -> Iterator[list[str]]:
     """Every argv deploy/ runs: compose services, container commands and probes, Dockerfile CMD/HEALTHCHECK."""
     for service in compose()["services"].values():
-        if "command" in service and "entrypoint" not in service:
-            yield service["command"]
-    yield ["clipbatch", "--help"] if compose()["services"]["cli"]["entrypoint"] == ["clipbatch"] else []
+        yield service.get("entrypoint", []) + service.get("command", [])
     for c in containers():
         yield c.get("command", [c["image"]]) + c.get("args", [])  # no command: args go to the image's entrypoint
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
@@ -98,7 +96,7 @@ def commands() -> Iterator[list[str]]:
 def argvs() -> Iterator[list[str]]:
     """Commands with ``sh -c`` scripts split into their simple commands."""
     for argv in commands():
-        if argv[:2] == ["sh", "-c"]:
+        if argv[:2] in (["sh", "-c"], ["/bin/sh", "-c"]):
             for part in re.split(r"\|\||&&|\||;", argv[2]):
                 words = [w for w in shlex.split(part) if not w.startswith(">")]
                 while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
@@ -115,7 +113,7 @@ def parse_clipbatch(argv: list[str]) -> click.Context:
         ctx = command.make_context(command.name or "clipbatch", [], parent=ctx, resilient_parsing=True)
         command, args = command.get_command(ctx, args[0]), args[1:]
         assert command is not None, f"{argv}: no such command"
-    if args == ["--help"]:
+    if args in ([], ["--help"]):  # an entrypoint that takes its arguments at run time, or help
         assert "--help" in command.get_help_option_names(click.Context(command))
         return click.Context(command, parent=ctx)
     return command.make_context(command.name, args, parent=ctx)
@@ -281,6 +279,7 @@ def test_workers_grace_period_covers_a_shard_and_liveness_is_short():
     assert worker["securityContext"]["runAsNonRoot"] is True
 
 
+@pytest.mark.integration
 def test_keda_list_name_is_the_redis_key_holding_the_queue(redis_url, photo_shards, checkpoint, tmp_path):
     # given: the list KEDA measures, and the queue the scaled workers consume
     scaled = next(d for d in manifests() if d["kind"] == "ScaledObject")
