@@ -48,7 +48,7 @@ from workers import runtime  # noqa: E402
 from workers.compute import encode_pairs  # noqa: E402
 from workers.embed import embed_shard, pipeline_steps  # noqa: E402
 from workers.models import ModelBundle, save_seeded_checkpoint  # noqa: E402
-from workers.pipeline import prefetched_batches  # noqa: E402
+from workers.pipeline import PrefetchedBatches  # noqa: E402
 from workers.samples import corrupt_samples, find_photos, photo_sample, write_shard  # noqa: E402
 from workers.shards import decode_sample, iter_raw_samples  # noqa: E402
 
@@ -104,8 +104,8 @@ def decode_bound(bundle: ModelBundle, paths: list[Path], batch_size: int, pool) 
         good = 0
         for path in paths:
             with open(path, "rb") as f:
-                good += sum(len(b.good) for b in prefetched_batches(iter_raw_samples(f), decode, batch_size, pool,
-                                                                    collate=collate))
+                with PrefetchedBatches(iter_raw_samples(f), decode, batch_size, pool, collate=collate) as batches:
+                    good += sum(len(b.good) for b in batches)
         return good
 
     seconds, good = timed(run)

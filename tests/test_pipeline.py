@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from workers.compute import BatchLimit
-from workers.pipeline import prefetched_batches
+from workers.pipeline import PrefetchedBatches
 
 
 class FakeDevice:
@@ -70,12 +70,15 @@ def test_prefetch_keeps_order_bounds_the_window_and_collates_off_the_consumer_th
         collate_threads.add(threading.current_thread().name)
         return batch
 
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(2) as pool, PrefetchedBatches(range(50), decode, 8, pool, 2, collate) as batches:
         # when it is consumed batch by batch, slowly
-        for batch in prefetched_batches(range(50), decode, 8, pool, prefetch=2, collate=collate):
+        for batch in batches:
+            if len(consumed) < 5:  # 7 batches: the input runs out when the 6th is taken
+                assert not batches.decode_idle
             consumed.append(batch)
-            assert len(decoded) <= 8 * (len(consumed) + 2) + 8  # never more than the window ahead
+            assert len(decoded) <= 8 * (len(consumed) + 2)  # never more than the window ahead
             time.sleep(0.01)
+        assert batches.decode_idle  # every item decoded: the forward may take every core
     # then every item came back once, in order, in batches, collated on its own thread
     assert [x for b in consumed for x in b] == [i * 10 for i in range(50)]
     assert [len(b) for b in consumed] == [8] * 6 + [2]
@@ -100,3 +103,19 @@ def test_cpu_forward_threads_yield_to_decoding_only_while_it_is_behind(monkeypat
     finally:
         torch.set_num_threads(before)
         runtime.configure_threads()
+
+
+def test_a_reader_error_reaches_the_consumer_and_leaving_early_stops_the_feeder():
+    def items():
+        yield from range(20)
+        raise FileNotFoundError("input shard s3://b/x.tar does not exist")
+
+    with ThreadPoolExecutor(2) as pool:
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            with PrefetchedBatches(items(), lambda i: i, 8, pool) as batches:
+                list(batches)
+        # a consumer that stops after one batch of an endless input leaves at once
+        endless = iter(int, 1)
+        with PrefetchedBatches(endless, lambda i: i, 8, pool) as batches:
+            assert next(batches) == [0] * 8
+        assert not batches._feeder.is_alive()

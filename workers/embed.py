@@ -17,7 +17,7 @@ from workers import runtime, writers
 from workers.compute import alignment_scores, encode_pairs
 from workers.device_decode import DevicePreprocess, decode_on_device
 from workers.models import ModelBundle
-from workers.pipeline import prefetched_batches
+from workers.pipeline import PrefetchedBatches
 from workers.readers import open_shard
 from workers.shards import RawSample, Sample, decode_image, decode_sample
 
@@ -32,10 +32,6 @@ class ShardResult:
     input_size: int
     input_etag: str
     record: dict[str, Any] = field(default_factory=dict)  # extra fields for the commit marker
-
-
-# Waiting longer than this for a decoded batch means decoding, not the model, is the bound.
-DECODE_BEHIND_S = 0.002
 
 
 @dataclass
@@ -114,17 +110,16 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     waited = forward = 0.0
     on_device = 0
     decode, collate = pipeline_steps(bundle)
-    with source as raws:
-        batches = prefetched_batches(raws, decode, shard.job.batch_size, runtime.decode_pool(), collate=collate)
+    with source as raws, PrefetchedBatches(raws, decode, shard.job.batch_size, runtime.decode_pool(),
+                                           collate=collate) as batches:
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
-            wait = time.perf_counter() - t0
-            waited += wait
+            waited += time.perf_counter() - t0
             if batch is None:
                 break
             if bundle.device.type == "cpu" and rows:  # not the first batch: it always waits for the pipeline to fill
-                runtime.forward_threads(decode_is_behind=wait > DECODE_BEHIND_S)
+                runtime.forward_threads(decode_is_behind=batches.waited and not batches.decode_idle)
             errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch.failed)
             on_device += batch.on_device
             if not batch.good:

@@ -1,46 +1,93 @@
-"""Decode and preprocess in a thread pool, a few batches ahead of the model forward."""
+"""Read, decode and preprocess a few batches ahead of the model forward, off its thread."""
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from itertools import islice
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 DEFAULT_PREFETCH_BATCHES = 2
+_END = object()
+_POLL_S = 0.1
 
 
-def prefetched_batches(
-    items: Iterable[T], fn: Callable[[T], R], batch_size: int, pool: Executor,
-    prefetch: int = DEFAULT_PREFETCH_BATCHES, collate: Callable[[list[R]], Any] | None = None,
-) -> Iterator[Any]:
-    """Yield ``fn`` applied to ``items`` in order, batch by batch, keeping ``prefetch`` batches in flight.
+class PrefetchedBatches:
+    """``fn`` applied to ``items`` in order, batch by batch, with ``prefetch`` batches in flight.
 
-    PIL releases the GIL while it decodes and resizes, so threads give real parallelism; the
-    bounded window keeps memory flat however large the shard is. ``collate`` (stacking,
-    tokenizing, pinning) runs on its own thread as soon as a batch is decoded, so the consumer
-    receives batches ready for the model and spends its time in the forward pass.
+    A feeder thread reads ``items`` (the shard stream) and submits each sample to ``pool``; PIL
+    releases the GIL while it decodes and resizes, so the pool's threads run in parallel.
+    ``collate`` (stacking, tokenizing, pinning) runs on its own thread once a batch is decoded.
+    The consumer's thread only takes finished batches, so it spends its time in the forward
+    pass. The bounded window keeps memory flat however large the shard is. Use it as a context
+    manager: leaving it stops the feeder before the stream it reads is closed.
     """
-    gather = _gatherer(collate)
-    collator = ThreadPoolExecutor(1, thread_name_prefix="collate")
-    pending: deque[Future] = deque()
-    it = iter(items)
-    try:
-        while True:
-            chunk = list(islice(it, batch_size))
-            if chunk:
-                pending.append(collator.submit(gather, [pool.submit(fn, item) for item in chunk]))
-            if pending and (len(pending) > prefetch or not chunk):
-                yield pending.popleft().result()
-            if not chunk and not pending:
-                return
-    finally:
-        collator.shutdown(wait=False, cancel_futures=True)
 
+    def __init__(self, items: Iterable[T], fn: Callable[[T], R], batch_size: int, pool: Executor,
+                 prefetch: int = DEFAULT_PREFETCH_BATCHES, collate: Callable[[list[R]], Any] | None = None) -> None:
+        self._items, self._fn, self._batch_size, self._pool, self._collate = iter(items), fn, batch_size, pool, collate
+        self._collator = ThreadPoolExecutor(1, thread_name_prefix="collate")
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(prefetch)  # batches submitted and not yet taken
+        self._in_flight: deque[Future] = deque()
+        self._stop = threading.Event()
+        self._exhausted = False
+        self.waited = False  # whether the last batch taken was not ready yet (decoding is behind)
+        self._feeder = threading.Thread(target=self._feed, name="feeder", daemon=True)
+        self._feeder.start()
 
-def _gatherer(collate: Callable[[list[R]], Any] | None) -> Callable[[list[Future]], Any]:
-    def gather(futures: list[Future]) -> Any:
+    def __enter__(self) -> PrefetchedBatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._feeder.join()
+        self._collator.shutdown(wait=False, cancel_futures=True)
+
+    def __iter__(self) -> PrefetchedBatches:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # later calls end too
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        self._in_flight.popleft()
+        self._slots.release()
+        self.waited = not item.done()
+        return item.result()
+
+    @property
+    def decode_idle(self) -> bool:
+        """True once every item has been decoded: nothing is left for the decode threads to do."""
+        return self._exhausted and all(f.done() for f in list(self._in_flight))
+
+    def _feed(self) -> None:
+        try:
+            while self._take_slot():
+                chunk = list(islice(self._items, self._batch_size))
+                if not chunk:
+                    self._exhausted = True
+                    break
+                batch = self._collator.submit(self._gather, [self._pool.submit(self._fn, i) for i in chunk])
+                self._in_flight.append(batch)
+                self._queue.put(batch)
+        except BaseException as exc:  # the consumer re-raises it: a reader's error fails the shard
+            self._queue.put(exc)
+        self._queue.put(_END)
+
+    def _take_slot(self) -> bool:
+        """Wait for room in the window; False once the consumer has left."""
+        while not self._stop.is_set():
+            if self._slots.acquire(timeout=_POLL_S):
+                return True
+        return False
+
+    def _gather(self, futures: list[Future]) -> Any:
         results = [f.result() for f in futures]
-        return collate(results) if collate is not None else results
-    return gather
+        return self._collate(results) if self._collate is not None else results
