@@ -26,6 +26,7 @@ import re
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -167,6 +168,19 @@ def naive_loop(bundle: ModelBundle, paths: list[Path], batch_size: int) -> float
     return good / seconds
 
 
+def _commit() -> str | None:
+    """The checkout's commit (with +dirty when it has changes), so a result names its code."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
@@ -269,6 +283,7 @@ def main(model, pretrained, device, batch_size, input_, shards, samples_per_shar
     a, b, c = med["model"], med["decode_threads"], med["task"]
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
+        "commit": _commit(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(bundle.device),
                     "gpu": torch.cuda.get_device_name(0) if bundle.device.type == "cuda" else None,
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(),

@@ -109,6 +109,7 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     errors: list[dict[str, str]] = []
     waited = forward = 0.0
     on_device = 0
+    taken = not_ready = 0  # batches after the first, and how many were still decoding when taken
     decode, collate = pipeline_steps(bundle)
     with source as raws, PrefetchedBatches(raws, decode, shard.job.batch_size, runtime.decode_pool(),
                                            collate=collate) as batches:
@@ -119,7 +120,8 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
             if batch is None:
                 break
             if bundle.device.type == "cpu" and rows:  # not the first batch: it always waits for the pipeline to fill
-                runtime.forward_threads(decode_is_behind=batches.waited and not batches.decode_idle)
+                taken, not_ready = taken + 1, not_ready + batches.waited
+                runtime.forward_threads(decode_is_behind=2 * not_ready > taken and not batches.decode_idle)
             errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch.failed)
             on_device += batch.on_device
             if not batch.good:

@@ -34,7 +34,8 @@ def configure_threads() -> None:
 
 
 def forward_threads(decode_is_behind: bool) -> None:
-    """Give the CPU forward all cores only when decoding is ahead of it.
+    """Give the CPU forward all cores only when decoding is ahead of it (the caller judges that
+    from how many of a shard's batches were still decoding when the forward wanted them).
 
     When the decode threads are busy on every core (the input is the bound), a forward split
     over several intra-op threads stalls at each barrier waiting for a descheduled thread:
