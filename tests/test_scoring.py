@@ -56,7 +56,10 @@ def test_score_nightly_incremental_and_report(redis_url, bucket, photo_shards, c
         rows += meta
     ref_img, ref_txt = reference_embeddings(checkpoint, [originals[r["key"]]["jpg"] for r in rows],
                                             [r["caption"] for r in rows])
-    np.testing.assert_allclose(np.concatenate(scores), np.einsum("ij,ij->i", ref_img, ref_txt), atol=2e-3)
+    # the worker decodes large JPEGs in draft mode (embeddings within cosine 0.995 of this full
+    # decode, tests/test_fast_decode.py), which moves scores by up to ~0.005; a pairing or
+    # normalisation bug would move them by tenths
+    np.testing.assert_allclose(np.concatenate(scores), np.einsum("ij,ij->i", ref_img, ref_txt), atol=1e-2)
 
     # and the report's quantiles match numpy's over all scores, from merged per-shard histograms
     summary = json.loads(s3_bytes(bucket, "scores/report/summary.json"))
