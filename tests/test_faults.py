@@ -21,6 +21,7 @@ from workers.samples import build_collection
 
 pytestmark = pytest.mark.integration
 SAMPLES_PER_SHARD = 300
+LONG_SAMPLES_PER_SHARD = 1500
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,14 @@ def big_shards(tmp_path_factory) -> tuple[Path, dict[str, int]]:
     """Shards big enough (seconds each on this machine) that a fault lands mid-shard."""
     folder = tmp_path_factory.mktemp("big")
     return folder, build_collection(folder, shards=3, samples_per_shard=SAMPLES_PER_SHARD, seed=3)
+
+
+@pytest.fixture(scope="module")
+def long_shards(tmp_path_factory) -> tuple[Path, dict[str, int]]:
+    """Shards that outlast a 1 s visibility timeout with room to spare: about 2 s of work each
+    for one worker alone on this machine's 2 cores (the tiny model decodes ~700 samples/s)."""
+    folder = tmp_path_factory.mktemp("long")
+    return folder, build_collection(folder, shards=3, samples_per_shard=LONG_SAMPLES_PER_SHARD, seed=4)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -119,9 +128,9 @@ def test_sigkill_of_pool_child_requeues_the_message(redis_url, big_shards, check
     assert_exactly_once(out, 3, built)
 
 
-def test_visibility_timeout_duplicate_is_harmless(redis_url, big_shards, checkpoint, tmp_path, start_worker):
+def test_visibility_timeout_duplicate_is_harmless(redis_url, long_shards, checkpoint, tmp_path, start_worker):
     # given: a visibility timeout shorter than one shard, and two workers
-    folder, built = big_shards
+    folder, built = long_shards
     queue, out = f"vt-{uuid.uuid4().hex[:8]}", tmp_path / "out"
     env = service_env(redis_url, CLIPBATCH_VISIBILITY_TIMEOUT="1")
     workers = [start_worker(queue, env), start_worker(queue, env)]
@@ -129,6 +138,8 @@ def test_visibility_timeout_duplicate_is_harmless(redis_url, big_shards, checkpo
     # when: a job runs, so running shards are redelivered to the other worker while still in progress
     client, job_id = submit(redis_url, folder, out, checkpoint, queue, visibility_timeout_s=1)
     status = client.job(job_id).wait(timeout_s=300)
+    for worker in workers:  # a duplicate may still be running: warm shutdown lets it finish and clean up
+        worker.stop()
     logs = lambda: "".join(w.log() for w in workers)  # noqa: E731
 
     # then: duplicates ran, yet one commit per shard won and the counters equal the input
