@@ -109,8 +109,9 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     errors: list[dict[str, str]] = []
     waited = forward = 0.0
     on_device = 0
-    taken = not_ready = 0  # batches after the first, and how many were still decoding when taken
+    seen = not_ready = 0  # batches taken, and how many of those after the first were still decoding
     decode, collate = pipeline_steps(bundle)
+    precision = runtime.precision()
     with source as raws, PrefetchedBatches(raws, decode, shard.job.batch_size, runtime.decode_pool(),
                                            collate=collate) as batches:
         while True:
@@ -119,16 +120,17 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
             waited += time.perf_counter() - t0
             if batch is None:
                 break
-            if bundle.device.type == "cpu" and rows:  # not the first batch: it always waits for the pipeline to fill
-                taken, not_ready = taken + 1, not_ready + batches.waited
-                runtime.forward_threads(decode_is_behind=2 * not_ready > taken and not batches.decode_idle)
+            seen += 1
+            if bundle.device.type == "cpu" and seen > 1:  # the first batch always waits for the pipeline to fill
+                not_ready += batches.waited
+                runtime.forward_threads(decode_is_behind=2 * not_ready > seen - 1 and not batches.decode_idle)
             errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch.failed)
             on_device += batch.on_device
             if not batch.good:
                 continue
             t0 = time.perf_counter()
             parts = bundle.limit.run(
-                lambda part: encode_pairs(bundle.model, batch.images[part], batch.tokens[part], runtime.precision()),
+                lambda part: encode_pairs(bundle.model, batch.images[part], batch.tokens[part], precision),
                 len(batch.good),
             )
             forward += time.perf_counter() - t0
