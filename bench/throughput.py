@@ -86,7 +86,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def model_bound(bundle: ModelBundle, batch_size: int, n: int, captions: list[str]) -> float:
     """(a) Forward passes on pre-made tensors: n samples in batches of batch_size."""
-    runtime.forward_threads(decode_is_behind=False)  # every core, as a forward alone gets
+    torch.set_num_threads(runtime.forward_threads().full)  # every core, as a forward alone gets
     images = torch.randn(batch_size, 3, bundle.image_size, bundle.image_size)
     tokens = bundle.tokenizer([captions[i % len(captions)] for i in range(batch_size)])
     if bundle.device.type == "cuda":
@@ -135,7 +135,7 @@ def task_path(spec: JobSpec, paths: list[Path], out: Path) -> tuple[float, dict[
 
 def naive_loop(bundle: ModelBundle, paths: list[Path], batch_size: int) -> float:
     """(d) What a first script does: one thread, PIL open -> preprocess -> forward per batch."""
-    runtime.forward_threads(decode_is_behind=False)
+    torch.set_num_threads(runtime.forward_threads().full)
     def run() -> int:
         good, images, captions = 0, [], []
 

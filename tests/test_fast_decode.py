@@ -16,7 +16,7 @@ from PIL import Image
 from tasks.specs import JobSpec, ModelSpec, ShardSpec
 from workers.device_decode import DevicePreprocess, decode_on_device
 from workers.embed import embed_shard
-from workers.models import load_model
+from workers.models import load_model, split_preprocess
 from workers.samples import build_collection, find_photos
 from workers.shards import DRAFT_REDUCING_GAP, open_rgb
 
@@ -53,6 +53,25 @@ def test_draft_decode_matches_full_decode_after_preprocessing(size):
         assert min(draft.size) >= min(min(full.size), size * DRAFT_REDUCING_GAP), name
         assert cosine(preprocess(full), preprocess(draft)) >= MIN_COSINE, name
     assert drafted >= 10, "the test photos must exercise the draft path"
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_batched_normalise_gives_open_clips_values_bit_for_bit(size):
+    # given open_clip's eval preprocessing, split into per-image uint8 pixels and a per-batch normalise
+    preprocess = open_clip.image_transform(size, is_train=False)
+    pixels, normalize = split_preprocess(preprocess)
+    images = [open_rgb(data, draft_to=size) for _, data in jpeg_variants()[::3]]
+    # when a batch of real photos goes through both
+    batch = normalize(torch.stack([pixels(img) for img in images]))
+    # then every image's model input is exactly what the whole pipeline makes of it
+    assert batch.dtype == torch.float32 and batch.shape == (len(images), 3, size, size) and batch.is_contiguous()
+    for img, row in zip(images, batch):
+        assert torch.equal(preprocess(img), row)
+
+
+def test_a_pipeline_that_does_not_end_in_normalise_runs_whole():
+    assert split_preprocess(open_clip.image_transform(64, is_train=False).transforms[:-1]) is None
+    assert split_preprocess(lambda img: img) is None
 
 
 def test_draft_decode_embeddings_match(checkpoint):
@@ -116,6 +135,8 @@ def test_a_shard_embeds_the_same_with_device_decode(checkpoint, tmp_path, monkey
     # and the embeddings agree
     decoded = [json.loads(r.files["stats/0.json"])["images_decoded_on_device"] for r in (cpu, dev)]
     assert decoded == [0, 24]
+    by_threads = json.loads(cpu.files["stats/0.json"])["cpu_forward_batches_by_threads"]
+    assert sum(by_threads.values()) >= 3 and all(int(k) >= 1 for k in by_threads)
     for name in ("errors/errors_0.parquet", "metadata/metadata_0.parquet"):
         a, b = (pq.read_table(io.BytesIO(r.files[name])).drop_columns(["clip_score"] if "metadata" in name else [])
                 for r in (cpu, dev))

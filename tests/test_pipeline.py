@@ -85,24 +85,44 @@ def test_prefetch_keeps_order_bounds_the_window_and_collates_off_the_consumer_th
     assert collate_threads and threading.current_thread().name not in collate_threads
 
 
-def test_cpu_forward_threads_yield_to_decoding_only_while_it_is_behind(monkeypatch):
-    from workers import runtime
+def test_cpu_forward_takes_one_thread_while_one_keeps_up_with_decoding(monkeypatch):
+    from workers.runtime import ForwardThreads
 
     monkeypatch.delenv("CLIPBATCH_TORCH_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        runtime.configure_threads()
-        runtime.forward_threads(decode_is_behind=True)
-        assert torch.get_num_threads() == 1
-        runtime.forward_threads(decode_is_behind=False)
-        assert torch.get_num_threads() == 2
+        threads = ForwardThreads(full=2)
+        # nothing measured yet and decoding busy: the cores stay with decoding
+        assert threads.choose(decode_s_per_sample=None, decode_idle=False) == 1 == torch.get_num_threads()
+        # nothing left to decode: every core
+        assert threads.choose(decode_s_per_sample=None, decode_idle=True) == 2 == torch.get_num_threads()
+        # a cheap forward (0.25 ms of CPU a sample on 2 threads) keeps up with a 1.2 ms/sample decode on one thread
+        threads.observe(samples=256, thread_cpu_s=0.032, threads=2)
+        assert threads.cpu_per_sample == pytest.approx(0.00025)
+        assert threads.choose(decode_s_per_sample=0.0012, decode_idle=False) == 1
+        # an expensive forward (the model is the bound) gets every core even while decoding works
+        for _ in range(10):
+            threads.observe(samples=64, thread_cpu_s=4.5, threads=1)
+        assert threads.choose(decode_s_per_sample=0.003, decode_idle=False) == 2
+        assert threads.observe(samples=0, thread_cpu_s=1.0, threads=1) is None  # an empty batch teaches nothing
         monkeypatch.setenv("CLIPBATCH_TORCH_THREADS", "2")  # a fixed count is left alone
-        runtime.forward_threads(decode_is_behind=True)
-        assert torch.get_num_threads() == 2
+        torch.set_num_threads(2)
+        assert threads.choose(decode_s_per_sample=1.0, decode_idle=False) == 2
     finally:
         torch.set_num_threads(before)
-        runtime.configure_threads()
+
+
+def test_prefetch_measures_the_decode_time_per_item():
+    # given a decode pool of one thread that takes at least 10 ms an item
+    def decode(i: int) -> int:
+        time.sleep(0.01)
+        return i
+
+    with ThreadPoolExecutor(1) as pool, PrefetchedBatches(range(12), decode, 4, pool, 2) as batches:
+        taken = list(batches)
+        # then the decode time counted per item is at least what each item took
+        assert batches.decoded == 12 and len(taken) == 3
+        assert batches.decode_s_per_sample >= 0.01
 
 
 def test_a_reader_error_reaches_the_consumer_and_leaving_early_stops_the_feeder():

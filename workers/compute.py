@@ -20,19 +20,46 @@ def _autocast(device: torch.device, precision: str = "bf16"):
     return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+@dataclass(frozen=True)
+class PixelNormalize:
+    """torchvision's ToTensor + Normalize for a whole batch of uint8 HWC pixels at once.
+
+    The same float operations in the same order as per image (so the same values, bit for
+    bit), but one call per batch instead of several per image, and on the model's device:
+    a CUDA worker copies uint8 pixels, a quarter of the float bytes.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2)  # NHWC -> NCHW; on CUDA this view is already channels_last
+        x = x.contiguous() if x.device.type != "cuda" else x.contiguous(memory_format=torch.channels_last)
+        x = x.to(torch.float32).div(255)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
+        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
+        return x.sub_(mean).div_(std)
+
+
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 @torch.inference_mode()
 def encode_pairs(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-                 precision: str = "bf16") -> tuple[np.ndarray, np.ndarray]:
+                 precision: str = "bf16", normalize: PixelNormalize | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Image and text embeddings of a batch of pairs, L2-normalised, float32 on the host.
 
-    On CUDA the inputs should come in pinned memory: the copies are then asynchronous.
+    ``images`` are preprocessed float NCHW tensors, or uint8 NHWC pixels that ``normalize``
+    turns into those on the model's device. On CUDA the inputs should come in pinned memory:
+    the copies are then asynchronous.
     """
     device = next(model.parameters()).device
     images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        if normalize is None:
+            raise ValueError("uint8 pixels need the model's PixelNormalize")
+        images = normalize(images)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     with _autocast(device, precision):

@@ -69,9 +69,11 @@ def collate_batch(samples: list[Sample], bundle: ModelBundle, on_device: DeviceP
     if on_device is not None:
         count = sum(d is not None for d in decoded)
         return Batch(good, failed, torch.stack([s.image.to(bundle.device) for s in good]), tokens, count)
-    images = torch.stack([s.image for s in good])
+    images = torch.stack([s.image for s in good])  # uint8 NHWC pixels, or preprocessed float NCHW
     if bundle.device.type == "cuda":  # page-locked host memory lets the copy overlap the previous forward
         images, tokens = images.pin_memory(), tokens.pin_memory()
+    elif images.dtype == torch.uint8:  # on the CPU, normalising is decode work: do it here, not in the forward
+        images = bundle.normalize(images)
     return Batch(good, failed, images, tokens)
 
 
@@ -80,8 +82,10 @@ def pipeline_steps(bundle: ModelBundle) -> tuple[Callable[[RawSample], Sample], 
     on_device = None
     if runtime.decode_on_device():
         on_device = DevicePreprocess.for_model(open_clip.get_model_preprocess_cfg(bundle.model))
-    decode = partial(decode_sample, preprocess=bundle.preprocess, draft_to=bundle.image_size,
-                     keep_jpeg=on_device is not None)
+    # Per image, the preprocessing up to uint8 pixels; ToTensor + Normalize run once per batch (in
+    # collate on the CPU, on the device for CUDA). Device decoding makes float images: it keeps the whole.
+    preprocess = bundle.pixels if bundle.pixels is not None and on_device is None else bundle.preprocess
+    decode = partial(decode_sample, preprocess=preprocess, draft_to=bundle.image_size, keep_jpeg=on_device is not None)
     return decode, partial(collate_batch, bundle=bundle, on_device=on_device)
 
 
@@ -109,7 +113,8 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     errors: list[dict[str, str]] = []
     waited = forward = 0.0
     on_device = 0
-    seen = not_ready = 0  # batches taken, and how many of those after the first were still decoding
+    threads_used: Counter = Counter()  # CPU forward batches by intra-op thread count
+    cpu_threads = runtime.forward_threads() if bundle.device.type == "cpu" else None
     decode, collate = pipeline_steps(bundle)
     precision = runtime.precision()
     with source as raws, PrefetchedBatches(raws, decode, shard.job.batch_size, runtime.decode_pool(),
@@ -120,20 +125,22 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
             waited += time.perf_counter() - t0
             if batch is None:
                 break
-            seen += 1
-            if bundle.device.type == "cpu" and seen > 1:  # the first batch always waits for the pipeline to fill
-                not_ready += batches.waited
-                runtime.forward_threads(decode_is_behind=2 * not_ready > seen - 1 and not batches.decode_idle)
             errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch.failed)
             on_device += batch.on_device
             if not batch.good:
                 continue
-            t0 = time.perf_counter()
+            if cpu_threads is not None:
+                threads = cpu_threads.choose(batches.decode_s_per_sample, batches.decode_idle)
+                threads_used[threads] += 1
+            t0, cpu0 = time.perf_counter(), time.thread_time()
             parts = bundle.limit.run(
-                lambda part: encode_pairs(bundle.model, batch.images[part], batch.tokens[part], precision),
+                lambda part: encode_pairs(bundle.model, batch.images[part], batch.tokens[part], precision,
+                                          bundle.normalize),
                 len(batch.good),
             )
             forward += time.perf_counter() - t0
+            if cpu_threads is not None:
+                cpu_threads.observe(len(batch.good), time.thread_time() - cpu0, threads)
             img_parts.extend(i for i, _ in parts)
             txt_parts.extend(t for _, t in parts)
             rows.extend({"key": s.key, "caption": s.caption, "shard": shard.input} for s in batch.good)
@@ -168,6 +175,7 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
         "seconds": {"total": total, "waiting_for_decode": waited, "forward": forward, "serialise": serialise},
         "samples_per_s": len(rows) / total if total > 0 else 0.0,
         "images_decoded_on_device": on_device,
+        "cpu_forward_batches_by_threads": {str(k): v for k, v in sorted(threads_used.items())},
         "clip_score": histogram(scores),
     }
     files[names["stats"]] = writers.json_bytes(stats)

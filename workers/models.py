@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import open_clip
 import torch
+from torchvision import transforms
 
 from orchestration.storage import is_s3, open_storage
 from tasks.specs import ModelSpec
-from workers.compute import BatchLimit
+from workers.compute import BatchLimit, PixelNormalize
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 CACHE_DIR = Path(os.environ.get("CLIPBATCH_CACHE_DIR", Path.home() / ".cache" / "clipbatch"))
@@ -40,6 +42,37 @@ class ModelBundle:
     load_seconds: float
     image_size: int  # the shorter side the preprocessing resizes to
     limit: BatchLimit = field(default_factory=BatchLimit)  # the forward batch that fits, learnt on OOM
+    # The preprocessing split in two where it allows (see split_preprocess): the per-image part
+    # ending in uint8 HWC pixels, and the per-batch ToTensor + Normalize.
+    pixels: Callable[[Any], torch.Tensor] | None = None
+    normalize: PixelNormalize | None = None
+
+    def __post_init__(self) -> None:
+        if self.pixels is None and self.normalize is None:
+            split = split_preprocess(self.preprocess)
+            if split is not None:
+                self.pixels, self.normalize = split
+
+
+def split_preprocess(preprocess: Any) -> tuple[Callable[[Any], torch.Tensor], PixelNormalize] | None:
+    """open_clip's ``Compose([..., ToTensor, Normalize])`` as (PIL part -> uint8 HWC, PixelNormalize).
+
+    None when the pipeline does not end that way: the worker then runs it whole, per image.
+    """
+    steps = list(getattr(preprocess, "transforms", []))
+    if len(steps) < 2 or type(steps[-2]).__name__ not in ("ToTensor", "MaybeToTensor"):
+        return None
+    if not isinstance(steps[-1], transforms.Normalize) or len(steps[-1].mean) != 3:
+        return None
+    head = transforms.Compose(steps[:-2])
+
+    def pixels(image: Any) -> torch.Tensor:
+        image = head(image)
+        if image.mode != "RGB":  # ToTensor would give a channel count the model cannot take anyway
+            image = image.convert("RGB")
+        return torch.from_numpy(np.array(image, dtype=np.uint8))  # a writable HWC copy
+
+    return pixels, PixelNormalize(tuple(map(float, steps[-1].mean)), tuple(map(float, steps[-1].std)))
 
 
 def resolve_device(device: str) -> torch.device:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from itertools import islice
@@ -35,7 +36,9 @@ class PrefetchedBatches:
         self._in_flight: deque[Future] = deque()
         self._stop = threading.Event()
         self._exhausted = False
-        self.waited = False  # whether the last batch taken was not ready yet (decoding is behind)
+        self.decoded = 0  # items decoded so far, and the wall time the decode pool spent on them
+        self.decode_seconds = 0.0
+        self._last_done = 0.0
         self._feeder = threading.Thread(target=self._feed, name="feeder", daemon=True)
         self._feeder.start()
 
@@ -59,8 +62,12 @@ class PrefetchedBatches:
             raise item
         self._in_flight.popleft()
         self._slots.release()
-        self.waited = not item.done()
         return item.result()
+
+    @property
+    def decode_s_per_sample(self) -> float | None:
+        """Wall seconds the decode pool has taken per item so far (None before the first batch)."""
+        return self.decode_seconds / self.decoded if self.decoded else None
 
     @property
     def decode_idle(self) -> bool:
@@ -74,7 +81,8 @@ class PrefetchedBatches:
                 if not chunk:
                     self._exhausted = True
                     break
-                batch = self._collator.submit(self._gather, [self._pool.submit(self._fn, i) for i in chunk])
+                submitted = time.perf_counter()
+                batch = self._collator.submit(self._gather, [self._pool.submit(self._fn, i) for i in chunk], submitted)
                 self._in_flight.append(batch)
                 self._queue.put(batch)
         except BaseException as exc:  # the consumer re-raises it: a reader's error fails the shard
@@ -88,6 +96,12 @@ class PrefetchedBatches:
                 return True
         return False
 
-    def _gather(self, futures: list[Future]) -> Any:
+    def _gather(self, futures: list[Future], submitted: float) -> Any:
         results = [f.result() for f in futures]
+        # Batches decode one after another (the pool takes items in order): this one's decode
+        # began when it was submitted or when the one before it was done, whichever came later.
+        done = time.perf_counter()
+        self.decode_seconds += done - max(submitted, self._last_done)
+        self._last_done = done
+        self.decoded += len(results)
         return self._collate(results) if self._collate is not None else results

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from celery.signals import worker_process_init
@@ -33,22 +34,51 @@ def configure_threads() -> None:
     _state["torch_threads"] = torch.get_num_threads()
 
 
-def forward_threads(decode_is_behind: bool) -> None:
-    """Give the CPU forward all cores only when decoding is ahead of it (the caller judges that
-    from how many of a shard's batches were still decoding when the forward wanted them).
+@dataclass
+class ForwardThreads:
+    """How many intra-op threads the CPU forward gets, chosen batch by batch from measured costs.
 
-    When the decode threads are busy on every core (the input is the bound), a forward split
-    over several intra-op threads stalls at each barrier waiting for a descheduled thread:
-    measured here, the tiny model's forward then took 75% of a shard instead of 10%. One
-    thread leaves the cores to decoding. When decoding is ahead (the model is the bound), the
-    forward takes every core. CLIPBATCH_TORCH_THREADS fixes the count instead.
+    The decode threads and torch's intra-op threads share the cores. While decoding still has
+    work, a forward split over every core stalls at each barrier waiting for a thread the decode
+    threads have descheduled (measured: the tiny model's forward then took 60% of a shard instead
+    of 15%). So the forward runs on one thread whenever one thread keeps up with decoding: its
+    CPU cost per sample is at most the decode's wall time per sample. A model that cannot keep
+    up (the model is the bound, as for ViT-B-32 on a CPU) gets every core, and so does any
+    batch taken once nothing is left to decode. Both costs are measured, not inferred from
+    waiting: a slow forward makes every batch look ready, which would argue for more threads.
+    CLIPBATCH_TORCH_THREADS fixes the count instead.
     """
-    if os.environ.get("CLIPBATCH_TORCH_THREADS"):
-        return
-    full = int(_state.setdefault("torch_threads", torch.get_num_threads()))  # type: ignore[arg-type]
-    wanted = 1 if decode_is_behind else full
-    if torch.get_num_threads() != wanted:
-        torch.set_num_threads(wanted)
+
+    full: int
+    cpu_per_sample: float | None = None  # the forward's CPU seconds per sample, all threads together
+
+    def choose(self, decode_s_per_sample: float | None, decode_idle: bool) -> int:
+        if os.environ.get("CLIPBATCH_TORCH_THREADS"):
+            threads = torch.get_num_threads()
+        elif decode_idle:
+            threads = self.full
+        elif self.cpu_per_sample is None or decode_s_per_sample is None:
+            threads = 1  # nothing measured yet, and decoding is busy: leave it the cores
+        else:
+            threads = 1 if self.cpu_per_sample <= decode_s_per_sample else self.full
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return threads
+
+    def observe(self, samples: int, thread_cpu_s: float, threads: int) -> None:
+        """Record one forward: ``thread_cpu_s`` is the calling thread's CPU time over it."""
+        if samples <= 0:
+            return
+        cost = thread_cpu_s * threads / samples  # intra-op threads share the work about evenly
+        self.cpu_per_sample = cost if self.cpu_per_sample is None else 0.7 * self.cpu_per_sample + 0.3 * cost
+
+
+def forward_threads() -> ForwardThreads:
+    """This process's CPU forward thread chooser, for the loaded model (a new model starts afresh)."""
+    if "forward_threads" not in _state:
+        full = int(_state.setdefault("torch_threads", torch.get_num_threads()))  # type: ignore[arg-type]
+        _state["forward_threads"] = ForwardThreads(full)
+    return _state["forward_threads"]  # type: ignore[return-value]
 
 
 @worker_process_init.connect
@@ -90,6 +120,7 @@ def model_for(spec: ModelSpec) -> ModelBundle:
     if isinstance(bundle, ModelBundle) and bundle.spec == spec:
         return bundle
     _state.pop("model", None)
+    _state.pop("forward_threads", None)
     if device().type == "cuda":
         torch.cuda.empty_cache()
     bundle = load_model(spec, device())
