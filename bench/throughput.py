@@ -194,6 +194,8 @@ def rss_over_shards(spec: JobSpec, paths: list[Path], shards: int, out: Path) ->
         path = paths[index % len(paths)]
         result = embed_shard(ShardSpec("bench", index, str(path), spec), f"rss{index}")
         commit.commit(storage, index, f"rss{index}", result.files, {"samples_ok": result.samples_ok})
+        del result
+        runtime.release_memory()  # as the worker does after each task
         samples.append(round(rss_mb(), 1))
     settled = samples[min(4, len(samples) - 1)]
     return {"shards": shards, "rss_mb_after_shard": samples, "rss_mb_after_5": settled, "rss_mb_last": samples[-1],

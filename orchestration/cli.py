@@ -16,8 +16,8 @@ import redis
 
 from orchestration.config import Settings, redact
 from orchestration.keys import JobState
-from tasks.specs import (DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES_PER_INPUT_SHARD, DEFAULT_SAMPLES_PER_TRAIN_SHARD,
-                         INPUT_FORMATS, FinetuneSpec, JobSpec, ModelSpec, SpecError, TrainShardsSpec)
+from tasks.specs import (DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE, DEFAULT_SAMPLES_PER_INPUT_SHARD,
+                         DEFAULT_SAMPLES_PER_TRAIN_SHARD, INPUT_FORMATS, FinetuneSpec, JobSpec, ModelSpec, SpecError, TrainShardsSpec)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -93,7 +93,9 @@ def _job_options(fn):
         click.option("--model", help="open_clip model name, e.g. ViT-B-32 or clipbatch-tiny."),
         click.option("--pretrained", help="open_clip pretrained tag, checkpoint path or s3:// URI."),
         click.option("--model-config", type=click.Path(dir_okay=False), help="JSON config for an architecture open_clip does not know."),
-        click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True),
+        click.option("--batch-size", type=int, default=None,
+                     help=f"Pairs per batch [default: the worker's choice: {DEFAULT_BATCH_SIZE} on a CPU, "
+                          f"{DEFAULT_CUDA_BATCH_SIZE} on CUDA, halved while it does not fit]."),
         click.option("--json", "as_json", is_flag=True, help="Print the job status as JSON."),
     ]
     for option in reversed(options):

@@ -9,7 +9,7 @@
     cron = "0 2 * * *"                     # minute hour day-of-month month day-of-week, UTC
     queue = "gpu"                          # optional (default gpu)
     embeddings = false                     # optional (default true): write the arrays too
-    batch_size = 256                       # optional
+    batch_size = 256                       # optional (default: the worker's choice for its device)
     input_format = "parquet"               # optional (default auto), with image_col, caption_col,
     image_col = "jpg"                      #   key_col and samples_per_shard as on the command line
 """
@@ -22,10 +22,10 @@ from typing import Any
 from celery.schedules import crontab
 
 from orchestration.config import DEFAULT_QUEUE
-from tasks.specs import DEFAULT_BATCH_SIZE, JobSpec, ModelSpec, SpecError
+from tasks.specs import JobSpec, ModelSpec, SpecError
 
 REQUIRED = ("name", "input", "output", "model", "cron")
-OPTIONAL = {"pretrained": None, "queue": DEFAULT_QUEUE, "embeddings": True, "batch_size": DEFAULT_BATCH_SIZE,
+OPTIONAL = {"pretrained": None, "queue": DEFAULT_QUEUE, "embeddings": True, "batch_size": None,
             "input_format": "auto", "image_col": None, "caption_col": None, "key_col": None, "samples_per_shard": None}
 INPUT_FIELDS = ("input_format", "image_col", "caption_col", "key_col", "samples_per_shard")
 

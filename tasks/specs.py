@@ -9,7 +9,10 @@ from orchestration.config import DEFAULT_QUEUE
 
 KINDS = ("embed", "score")
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "folder", "manifest")
+# Batch sizes the worker picks for a job that gives none, by its device: a CUDA worker starts
+# at the larger one and halves it on out-of-memory (workers/compute.py BatchLimit).
 DEFAULT_BATCH_SIZE = 256
+DEFAULT_CUDA_BATCH_SIZE = 1024
 # Samples per shard task of a folder or manifest input (img2dataset's shard size).
 DEFAULT_SAMPLES_PER_INPUT_SHARD = 10000
 DEFAULT_SAMPLES_PER_TRAIN_SHARD = 10000
@@ -65,7 +68,7 @@ class JobSpec:
     input: str
     output: str
     model: ModelSpec
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None  # None: the worker chooses for its device (auto_batch_size)
     queue: str = DEFAULT_QUEUE
     kind: str = "embed"
     embeddings: bool = True
@@ -87,9 +90,11 @@ class JobSpec:
             raise SpecError("output", "give an output folder or s3://bucket/prefix")
         if self.output.startswith("s3://") and not self.output[5:].split("/")[0]:
             raise SpecError("output", f"{self.output!r} has no bucket name")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+        if self.batch_size is None:
+            pass
+        elif isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
             raise SpecError("batch_size", f"{self.batch_size!r} is not an integer")
-        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+        elif not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise SpecError("batch_size", f"{self.batch_size} must be between 1 and {MAX_BATCH_SIZE}")
         if not _QUEUE_RE.match(self.queue or ""):
             raise SpecError("queue", f"{self.queue!r} is not a queue name (letters, digits, _ . : -)")
@@ -109,6 +114,12 @@ class JobSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def batch_size_on(self, device_type: str) -> int:
+        """The batch the worker collates: the job's, or the default for ``device_type``."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return DEFAULT_CUDA_BATCH_SIZE if device_type == "cuda" else DEFAULT_BATCH_SIZE
 
     def marker_fields(self) -> dict[str, Any]:
         """What every commit marker of this job records about how it was made."""

@@ -139,3 +139,26 @@ def test_a_reader_error_reaches_the_consumer_and_leaving_early_stops_the_feeder(
         with PrefetchedBatches(endless, lambda i: i, 8, pool) as batches:
             assert next(batches) == [0] * 8
         assert not batches._feeder.is_alive()
+
+
+def test_malloc_arenas_are_capped_unless_the_user_set_them_and_the_heap_is_trimmed_after_a_task(monkeypatch):
+    from celery.signals import task_postrun
+
+    from workers import runtime
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+
+        def malloc_trim(self, pad):
+            calls.append(("malloc_trim", pad))
+
+    monkeypatch.setattr(runtime, "_glibc", lambda: FakeLibc())
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    runtime.limit_malloc_arenas()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # glibc reads the user's own setting: left alone
+    runtime.limit_malloc_arenas()
+    task_postrun.send(sender=None)  # what a worker sends after every task
+    assert calls == [("mallopt", -8, runtime.MALLOC_ARENAS), ("malloc_trim", 0)]

@@ -43,3 +43,12 @@ def test_shard_spec_round_trips_through_json():
     ranged = ShardSpec("job1", 0, "/m.csv#rows=0-10", spec(input_format="manifest", image_col="url", caption_col="text",
                                                         key_col="id", samples_per_shard=10))
     assert ShardSpec.from_dict(json.loads(json.dumps(ranged.to_dict()))) == ranged
+
+
+def test_a_job_without_a_batch_size_gets_the_workers_choice_for_its_device():
+    job = spec()
+    job.validate()
+    assert job.batch_size is None
+    assert (job.batch_size_on("cpu"), job.batch_size_on("cuda")) == (256, 1024)
+    assert spec(batch_size=48).batch_size_on("cuda") == 48
+    assert JobSpec.from_dict(json.loads(json.dumps(job.to_dict()))) == job

@@ -117,7 +117,8 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     cpu_threads = runtime.forward_threads() if bundle.device.type == "cpu" else None
     decode, collate = pipeline_steps(bundle)
     precision = runtime.precision()
-    with source as raws, PrefetchedBatches(raws, decode, shard.job.batch_size, runtime.decode_pool(),
+    batch_size = shard.job.batch_size_on(bundle.device.type)
+    with source as raws, PrefetchedBatches(raws, decode, batch_size, runtime.decode_pool(),
                                            collate=collate) as batches:
         while True:
             t0 = time.perf_counter()
@@ -175,6 +176,8 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
         "seconds": {"total": total, "waiting_for_decode": waited, "forward": forward, "serialise": serialise},
         "samples_per_s": len(rows) / total if total > 0 else 0.0,
         "images_decoded_on_device": on_device,
+        "batch_size": batch_size,
+        "forward_batch_limit": bundle.limit.size,  # set once an out-of-memory has halved the forward batch
         "cpu_forward_batches_by_threads": {str(k): v for k, v in sorted(threads_used.items())},
         "clip_score": histogram(scores),
     }
