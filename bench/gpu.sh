@@ -4,7 +4,7 @@
 # The GPU machine has python3 with torch, torchvision, pillow, numpy, pyarrow, click and rich,
 # but no network: the rest travels as wheels in .whl/ (make them here with bench/gpu_wheels.sh).
 # Weights cannot be downloaded there either, so the models run from a seeded random state: the
-# same compute as the pretrained weights. Results go to $OUT (or bench/results) as JSON.
+# same compute as the pretrained weights. Results go to $OUT (or bench/results) as one JSON file.
 #   MODELS  "name batch rounds" triples, ';'-separated (default ViT-B-32 and ViT-L-14)
 #   DEVICE  default cuda; SAMPLES per shard (4 shards x 4 copies), default 1000
 set -euo pipefail
@@ -36,7 +36,7 @@ for run in "${RUNS[@]}"; do
   for decode in cpu device; do
     CLIPBATCH_DECODE=$decode timeout 200 "$PY" bench/throughput.py --model "$model" --device "$DEVICE" \
       --batch-size "$batch" --input "$INPUT" --shards 4 --samples-per-shard "$SAMPLES" --max-side 512 --copies 4 --rounds "$rounds" \
-      --skip-naive --out "$OUT/$DAY-h200-$model-decode-$decode.json" || echo "$model (decode on $decode) failed: $?"
+      --skip-naive --out "$OUT/$DAY-h200.json" --label "$model-decode-$decode" || echo "$model (decode on $decode) failed: $?"
   done
   if [ -n "$pid" ]; then
     kill "$pid" || true

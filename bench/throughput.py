@@ -240,9 +240,11 @@ def queue_overhead(spec: JobSpec, folder: Path, shards: int, device: str) -> dic
 @click.option("--skip-naive", is_flag=True, help="Leave out (d), e.g. for big models on a CPU.")
 @click.option("--rss-shards", type=int, default=0, help="Also record RSS over this many task-path shards.")
 @click.option("--queue-overhead-shards", type=int, default=0, help="Also time a real worker on this many 1,000-sample shards.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Also write the JSON here.")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Also write the JSON here, under --label; the file's other labels are kept (one file per machine).")
+@click.option("--label", help="The result's key in --out [default: the model name].")
 def main(model, pretrained, device, batch_size, input_, shards, samples_per_shard, max_side, copies, rounds, skip_naive,
-         rss_shards, queue_overhead_shards, out) -> None:
+         rss_shards, queue_overhead_shards, out, label) -> None:
     work = Path(tempfile.mkdtemp(prefix="clipbatch-bench-"))
     if device != "auto":
         os.environ["CLIPBATCH_DEVICE"] = device
@@ -310,8 +312,11 @@ def main(model, pretrained, device, batch_size, input_, shards, samples_per_shar
     text = json.dumps(result, indent=2)
     print(text)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results[label or model] = result
+        path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,19 @@ class ModelBundle:
                 self.pixels, self.normalize = split
 
 
+@dataclass(frozen=True)
+class ToPixels:
+    """The per-image head of a preprocessing pipeline, ending in uint8 HWC pixels (picklable)."""
+
+    head: Callable[[Any], Any]
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        image = self.head(image)
+        if image.mode != "RGB":  # ToTensor would give a channel count the model cannot take anyway
+            image = image.convert("RGB")
+        return torch.from_numpy(np.array(image, dtype=np.uint8))  # a writable HWC copy
+
+
 def split_preprocess(preprocess: Any) -> tuple[Callable[[Any], torch.Tensor], PixelNormalize] | None:
     """open_clip's ``Compose([..., ToTensor, Normalize])`` as (PIL part -> uint8 HWC, PixelNormalize).
 
@@ -64,14 +77,7 @@ def split_preprocess(preprocess: Any) -> tuple[Callable[[Any], torch.Tensor], Pi
         return None
     if not isinstance(steps[-1], transforms.Normalize) or len(steps[-1].mean) != 3:
         return None
-    head = transforms.Compose(steps[:-2])
-
-    def pixels(image: Any) -> torch.Tensor:
-        image = head(image)
-        if image.mode != "RGB":  # ToTensor would give a channel count the model cannot take anyway
-            image = image.convert("RGB")
-        return torch.from_numpy(np.array(image, dtype=np.uint8))  # a writable HWC copy
-
+    pixels = ToPixels(transforms.Compose(steps[:-2]))
     return pixels, PixelNormalize(tuple(map(float, steps[-1].mean)), tuple(map(float, steps[-1].std)))
 
 
