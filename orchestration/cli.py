@@ -16,8 +16,8 @@ import redis
 
 from orchestration.config import Settings, redact
 from orchestration.keys import JobState
-from tasks.specs import (DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE, DEFAULT_SAMPLES_PER_INPUT_SHARD,
-                         DEFAULT_SAMPLES_PER_TRAIN_SHARD, INPUT_FORMATS, FinetuneSpec, JobSpec, ModelSpec, SpecError, TrainShardsSpec)
+from orchestration.cli_options import KIND_HELP, spec_from_options, with_kind_options
+from tasks.specs import DEFAULT_SAMPLES_PER_TRAIN_SHARD, FinetuneSpec, ModelSpec, SpecError, TrainShardsSpec
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -69,63 +69,6 @@ class Group(click.Group):
 @click.version_option(package_name="clipbatch")
 def main() -> None:
     """Batch CLIP embedding over webdataset shards with Celery workers, Redis and S3."""
-
-
-KIND_HELP = {
-    "embed": "Embed every image and caption of the input shards (and score each pair).",
-    "score": "Score every pair (clip_score); only shards without a result for this model run.",
-}
-
-
-def _job_options(fn):
-    options = [
-        click.option("--input", "input_", required=True,
-                     help="Shard, brace pattern ({00000..00099}), file, folder or s3:// prefix."),
-        click.option("--input-format", type=click.Choice(INPUT_FORMATS), default="auto", show_default=True,
-                     help="auto: a file by its extension; a folder by what it holds (tar > parquet > manifest > images)."),
-        click.option("--image-col", help="Parquet/manifest column of image bytes or a path/URI [default: image]."),
-        click.option("--caption-col", help="Parquet/manifest column of the caption [default: caption]."),
-        click.option("--key-col", help="Parquet/manifest column of the sample key [default: file stem and row]."),
-        click.option("--samples-per-shard", type=int,
-                     help=f"Folder/manifest samples per shard task [default: {DEFAULT_SAMPLES_PER_INPUT_SHARD}]; "
-                          "for parquet, split files into row groups of about this many rows."),
-        click.option("--output", required=True, help="Output folder or s3://bucket/prefix."),
-        click.option("--model", help="open_clip model name, e.g. ViT-B-32 or clipbatch-tiny."),
-        click.option("--pretrained", help="open_clip pretrained tag, checkpoint path or s3:// URI."),
-        click.option("--model-config", type=click.Path(dir_okay=False), help="JSON config for an architecture open_clip does not know."),
-        click.option("--batch-size", type=int, default=None,
-                     help=f"Pairs per batch [default: the worker's choice: {DEFAULT_BATCH_SIZE} on a CPU, "
-                          f"{DEFAULT_CUDA_BATCH_SIZE} on CUDA, halved while it does not fit]."),
-        click.option("--json", "as_json", is_flag=True, help="Print the job status as JSON."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _spec(kind: str, input_: str, output: str, model: str | None, pretrained: str | None, model_config: str | None,
-          batch_size: int, queue: str, no_embeddings: bool = False, **input_options: Any) -> JobSpec:
-    """A validated embed/score spec; ``input_options`` are JobSpec's input fields (format, columns, shard size)."""
-    config = None
-    if model_config:
-        try:
-            config = json.loads(Path(model_config).read_text())
-        except (OSError, ValueError) as exc:
-            raise SpecError("model_config", f"{model_config}: cannot read JSON ({exc})") from None
-        model = model or Path(model_config).stem
-    if not model:
-        raise SpecError("model", "is required (or give --model-config FILE.json)")
-    spec = JobSpec(input_, output, ModelSpec(model, pretrained, config), batch_size=batch_size, queue=queue,
-                   kind=kind, embeddings=not no_embeddings, **input_options)
-    spec.validate()
-    return spec
-
-
-def _with_kind_options(kind: str, fn):
-    fn = _job_options(fn)
-    if kind == "score":
-        fn = click.option("--no-embeddings", is_flag=True, help="Write scores only, not the embedding arrays.")(fn)
-    return fn
 
 
 def _print_status(status: dict[str, Any], as_json: bool) -> None:
@@ -203,11 +146,11 @@ def _submit_command(kind: str):
     @click.option("--wait", is_flag=True, help="Wait for the job to end, with a progress bar.")
     def command(input_, output, model, pretrained, model_config, batch_size, as_json, queue, wait,
                 no_embeddings=False, **input_options) -> None:
-        spec = _spec(kind, input_, output, model, pretrained, model_config, batch_size, queue, no_embeddings,
-                     **input_options)
+        spec = spec_from_options(kind, input_, output, model, pretrained, model_config, batch_size, queue,
+                                 no_embeddings, **input_options)
         _submit(spec, wait, as_json)
 
-    return _with_kind_options(kind, command)
+    return with_kind_options(kind, command)
 
 
 for _kind, _help in KIND_HELP.items():
@@ -328,13 +271,13 @@ def _run_command(kind: str):
                 no_embeddings=False, **input_options) -> None:
         from orchestration.embedded import EMBEDDED_QUEUE, run_embedded
 
-        spec = _spec(kind, input_, output, model, pretrained, model_config, batch_size, EMBEDDED_QUEUE, no_embeddings,
-                     **input_options)
+        spec = spec_from_options(kind, input_, output, model, pretrained, model_config, batch_size, EMBEDDED_QUEUE,
+                                 no_embeddings, **input_options)
         status = run_embedded(spec, workers=workers, device=device, progress=not as_json)
         _print_status(status, as_json)
         _exit_for(status)
 
-    return _with_kind_options(kind, command)
+    return with_kind_options(kind, command)
 
 
 for _kind, _help in KIND_HELP.items():
