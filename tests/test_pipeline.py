@@ -160,3 +160,21 @@ def test_malloc_arenas_are_capped_unless_the_user_set_them_and_the_heap_is_trimm
     runtime.limit_malloc_arenas()
     runtime.release_memory()  # connected to task_postrun: a worker runs it after every task
     assert calls == [("mallopt", -8, runtime.MALLOC_ARENAS), ("malloc_trim", 0)]
+
+
+def test_uint8_pixels_are_normalised_where_the_model_runs_as_a_cuda_worker_does(checkpoint):
+    # given the tiny model and a batch of uint8 HWC pixels (what a CUDA worker copies to the device)
+    from tasks.specs import ModelSpec
+    from workers.compute import encode_pairs
+    from workers.models import load_model
+
+    bundle = load_model(ModelSpec("clipbatch-tiny", str(checkpoint)), torch.device("cpu"))
+    pixels = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tokens = bundle.tokenizer(["a photo"] * 5)
+    # when encode_pairs gets them raw, and as the CPU path's normalised floats
+    raw = encode_pairs(bundle.model, pixels, tokens, "fp32", bundle.normalize)
+    ready = encode_pairs(bundle.model, bundle.normalize(pixels), tokens, "fp32")
+    # then the embeddings are the same, and raw pixels without their normaliser are refused
+    assert np.array_equal(raw[0], ready[0]) and np.array_equal(raw[1], ready[1])
+    with pytest.raises(ValueError, match="PixelNormalize"):
+        encode_pairs(bundle.model, pixels, tokens, "fp32")
