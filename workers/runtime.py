@@ -101,8 +101,8 @@ def limit_malloc_arenas() -> None:
 
     By default every thread that allocates may get an arena of its own (up to 8 per core), and a
     buffer one thread allocates and another frees stays in the first one's arena: the worker's
-    RSS crept up 140 MB over 40 shards. With 2 arenas and a trim after each task it held within
-    3 MB from the 3rd shard to the 40th (measured with bench/throughput.py --rss-shards).
+    RSS crept up 140 MB over 40 shards. With 2 arenas and a trim after each task it stays level:
+    911-939 MB from the 3rd shard to the 60th, with no trend (bench/results, --rss-shards 60).
     """
     libc = _glibc()
     if libc is not None and not os.environ.get("MALLOC_ARENA_MAX"):
