@@ -42,8 +42,9 @@ def job_options(fn):
     return fn
 
 
-def spec_from_options(kind: str, input_: str, output: str, model: str | None, pretrained: str | None, model_config: str | None,
-          batch_size: int, queue: str, no_embeddings: bool = False, **input_options: Any) -> JobSpec:
+def spec_from_options(kind: str, input_: str, output: str, model: str | None, pretrained: str | None,
+                      model_config: str | None, batch_size: int | None, queue: str, no_embeddings: bool = False,
+                      **input_options: Any) -> JobSpec:
     """A validated embed/score spec; ``input_options`` are JobSpec's input fields (format, columns, shard size)."""
     config = None
     if model_config:

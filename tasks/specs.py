@@ -68,7 +68,7 @@ class JobSpec:
     input: str
     output: str
     model: ModelSpec
-    batch_size: int | None = None  # None: the worker chooses for its device (auto_batch_size)
+    batch_size: int | None = None  # None: the worker chooses for its device (batch_size_on)
     queue: str = DEFAULT_QUEUE
     kind: str = "embed"
     embeddings: bool = True
@@ -90,11 +90,10 @@ class JobSpec:
             raise SpecError("output", "give an output folder or s3://bucket/prefix")
         if self.output.startswith("s3://") and not self.output[5:].split("/")[0]:
             raise SpecError("output", f"{self.output!r} has no bucket name")
-        if self.batch_size is None:
-            pass
-        elif isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
-            raise SpecError("batch_size", f"{self.batch_size!r} is not an integer")
-        elif not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+        n = self.batch_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+            raise SpecError("batch_size", f"{n!r} is not an integer")
+        if n is not None and not 1 <= n <= MAX_BATCH_SIZE:
             raise SpecError("batch_size", f"{self.batch_size} must be between 1 and {MAX_BATCH_SIZE}")
         if not _QUEUE_RE.match(self.queue or ""):
             raise SpecError("queue", f"{self.queue!r} is not a queue name (letters, digits, _ . : -)")

@@ -44,14 +44,11 @@ class ModelBundle:
     limit: BatchLimit = field(default_factory=BatchLimit)  # the forward batch that fits, learnt on OOM
     # The preprocessing split in two where it allows (see split_preprocess): the per-image part
     # ending in uint8 HWC pixels, and the per-batch ToTensor + Normalize.
-    pixels: Callable[[Any], torch.Tensor] | None = None
-    normalize: PixelNormalize | None = None
+    pixels: Callable[[Any], torch.Tensor] | None = field(init=False, default=None)
+    normalize: PixelNormalize | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        if self.pixels is None and self.normalize is None:
-            split = split_preprocess(self.preprocess)
-            if split is not None:
-                self.pixels, self.normalize = split
+        self.pixels, self.normalize = split_preprocess(self.preprocess) or (None, None)
 
 
 @dataclass(frozen=True)
