@@ -42,16 +42,16 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestration import commit  # noqa: E402
-from orchestration.storage import open_storage  # noqa: E402
-from tasks.specs import JobSpec, ModelSpec, ShardSpec  # noqa: E402
-from workers import runtime  # noqa: E402
-from workers.compute import encode_pairs  # noqa: E402
-from workers.embed import embed_shard, pipeline_steps  # noqa: E402
-from workers.models import ModelBundle, save_seeded_checkpoint  # noqa: E402
-from workers.pipeline import PrefetchedBatches  # noqa: E402
-from workers.samples import corrupt_samples, find_photos, photo_sample, write_shard  # noqa: E402
-from workers.shards import decode_sample, iter_raw_samples  # noqa: E402
+from clipbatch.core import commit  # noqa: E402
+from clipbatch.core.storage import open_storage  # noqa: E402
+from clipbatch.core.specs import JobSpec, ModelSpec, ShardSpec  # noqa: E402
+from clipbatch.workers import runtime  # noqa: E402
+from clipbatch.workers.compute import encode_pairs  # noqa: E402
+from clipbatch.workers.embed import embed_shard, pipeline_steps  # noqa: E402
+from clipbatch.workers.models import ModelBundle, save_seeded_checkpoint  # noqa: E402
+from clipbatch.workers.pipeline import PrefetchedBatches  # noqa: E402
+from clipbatch.sample_data import corrupt_samples, find_photos, photo_sample, write_shard  # noqa: E402
+from clipbatch.workers.samples import decode_sample, iter_raw_samples  # noqa: E402
 
 COMMIT_LINE = re.compile(r"shard committed .*?samples=(\d+).*?setup_s=([\d.]+) compute_s=([\d.]+) commit_s=([\d.]+)")
 
@@ -205,7 +205,7 @@ def rss_over_shards(spec: JobSpec, paths: list[Path], shards: int, out: Path) ->
 
 def queue_overhead(spec: JobSpec, folder: Path, shards: int, device: str) -> dict[str, Any]:
     """A real worker on a private Redis, 1,000-sample shards: setup and commit time per shard."""
-    from orchestration.embedded import run_embedded
+    from clipbatch.orchestration.embedded import run_embedded
 
     inputs = build_input(folder / "q_in", shards, 1000, 512, seed=1)
     job = JobSpec(str(inputs[0].parent), str(folder / "q_out"), spec.model, batch_size=spec.batch_size)

@@ -1,4 +1,7 @@
-"""The ``clipbatch`` command: a thin layer over orchestration.Client.
+"""The producer's commands (submit, status, run, report, ...): a thin layer over the Client.
+
+``clipbatch.cli`` adds the worker side's commands (``worker``, ``make-checkpoint``, ``demo``)
+to this group, loaded only when one of them runs, so the producer never imports torch.
 
 Exit codes: 0 success, 1 a failed or cancelled job (or an unreachable service), 2 a bad
 command or spec. A user's mistake prints one line naming the field, never a traceback.
@@ -12,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+import kombu.exceptions
 import redis
 
-from orchestration.config import Settings, redact
-from orchestration.keys import JobState
-from orchestration.cli_options import KIND_HELP, spec_from_options, with_kind_options
-from tasks.specs import DEFAULT_SAMPLES_PER_TRAIN_SHARD, FinetuneSpec, ModelSpec, SpecError, TrainShardsSpec
+from clipbatch.core.config import Settings, redact
+from clipbatch.core.keys import JobState
+from clipbatch.orchestration.cli_options import KIND_HELP, spec_from_options, with_kind_options
+from clipbatch.core.specs import DEFAULT_SAMPLES_PER_TRAIN_SHARD, FinetuneSpec, ModelSpec, SpecError, TrainShardsSpec
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -45,24 +49,21 @@ class Group(click.Group):
     """Turns the errors a user can cause into one-line messages."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from orchestration.client import BrokerUnavailable, UnknownJob
-        from orchestration.storage import StorageError
+        from clipbatch.orchestration.client import BrokerUnavailable, UnknownJob
+        from clipbatch.orchestration.embedded import EmbeddedError
+        from clipbatch.core.storage import StorageError, StorageUnavailable
 
         try:
             return super().invoke(ctx)
+        except (BrokerUnavailable, EmbeddedError, StorageUnavailable) as exc:
+            raise ServiceError(str(exc)) from None
         except (SpecError, UnknownJob, StorageError) as exc:
             raise UserError(str(exc).strip("'\"")) from None
-        except BrokerUnavailable as exc:
-            raise ServiceError(str(exc)) from None
         except redis.ConnectionError as exc:
             url = redact(Settings.from_env().broker_url)
             raise ServiceError(f"cannot reach Redis at {url} ({exc}); set CLIPBATCH_BROKER_URL") from None
-        except Exception as exc:
-            if type(exc).__module__.startswith(("botocore", "boto3", "redis", "kombu")):
-                raise ServiceError(f"{type(exc).__name__}: {exc}") from None
-            if type(exc).__name__ == "EmbeddedError":
-                raise ServiceError(str(exc)) from None
-            raise
+        except (redis.RedisError, kombu.exceptions.KombuError) as exc:
+            raise ServiceError(f"{type(exc).__name__}: {exc}") from None
 
 
 @click.group(cls=Group)
@@ -93,36 +94,6 @@ def _exit_for(status: dict[str, Any]) -> None:
         sys.exit(EXIT_FAILED)
 
 
-@main.command()
-@click.option("--queues", default="gpu", show_default=True, help="Comma-separated queues to consume.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--concurrency", type=int, default=1, show_default=True, help="Processes; one per device.")
-@click.option("--loglevel", default="info", show_default=True)
-@click.option("--hostname", help="Celery node name (default clipbatch-<pid>@<host>).")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="CLIPBATCH_METRICS_PORT",
-              help="Serve Prometheus metrics on this port (env CLIPBATCH_METRICS_PORT; 0 or unset: off).")
-def worker(queues: str, device: str, concurrency: int, loglevel: str, hostname: str | None,
-           metrics_port: int | None) -> None:
-    """Run a Celery worker that processes shard messages."""
-    if concurrency < 1:
-        raise SpecError("concurrency", "must be at least 1")
-    os.environ["CLIPBATCH_DEVICE"] = device
-    if metrics_port:
-        from workers.metrics import start as start_metrics
-
-        try:
-            start_metrics(metrics_port)
-        except OSError as exc:
-            raise UserError(f"--metrics-port: cannot listen on {metrics_port} ({exc.strerror})") from None
-    from tasks.app import app
-
-    node = hostname or f"clipbatch-{os.getpid()}@%h"
-    # No gossip: every worker would receive every other worker's heartbeats, N^2 pub/sub traffic
-    # in Redis (docs/scaling.md). No mingle: nothing to sync at start (cancel is a job flag, not a revoke).
-    app.worker_main(["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork",
-                     "--loglevel", loglevel, "--hostname", node, "-O", "fair", "--without-gossip", "--without-mingle"])
-
-
 @main.group()
 def submit() -> None:
     """Submit a job to the workers through Redis."""
@@ -130,7 +101,7 @@ def submit() -> None:
 
 def _submit(spec, wait: bool, as_json: bool) -> None:
     """Submit any job; print its id, or wait and print its final status."""
-    from orchestration.client import Client
+    from clipbatch.orchestration.client import Client
 
     job = Client().submit(spec)
     status = job.wait(progress=not as_json) if wait else job.status()
@@ -200,7 +171,7 @@ def submit_finetune(train, output, model, pretrained, epochs, lr, batch_size, lo
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(job_id: str, watch: bool, as_json: bool) -> None:
     """Show a job's state and counters."""
-    from orchestration.client import Client
+    from clipbatch.orchestration.client import Client
 
     job = Client().job(job_id)
     result = job.wait(progress=not as_json) if watch else job.status()
@@ -212,7 +183,7 @@ def status(job_id: str, watch: bool, as_json: bool) -> None:
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
     """Cancel a job: queued shards are skipped, committed outputs stay valid."""
-    from orchestration.client import Client
+    from clipbatch.orchestration.client import Client
 
     job = Client().job(job_id)
     moved = job.cancel()
@@ -224,7 +195,7 @@ def cancel(job_id: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def list_jobs(limit: int, as_json: bool) -> None:
     """List recent jobs, newest first: id, kind, state, progress, age, output."""
-    from orchestration.client import Client
+    from clipbatch.orchestration.client import Client
 
     jobs = Client().list_jobs(limit)
     if as_json:
@@ -249,7 +220,7 @@ def _age(seconds: float) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def dead_letters(limit: int, as_json: bool) -> None:
     """List shards that were given up on, newest first, with the reason."""
-    from orchestration.client import Client
+    from clipbatch.orchestration.client import Client
 
     records = Client().jobs.dead_letters(limit)
     if as_json:
@@ -269,7 +240,7 @@ def _run_command(kind: str):
     @click.option("--device", default="auto", show_default=True)
     def command(input_, output, model, pretrained, model_config, batch_size, as_json, workers, device,
                 no_embeddings=False, **input_options) -> None:
-        from orchestration.embedded import EMBEDDED_QUEUE, run_embedded
+        from clipbatch.orchestration.embedded import EMBEDDED_QUEUE, run_embedded
 
         spec = spec_from_options(kind, input_, output, model, pretrained, model_config, batch_size, EMBEDDED_QUEUE,
                                  no_embeddings, **input_options)
@@ -289,12 +260,12 @@ for _kind, _help in KIND_HELP.items():
 @click.option("--json", "as_json", is_flag=True)
 def report(job_or_output: str, as_json: bool) -> None:
     """Print the score report of a job (by id) or of an output folder / s3:// prefix."""
-    from orchestration.report import SUMMARY, format_summary
-    from orchestration.storage import open_storage
+    from clipbatch.core.report import SUMMARY, format_summary
+    from clipbatch.core.storage import open_storage
 
     output = job_or_output
     if "/" not in job_or_output and not Path(job_or_output).exists():
-        from orchestration.client import Client
+        from clipbatch.orchestration.client import Client
 
         output = Client().job(job_or_output).status()["output"]
     try:
@@ -311,8 +282,8 @@ def report(job_or_output: str, as_json: bool) -> None:
               help="Where beat keeps its schedule state.")
 def scheduler(config_path: str, state_dir: str) -> None:
     """Submit each dataset's score job at its cron time (Celery beat)."""
-    from orchestration.schedule import load_schedule
-    from tasks.schedule import SCHEDULER_QUEUE, make_scheduler_app
+    from clipbatch.orchestration.schedule import load_schedule
+    from clipbatch.orchestration.scheduler import SCHEDULER_QUEUE, make_scheduler_app
 
     datasets = load_schedule(config_path)
     Path(state_dir).mkdir(parents=True, exist_ok=True)
@@ -321,29 +292,3 @@ def scheduler(config_path: str, state_dir: str) -> None:
     app = make_scheduler_app(datasets)
     app.worker_main(["worker", "--beat", "--queues", SCHEDULER_QUEUE, "--pool", "solo", "--loglevel", "info",
                      "--schedule", str(Path(state_dir) / "beat-schedule"), "--hostname", f"clipbatch-scheduler-{os.getpid()}@%h"])
-
-
-@main.command("make-checkpoint")
-@click.argument("path", type=click.Path(dir_okay=False))
-@click.option("--model", default="clipbatch-tiny", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-def make_checkpoint(path: str, model: str, seed: int) -> None:
-    """Save a seeded random checkpoint of MODEL (for tests and demos; no download)."""
-    from workers.models import save_seeded_checkpoint
-
-    click.echo(save_seeded_checkpoint(model, path, seed))
-
-
-@main.command()
-@click.option("--workdir", default="demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--shards", type=int, default=4, show_default=True)
-@click.option("--samples-per-shard", type=int, default=64, show_default=True)
-def demo(workdir: str, shards: int, samples_per_shard: int) -> None:
-    """Build shards from real photos, embed them on the embedded default, print a summary."""
-    from workers.demo import run_demo
-
-    run_demo(Path(workdir), shards, samples_per_shard)
-
-
-if __name__ == "__main__":
-    main()

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from tasks.specs import (DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE, DEFAULT_SAMPLES_PER_INPUT_SHARD, INPUT_FORMATS,
+from clipbatch.core.specs import (DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE, DEFAULT_SAMPLES_PER_INPUT_SHARD, INPUT_FORMATS,
                          JobSpec, ModelSpec, SpecError)
 
 KIND_HELP = {

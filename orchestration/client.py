@@ -1,6 +1,6 @@
 """The producer's public API: plan, record and enqueue a job; watch, wait for or cancel it.
 
-    from orchestration import Client
+    from clipbatch.orchestration import Client
     job = Client().submit_embed(input="s3://bkt/shards/{00000..00099}.tar", output="s3://bkt/emb/run1",
                                 model="ViT-B-32", pretrained="laion2b_s34b_b79k")
     job.wait(progress=True)
@@ -9,7 +9,6 @@ The CLI is a thin layer over this module. Nothing here imports torch.
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import replace
@@ -17,20 +16,16 @@ from typing import Any, Callable
 
 import redis
 
-from orchestration import commit
-from orchestration.config import Settings, redact
-from orchestration.jobs import JobStore
-from orchestration.keys import JobState
-from orchestration.inputs import InputError, expand_input
-from orchestration.planner import absolute, normalise_model, plan
-from orchestration.report import build_report, finish_finetune
-from orchestration.selection import finish_train_shards, plan_train_shards
-from orchestration.storage import open_storage
-from tasks.app import EMBED_SHARD, FINETUNE_STEP, TRAIN_SHARD, make_app
-from tasks.specs import FinetuneSpec, JobSpec, ModelSpec, ShardSpec, SpecError, TrainShardsSpec
-
-JOB_FILE = "_job.json"
-
+from clipbatch.core import commit
+from clipbatch.core.config import Settings, redact
+from clipbatch.core.jobs import JobStore
+from clipbatch.core.keys import JobState
+from clipbatch.core.inputs import InputError, expand_input
+from clipbatch.orchestration.planner import absolute, normalise_model, plan
+from clipbatch.core.selection import plan_train_shards
+from clipbatch.core.storage import open_storage
+from clipbatch.core.broker import EMBED_SHARD, FINALIZE_JOB, FINETUNE_STEP, TRAIN_SHARD, make_app
+from clipbatch.core.specs import FinetuneSpec, JobSpec, ModelSpec, ShardSpec, SpecError, TrainShardsSpec
 
 class BrokerUnavailable(RuntimeError):
     """Redis does not answer at the configured URL."""
@@ -131,15 +126,19 @@ class Client:
 
     def _launch(self, spec: JobSpec | TrainShardsSpec | FinetuneSpec, task: str, total: int,
                 committed: dict[int, dict[str, Any]], messages: list[tuple[int, str]], rescored: int = 0) -> Job:
-        """Write the job record, then one message per (index, input); a job with nothing to run ends now."""
+        """Write the job record, then one message per (index, input).
+
+        A job with nothing to run gets one finalise message instead: a worker ends it (writes
+        ``_job.json`` and the report), so the producer never writes to the output.
+        """
         job_id = uuid.uuid4().hex[:16]
         self.jobs.create(job_id, spec.to_dict(), total, committed, rescored)
         with self.app.producer_or_acquire() as producer:
             for index, uri in messages:
                 message = ShardSpec(job_id, index, uri, spec).to_dict()
                 self.app.send_task(task, args=[message], queue=spec.queue, producer=producer)
-        if not messages:
-            finalize(self.jobs, job_id)
+            if not messages:
+                self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue, producer=producer)
         return Job(self, job_id)
 
     def job(self, job_id: str) -> Job:
@@ -154,25 +153,6 @@ class Client:
                 for s in found]
 
 
-def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:
-    """When every shard is accounted for: write ``_job.json`` to the output, then end the job."""
-    status = jobs.get(job_id)
-    if status is None or not jobs.is_complete(status) or JobState(status["state"]).terminal:
-        return status
-    final = JobState.FAILED if status["shards_failed"] else JobState.SUCCEEDED
-    record = {"spec": jobs.spec(job_id), **status, "state": final.value, "finished_at": time.time()}
-    storage = open_storage(status["output"])
-    storage.write(JOB_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
-    if status["kind"] == "shards":
-        finish_train_shards(storage)
-    elif status["kind"] == "finetune":
-        finish_finetune(storage, record)
-    else:
-        build_report(storage, record)
-    jobs.set_state(job_id, final)
-    return jobs.get(job_id)
-
-
 class Job:
     """A handle on one submitted job."""
 
@@ -180,14 +160,13 @@ class Job:
         self.client, self.job_id = client, job_id
 
     def status(self) -> dict[str, Any]:
+        """The job's record as Redis holds it; a read with no side effects (workers end jobs)."""
         status = self.client.jobs.get(self.job_id)
         if status is None:
             raise UnknownJob(
                 f"job {self.job_id!r} is unknown to Redis at {redact(self.client.settings.broker_url)} "
                 "(expired, or Redis lost its state); resubmit with the same --output: committed shards are skipped"
             )
-        if self.client.jobs.is_complete(status) and not JobState(status["state"]).terminal:
-            status = finalize(self.client.jobs, self.job_id) or status
         return status
 
     def cancel(self) -> bool:
@@ -202,6 +181,6 @@ class Job:
 
         ``check`` runs at every poll and may raise to stop waiting (e.g. when workers died).
         """
-        from orchestration.progress import watch
+        from clipbatch.orchestration.progress import watch
 
         return watch(self, live=progress, timeout_s=timeout_s, check=check)

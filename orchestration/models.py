@@ -6,14 +6,14 @@ import importlib.util
 import json
 from pathlib import Path
 
-from orchestration.storage import is_s3, open_storage
-from tasks.specs import ModelSpec, SpecError
+from clipbatch.core.storage import is_s3, open_storage
+from clipbatch.core.specs import ModelSpec, SpecError
 
 # Shipped with the workers package; read as data, never imported here.
 PROJECT_CONFIGS = Path(__file__).resolve().parent.parent / "workers" / "model_configs"
 _SCHEMES = ("hf-hub:", "local-dir:")
 # Bump when the worker's image decoding changes what a model sees (RGB conversion, EXIF, ...).
-PREPROCESS_VERSION = "rgb-exif-16bit-draft2-v2"  # v2: JPEG draft decoding (workers/shards.py)
+PREPROCESS_VERSION = "rgb-exif-16bit-draft2-v2"  # v2: JPEG draft decoding (workers/samples.py)
 _HASH_CHUNK = 1 << 22
 
 

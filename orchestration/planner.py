@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from orchestration import commit
-from orchestration.inputs import InputError, plan_inputs
-from orchestration.models import check_model, fingerprint
-from orchestration.storage import FILE_SCHEME, Storage, is_s3, open_storage
-from tasks.specs import JobSpec, ModelSpec, SpecError
+from clipbatch.core import commit, layout
+from clipbatch.core.inputs import InputError, plan_inputs
+from clipbatch.orchestration.models import check_model, fingerprint
+from clipbatch.core.storage import FILE_SCHEME, Storage, StorageError, is_s3, open_storage
+from clipbatch.core.specs import JobSpec, ModelSpec, SpecError
 
 PROBE_DIR = "_probe"
 # Markers of shards being rescored move here first, so their index survives a crash mid-plan.
@@ -88,11 +88,8 @@ def _writable(spec: JobSpec) -> Storage:
         storage.write(probe, b"")
         storage.delete(probe)
         return storage
-    except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-        if code or isinstance(exc, OSError):
-            raise SpecError("output", f"{spec.output!r} is not writable: {code or exc}") from None
-        raise
+    except (StorageError, OSError) as exc:
+        raise SpecError("output", f"{spec.output!r} is not writable: {exc}") from None
 
 
 def _superseded(storage: Storage) -> dict[int, dict[str, Any]]:
@@ -142,7 +139,7 @@ def plan(spec: JobSpec) -> Plan:
             else:
                 if marker is not None:
                     storage.write(f"{SUPERSEDED_DIR}/{index:05d}.json", json.dumps(marker).encode())
-                    storage.delete(commit.marker_key(index))
+                    storage.delete(layout.marker(index))
                 rescored.append(index)
                 todo.append(index)
         else:

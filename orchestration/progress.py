@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any, Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from orchestration.keys import JobState
+from clipbatch.core.keys import JobState
 
 if TYPE_CHECKING:
-    from orchestration.client import Job
+    from clipbatch.orchestration.client import Job
 
 POLL_S = 0.5
 

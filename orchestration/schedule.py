@@ -21,8 +21,8 @@ from typing import Any
 
 from celery.schedules import crontab
 
-from orchestration.config import DEFAULT_QUEUE
-from tasks.specs import JobSpec, ModelSpec, SpecError
+from clipbatch.core.config import DEFAULT_QUEUE
+from clipbatch.core.specs import JobSpec, ModelSpec, SpecError
 
 REQUIRED = ("name", "input", "output", "model", "cron")
 OPTIONAL = {"pretrained": None, "queue": DEFAULT_QUEUE, "embeddings": True, "batch_size": None,

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.app import EMBED_SHARD, app
-from tasks.shard import ShardTask, run_shard
-from tasks.specs import ShardSpec
-from workers.embed import embed_shard as compute_embeddings
+from clipbatch.core.broker import EMBED_SHARD
+from clipbatch.tasks.app import app
+from clipbatch.tasks.lifecycle import ShardTask, run_shard
+from clipbatch.core.specs import ShardSpec
+from clipbatch.workers.embed import embed_shard as compute_embeddings
 
 
 @app.task(name=EMBED_SHARD, base=ShardTask, bind=True)

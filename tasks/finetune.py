@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestration.jobs import JobStore
-from tasks.app import FINETUNE_STEP, app
-from tasks.shard import ShardTask, run_shard
-from tasks.specs import ShardSpec
-from workers.finetune import train_step
+from clipbatch.core.jobs import JobStore
+from clipbatch.core.broker import FINETUNE_STEP
+from clipbatch.tasks.app import app
+from clipbatch.tasks.lifecycle import ShardTask, run_shard
+from clipbatch.core.specs import ShardSpec
+from clipbatch.workers.finetune import train_step
 
 
 def enqueue_next(jobs: JobStore, shard: ShardSpec, marker: dict[str, Any]) -> None:

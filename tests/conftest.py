@@ -92,7 +92,7 @@ def bucket(s3_endpoint) -> str:
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """The tiny model from a seeded random state, saved as a real checkpoint file."""
-    from workers.models import save_seeded_checkpoint
+    from clipbatch.workers.models import save_seeded_checkpoint
 
     return save_seeded_checkpoint("clipbatch-tiny", tmp_path_factory.mktemp("ckpt") / "tiny.pt", seed=0)
 
@@ -100,7 +100,7 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def photo_shards(tmp_path_factory) -> tuple[Path, dict[str, int]]:
     """Three shards of real photos, each with one corrupt sample."""
-    from workers.samples import build_collection
+    from clipbatch.sample_data import build_collection
 
     folder = tmp_path_factory.mktemp("shards")
     return folder, build_collection(folder, shards=3, samples_per_shard=20, seed=1)

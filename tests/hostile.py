@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from workers.samples import find_photos, photo_sample
+from clipbatch.sample_data import find_photos, photo_sample
 
 
 def _photo(size=(96, 64)) -> Image.Image:

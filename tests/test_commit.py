@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from orchestration import commit
-from orchestration.storage import open_storage
+from clipbatch.core import commit, layout
+from clipbatch.core.storage import open_storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -41,16 +41,16 @@ def test_concurrent_attempts_one_winner_and_its_bytes(storage):
     assert {m["attempt"] for _, m in results.values()} == {f"attempt-{winners[0]}"}
     for name, data in files_for(winners[0]).items():
         assert storage.read(name) == data
-    assert storage.list(commit.TMP_DIR + "/") == []
+    assert storage.list(layout.TMP_DIR + "/") == []
     assert commit.read_marker(storage, 3)["attempt"] == f"attempt-{winners[0]}"
 
 
 def test_rerun_finishes_an_interrupted_move(storage):
     # given: an attempt that committed its marker but died before moving its files
     for name, data in files_for("w").items():
-        storage.write(commit.tmp_key("attempt-w", name), data)
+        storage.write(layout.staged("attempt-w", name), data)
     marker = {"index": 3, "attempt": "attempt-w", "files": sorted(files_for("w")), "samples_ok": 1}
-    assert storage.create_exclusive(commit.marker_key(3), __import__("json").dumps(marker).encode())
+    assert storage.create_exclusive(layout.marker(3), __import__("json").dumps(marker).encode())
     assert not commit.is_finished(storage, marker)
 
     # when: a later attempt races for the same shard
@@ -75,8 +75,8 @@ def test_a_retried_put_that_had_landed_is_still_our_win(storage):
     files = files_for("me")
     marker = {"index": 3, "attempt": "attempt-me", "files": sorted(files), "samples_ok": 1}
     for name, data in files.items():
-        storage.write(commit.tmp_key("attempt-me", name), data)
-    storage.create_exclusive(commit.marker_key(3), __import__("json").dumps(marker).encode())
+        storage.write(layout.staged("attempt-me", name), data)
+    storage.create_exclusive(layout.marker(3), __import__("json").dumps(marker).encode())
 
     # when: the same attempt commits
     won, seen = commit.commit(storage, 3, "attempt-me", files, {"samples_ok": 1})

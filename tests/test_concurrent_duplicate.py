@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from orchestration.client import Client
-from orchestration.config import Settings
-from tasks.app import EMBED_SHARD
-from tasks.specs import JobSpec, ModelSpec, ShardSpec
+from clipbatch.orchestration.client import Client
+from clipbatch.core.config import Settings
+from clipbatch.core.broker import EMBED_SHARD
+from clipbatch.core.specs import JobSpec, ModelSpec, ShardSpec
 from tests.conftest import service_env, wait_for
-from workers.samples import build_collection
+from clipbatch.sample_data import build_collection
 
 pytestmark = pytest.mark.integration
 

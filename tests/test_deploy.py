@@ -23,19 +23,19 @@ import pytest
 import redis
 import yaml
 
-from orchestration.cli import main as clipbatch_cli
-from orchestration.client import Client
-from orchestration.config import Settings
-from orchestration.schedule import load_schedule
-from tasks.app import EMBED_SHARD
-from tasks.specs import JobSpec, ModelSpec
+from clipbatch.cli import main as clipbatch_cli
+from clipbatch.orchestration.client import Client
+from clipbatch.core.config import Settings
+from clipbatch.orchestration.schedule import load_schedule
+from clipbatch.core.broker import EMBED_SHARD
+from clipbatch.core.specs import JobSpec, ModelSpec
 from tests.conftest import BIN, service_env, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY, K8S = ROOT / "deploy", ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.30"  # the oldest release the manifests promise to work on
 KEDA_KINDS = {"ScaledObject", "TriggerAuthentication"}  # CRDs: no schema ships with kubernetes-validate
-CODE_DIRS = ("orchestration", "tasks", "workers")
+CODE_DIRS = ("clipbatch", "core", "orchestration", "tasks", "workers")
 # Variables deploy/ sets that clipbatch does not read, and who does.
 FOREIGN_ENV = {
     "REDIS_PASSWORD": "redis-server --requirepass and KEDA (keda.yaml)",
@@ -219,7 +219,7 @@ def test_commands_are_the_cli_s_own_and_parse():
         else:
             assert argv[0] in ("celery", "redis-server", "redis-cli", "redis:7", "mc", "server", "grep", "exit"), argv
             if argv[0] == "celery":
-                assert argv[1:3] == ["-A", "tasks.app"] and argv[3] in ("inspect", "flower"), argv
+                assert argv[1:3] == ["-A", "clipbatch.tasks.app"] and argv[3] in ("inspect", "flower"), argv
             other.append(argv[0])
     print(f"\n[deploy commands] clipbatch: {sorted(set(parsed))}; other: {sorted(set(other))}")
     assert any("worker" in p for p in parsed) and any("scheduler" in p for p in parsed)
@@ -251,7 +251,7 @@ def test_compose_and_dockerfile_match_the_project():
     (device,) = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["count"] == 1 and "gpu" in device["capabilities"]
     assert parse_clipbatch(services["worker-cpu"]["command"]).params["device"] == "cpu"
-    assert services["flower"]["command"][:4] == ["celery", "-A", "tasks.app", "flower"]
+    assert services["flower"]["command"][:4] == ["celery", "-A", "clipbatch.tasks.app", "flower"]
     # both schedules load with the scheduler's own reader
     assert load_schedule(DEPLOY / "schedule.toml")
     schedule = find("ConfigMap", "clipbatch-schedule")["data"]["schedule.toml"]

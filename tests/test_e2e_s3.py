@@ -60,7 +60,7 @@ def reference_embeddings(checkpoint, image_bytes: list[bytes], captions: list[st
     import open_clip
     from PIL import Image
 
-    import workers.models  # noqa: F401  registers clipbatch-tiny
+    import clipbatch.workers.models  # noqa: F401  registers clipbatch-tiny
 
     model, _, preprocess = open_clip.create_model_and_transforms("clipbatch-tiny", pretrained=str(checkpoint))
     model.eval()

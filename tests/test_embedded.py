@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import free_port, run_cli, service_env
-from workers.models import CONFIG_DIR as MODEL_CONFIGS
+from clipbatch.workers.models import CONFIG_DIR as MODEL_CONFIGS
 
 pytestmark = pytest.mark.integration
 

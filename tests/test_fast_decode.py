@@ -13,12 +13,12 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
-from tasks.specs import JobSpec, ModelSpec, ShardSpec
-from workers.device_decode import DevicePreprocess, decode_on_device
-from workers.embed import embed_shard
-from workers.models import load_model, split_preprocess
-from workers.samples import build_collection, find_photos
-from workers.shards import DRAFT_REDUCING_GAP, open_rgb
+from clipbatch.core.specs import JobSpec, ModelSpec, ShardSpec
+from clipbatch.workers.device_decode import DevicePreprocess, decode_on_device
+from clipbatch.workers.embed import embed_shard
+from clipbatch.workers.models import load_model, split_preprocess
+from clipbatch.sample_data import build_collection, find_photos
+from clipbatch.workers.samples import DRAFT_REDUCING_GAP, open_rgb
 
 MIN_COSINE = 0.995
 

@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from orchestration.client import Client
-from orchestration.config import Settings
-from tasks.specs import JobSpec, ModelSpec
+from clipbatch.orchestration.client import Client
+from clipbatch.core.config import Settings
+from clipbatch.core.specs import JobSpec, ModelSpec
 from tests.conftest import service_env, wait_for
-from workers.samples import build_collection
+from clipbatch.sample_data import build_collection
 
 pytestmark = pytest.mark.integration
 SAMPLES_PER_SHARD = 300

@@ -12,8 +12,8 @@ import open_clip
 import pytest
 
 from tests.conftest import run_cli, service_env, wait_for
-from workers.finetune import zero_shot_accuracy
-from workers.samples import shape_classes, shape_collection
+from clipbatch.workers.finetune import zero_shot_accuracy
+from clipbatch.sample_data import shape_classes, shape_collection
 
 pytestmark = pytest.mark.integration
 SHARDS, EPOCHS = 4, 6

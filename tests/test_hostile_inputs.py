@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import free_port, run_cli, service_env
 from tests.hostile import hostile_samples
-from workers.samples import write_shard
-from workers.shards import RawSample, decode_sample, iter_raw_samples, open_rgb
+from clipbatch.sample_data import write_shard
+from clipbatch.workers.samples import RawSample, decode_sample, iter_raw_samples, open_rgb
 
 CASES = hostile_samples()
 

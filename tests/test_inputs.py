@@ -4,7 +4,7 @@ from __future__ import annotations
 import boto3
 import pytest
 
-from orchestration.inputs import InputError, expand_input
+from clipbatch.core.inputs import InputError, expand_input
 
 
 def uris(pattern: str) -> list[str]:

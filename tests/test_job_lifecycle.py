@@ -6,6 +6,7 @@ import shutil
 import uuid
 
 import pytest
+import redis
 
 from tests.conftest import run_cli, service_env, wait_for
 
@@ -67,3 +68,43 @@ def test_cancel_skips_queued_shards(redis_url, photo_shards, checkpoint, tmp_pat
     assert status.returncode == 1 and json.loads(status.stdout)["state"] == "cancelled"
     assert "shard start" not in worker.log()
     assert not (tmp_path / "out" / "_commits").exists()
+
+
+def snapshot(folder, r, job_id):
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    record = {k: r.dump(k) for k in sorted(r.keys(f"clipbatch:job:{job_id}*"))}
+    return files, record
+
+
+def test_status_only_reads_and_a_worker_ends_the_job(redis_url, photo_shards, checkpoint, tmp_path, start_worker):
+    # given: an output whose every shard is committed by a first job, and no worker running
+    folder, _ = photo_shards
+    queue = f"status-{uuid.uuid4().hex[:8]}"
+    env = service_env(redis_url)
+    out = tmp_path / "out"
+    worker = start_worker(queue, env)
+    first = run_cli("submit", "embed", "--input", str(folder), "--output", str(out), "--model", "clipbatch-tiny",
+                    "--pretrained", str(checkpoint), "--queue", queue, "--wait", "--json", env=env)
+    assert json.loads(first.stdout)["state"] == "succeeded", first.stderr
+    worker.stop()
+    (out / "_job.json").unlink()
+
+    # when: a second job on it has nothing to run, and its status is read again and again
+    job_id = submit(env, str(folder), str(out), checkpoint, queue)
+    r = redis.Redis.from_url(redis_url)
+    before = snapshot(out, r, job_id)
+    for _ in range(3):
+        shown = run_cli("status", job_id, "--json", env=env)
+        assert shown.returncode == 0 and json.loads(shown.stdout)["state"] == "queued", shown.stderr
+        assert run_cli("jobs", "--json", env=env).returncode == 0
+        assert run_cli("report", job_id, env=env).returncode == 0
+
+    # then: status wrote nothing, to the output or to the job record, and ended nothing
+    assert snapshot(out, r, job_id) == before
+    assert not (out / "_job.json").exists()
+
+    # when: a worker comes up, then it ends the job once, from the message the submit left
+    start_worker(queue, env)
+    watched = run_cli("status", job_id, "--watch", "--json", env=env)
+    assert json.loads(watched.stdout)["state"] == "succeeded", watched.stderr
+    assert json.loads((out / "_job.json").read_text())["job_id"] == job_id

@@ -7,7 +7,7 @@ import uuid
 
 import redis
 
-from orchestration import keys
+from clipbatch.core import keys
 from tests.conftest import run_cli, service_env
 
 TTL_S = 1234
@@ -46,7 +46,7 @@ def test_jobs_lists_id_kind_state_progress_and_age(redis_url, photo_shards, chec
 def test_the_job_index_forgets_jobs_whose_records_expired(redis_url):
     import time
 
-    from orchestration.jobs import JobStore
+    from clipbatch.core.jobs import JobStore
 
     # given: an index entry older than the retention (its record has expired) and a recent one
     r = redis.Redis.from_url(redis_url, decode_responses=True)

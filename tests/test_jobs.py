@@ -5,8 +5,8 @@ import uuid
 
 import redis
 
-from orchestration.jobs import JobStore
-from orchestration.keys import JobState
+from clipbatch.core.jobs import JobStore
+from clipbatch.core.keys import JobState
 
 
 def new_job(redis_url: str, total: int = 3, committed: dict | None = None) -> tuple[JobStore, str]:

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestration.client import Client
-from orchestration.config import Settings
-from tasks.app import EMBED_SHARD, make_app
-from tasks.specs import JobSpec, ModelSpec
+from clipbatch.orchestration.client import Client
+from clipbatch.core.config import Settings
+from clipbatch.core.broker import EMBED_SHARD, make_app
+from clipbatch.core.specs import JobSpec, ModelSpec
 from tests.conftest import free_port, service_env, wait_for
-from workers.samples import build_collection
+from clipbatch.sample_data import build_collection
 
 pytestmark = pytest.mark.integration
 SHARDS, SAMPLES_PER_SHARD = 3, 150

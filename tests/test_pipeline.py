@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from workers.compute import BatchLimit
-from workers.pipeline import PrefetchedBatches
+from clipbatch.workers.compute import BatchLimit
+from clipbatch.workers.pipeline import PrefetchedBatches
 
 
 class FakeDevice:
@@ -86,7 +86,7 @@ def test_prefetch_keeps_order_bounds_the_window_and_collates_off_the_consumer_th
 
 
 def test_cpu_forward_takes_one_thread_while_one_keeps_up_with_decoding(monkeypatch):
-    from workers.runtime import ForwardThreads
+    from clipbatch.workers.runtime import ForwardThreads
 
     monkeypatch.delenv("CLIPBATCH_TORCH_THREADS", raising=False)
     before = torch.get_num_threads()
@@ -142,7 +142,7 @@ def test_a_reader_error_reaches_the_consumer_and_leaving_early_stops_the_feeder(
 
 
 def test_malloc_arenas_are_capped_unless_the_user_set_them_and_the_heap_is_trimmed_after_a_task(monkeypatch):
-    from workers import runtime
+    from clipbatch.workers import runtime
 
     calls = []
 
@@ -158,15 +158,15 @@ def test_malloc_arenas_are_capped_unless_the_user_set_them_and_the_heap_is_trimm
     runtime.limit_malloc_arenas()
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # glibc reads the user's own setting: left alone
     runtime.limit_malloc_arenas()
-    runtime.release_memory()  # connected to task_postrun: a worker runs it after every task
+    runtime.release_memory()  # clipbatch.tasks.hooks runs it after every task
     assert calls == [("mallopt", -8, runtime.MALLOC_ARENAS), ("malloc_trim", 0)]
 
 
 def test_uint8_pixels_are_normalised_where_the_model_runs_as_a_cuda_worker_does(checkpoint):
     # given the tiny model and a batch of uint8 HWC pixels (what a CUDA worker copies to the device)
-    from tasks.specs import ModelSpec
-    from workers.compute import encode_pairs
-    from workers.models import load_model
+    from clipbatch.core.specs import ModelSpec
+    from clipbatch.workers.compute import encode_pairs
+    from clipbatch.workers.models import load_model
 
     bundle = load_model(ModelSpec("clipbatch-tiny", str(checkpoint)), torch.device("cpu"))
     pixels = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

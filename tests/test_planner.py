@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from orchestration import commit
-from orchestration.planner import plan
-from orchestration.storage import open_storage
-from tasks.specs import JobSpec, ModelSpec, SpecError
+from clipbatch.core import commit, layout
+from clipbatch.orchestration.planner import plan
+from clipbatch.core.storage import open_storage
+from clipbatch.core.specs import JobSpec, ModelSpec, SpecError
 
 
 def spec(folder, out, pretrained="some-tag") -> JobSpec:
@@ -49,7 +49,7 @@ def test_indices_are_sorted_on_a_fresh_output_and_stable_after(tmp_path):
     assert third.rescored == [1] and sorted(third.committed) == [0, 2]
 
     # a shard whose marker was deleted by hand runs again at its sorted position
-    open_storage(str(out)).delete(commit.marker_key(0))
+    open_storage(str(out)).delete(layout.marker(0))
     assert plan(spec(folder, out)).todo.count(0) == 1
 
 

@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestration.inputs import InputError, ShardInput, plan_inputs
-from tasks.specs import JobSpec, ModelSpec, SpecError
-from workers.readers import open_shard
-from workers.samples import find_photos, photo_sample
-from workers.shards import decode_sample
+from clipbatch.core.inputs import InputError, ShardInput, plan_inputs
+from clipbatch.core.specs import JobSpec, ModelSpec, SpecError
+from clipbatch.workers.readers import open_shard
+from clipbatch.sample_data import find_photos, photo_sample
+from clipbatch.workers.samples import decode_sample
 
 HTML = b"<html>403 Forbidden</html>"
 

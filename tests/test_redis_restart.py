@@ -8,7 +8,7 @@ import uuid
 import pytest
 import redis
 
-from orchestration.client import UnknownJob
+from clipbatch.orchestration.client import UnknownJob
 from tests.conftest import free_port, service_env, wait_for
 from tests.test_faults import assert_exactly_once, big_shards, submit  # noqa: F401  (fixture)
 

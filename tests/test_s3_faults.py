@@ -8,9 +8,9 @@ from urllib.parse import urlparse
 import boto3
 import pytest
 
-from orchestration.client import Client
-from orchestration.config import Settings
-from tasks.specs import JobSpec, ModelSpec
+from clipbatch.orchestration.client import Client
+from clipbatch.core.config import Settings
+from clipbatch.core.specs import JobSpec, ModelSpec
 from tests.conftest import service_env
 from tests.s3proxy import FaultyS3Proxy
 

@@ -14,15 +14,15 @@ import boto3
 import pytest
 import redis
 
-from orchestration.client import Client
-from orchestration.config import Settings
-from orchestration.embedded import private_redis
-from tasks.specs import JobSpec, ModelSpec
+from clipbatch.orchestration.client import Client
+from clipbatch.core.config import Settings
+from clipbatch.orchestration.embedded import private_redis
+from clipbatch.core.specs import JobSpec, ModelSpec
 from tests.conftest import service_env, wait_for
 from tests.s3proxy import FaultyS3Proxy
 from tests.test_faults import assert_exactly_once
-from workers.samples import build_collection, write_shard
-from workers.shards import iter_raw_samples
+from clipbatch.sample_data import build_collection, write_shard
+from clipbatch.workers.samples import iter_raw_samples
 
 pytestmark = pytest.mark.integration
 BASE_SHARDS, SAMPLES_PER_SHARD = 2, 300

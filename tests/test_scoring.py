@@ -14,8 +14,8 @@ from PIL import Image
 
 from tests.conftest import run_cli, service_env
 from tests.test_e2e_s3 import upload_shards, reference_embeddings, s3_bytes, samples_by_key
-from workers.models import save_seeded_checkpoint
-from workers.samples import build_collection
+from clipbatch.workers.models import save_seeded_checkpoint
+from clipbatch.sample_data import build_collection
 
 pytestmark = pytest.mark.integration
 

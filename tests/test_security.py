@@ -12,11 +12,11 @@ import pytest
 import redis
 import torch
 
-from orchestration.client import Client
-from orchestration.config import Settings
-from orchestration.storage import StorageError, open_storage
-from tasks.app import EMBED_SHARD
-from tasks.specs import ModelSpec
+from clipbatch.orchestration.client import Client
+from clipbatch.core.config import Settings
+from clipbatch.core.storage import StorageError, open_storage
+from clipbatch.core.broker import EMBED_SHARD
+from clipbatch.core.specs import ModelSpec
 from tests.conftest import free_port, run_cli, service_env, wait_for
 
 
@@ -48,7 +48,7 @@ def test_worker_refuses_a_pickle_message(redis_url, tmp_path, start_worker):
 
 
 def test_checkpoint_with_a_pickled_callable_is_refused(tmp_path):
-    from workers.models import load_model
+    from clipbatch.workers.models import load_model
 
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"

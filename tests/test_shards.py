@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import io
 
-from workers.samples import corrupt_samples, find_photos, photo_sample, write_shard
-from workers.shards import TRUNCATED_KEY, decode_sample, iter_raw_samples, split_name
+from clipbatch.sample_data import corrupt_samples, find_photos, photo_sample, write_shard
+from clipbatch.workers.samples import TRUNCATED_KEY, decode_sample, iter_raw_samples, split_name
 
 import random
 

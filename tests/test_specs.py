@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tasks.specs import JobSpec, ModelSpec, ShardSpec, SpecError
+from clipbatch.core.specs import JobSpec, ModelSpec, ShardSpec, SpecError
 
 
 def spec(**overrides) -> JobSpec:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestration.storage import open_storage, split
+from clipbatch.core.storage import open_storage, split
 
 
 @pytest.fixture(params=["local", "s3"])

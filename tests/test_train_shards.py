@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from orchestration.selection import near_duplicates
+from clipbatch.core.selection import near_duplicates
 from tests.conftest import run_cli, service_env
 from tests.test_e2e_s3 import upload_shards, s3_bytes, samples_by_key
 
@@ -89,7 +89,7 @@ def test_shards_from_a_scored_output(redis_url, bucket, photo_shards, checkpoint
 
     # and open_clip's own training script trains on them unchanged
     trained = subprocess.run(
-        [sys.executable, "-c", "import workers.models; from open_clip_train.main import main; import sys; "
+        [sys.executable, "-c", "import clipbatch.workers.models; from open_clip_train.main import main; import sys; "
          "main(sys.argv[1:])", "--dataset-type", "webdataset",
          "--train-data", f"{local}/{{00000..{len(sizes) - 1:05d}}}.tar", "--train-num-samples", str(stats["kept"]),
          "--model", "clipbatch-tiny", "--pretrained", str(checkpoint), "--batch-size", "4", "--epochs", "1",

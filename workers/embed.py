@@ -11,15 +11,16 @@ import numpy as np
 import open_clip
 import torch
 
-from orchestration.scores import histogram
-from tasks.specs import ShardSpec
-from workers import runtime, writers
-from workers.compute import alignment_scores, encode_pairs
-from workers.device_decode import DevicePreprocess, decode_on_device
-from workers.models import ModelBundle
-from workers.pipeline import PrefetchedBatches
-from workers.readers import open_shard
-from workers.shards import RawSample, Sample, decode_image, decode_sample
+from clipbatch.core import layout
+from clipbatch.core.scores import histogram
+from clipbatch.core.specs import ShardSpec
+from clipbatch.workers import runtime, writers
+from clipbatch.workers.compute import alignment_scores, encode_pairs
+from clipbatch.workers.device_decode import DevicePreprocess, decode_on_device
+from clipbatch.workers.models import ModelBundle
+from clipbatch.workers.pipeline import PrefetchedBatches
+from clipbatch.workers.readers import open_shard
+from clipbatch.workers.samples import RawSample, Sample, decode_image, decode_sample
 
 
 @dataclass
@@ -89,97 +90,105 @@ def pipeline_steps(bundle: ModelBundle) -> tuple[Callable[[RawSample], Sample], 
     return decode, partial(collate_batch, bundle=bundle, on_device=on_device)
 
 
-def output_names(index: int) -> dict[str, str]:
-    """clip-retrieval's layout: file ``i`` holds input shard ``i``."""
-    return {
-        "img": f"img_emb/img_emb_{index}.npy",
-        "text": f"text_emb/text_emb_{index}.npy",
-        "metadata": f"metadata/metadata_{index}.parquet",
-        "errors": f"errors/errors_{index}.parquet",
-        "stats": f"stats/{index}.json",
-    }
-
-
 def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     """Run shard ``shard`` end to end on this process's model and device."""
     start = time.perf_counter()
     bundle = runtime.model_for(shard.job.model)
     info, source = open_shard(shard.input, shard.job)  # any input format, as webdataset-style raw samples
+    batch_size = shard.job.batch_size_on(bundle.device.type)
+    got = _Collected()
+    with source as raws:
+        _run_batches(shard, bundle, raws, batch_size, got)
+    t0 = time.perf_counter()
+    img, txt = got.arrays(bundle.embed_dim)
+    scores = alignment_scores(img, txt)
+    names = layout.embed_files(shard.index)  # clip-retrieval's layout: file i holds input shard i
+    files = {names["errors"]: writers.errors_bytes(got.errors)}
+    if got.rows:  # no empty files: embedding-reader skips empty npy files but not their metadata, and would misalign
+        files[names["metadata"]] = writers.metadata_bytes(got.rows, got.metas, {"clip_score": scores})
+        if shard.job.embeddings:
+            files[names["img"]] = writers.npy_bytes(img)
+            files[names["text"]] = writers.npy_bytes(txt)
+    got.seconds["serialise"] = time.perf_counter() - t0
+    got.seconds["total"] = time.perf_counter() - start
+    stats = _stats(shard, attempt, bundle, info.size, batch_size, got, scores)
+    files[names["stats"]] = writers.json_bytes(stats)
+    return ShardResult(files, len(got.rows), len(got.errors), info.size, info.etag)
 
-    img_parts: list[np.ndarray] = []
-    txt_parts: list[np.ndarray] = []
-    rows: list[dict[str, Any]] = []
-    metas: list[dict | None] = []
-    errors: list[dict[str, str]] = []
-    waited = forward = 0.0
-    on_device = 0
-    threads_used: Counter = Counter()  # CPU forward batches by intra-op thread count
+
+@dataclass
+class _Collected:
+    """What a shard's batches produced so far, and where its time went."""
+
+    img: list[np.ndarray] = field(default_factory=list)
+    txt: list[np.ndarray] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    metas: list[dict | None] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: {"waiting_for_decode": 0.0, "forward": 0.0})
+    on_device: int = 0
+    threads_used: Counter = field(default_factory=Counter)  # CPU forward batches by intra-op thread count
+
+    def arrays(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        empty = np.zeros((0, dim), np.float32)
+        return (np.concatenate(self.img) if self.img else empty, np.concatenate(self.txt) if self.txt else empty)
+
+
+def _run_batches(shard: ShardSpec, bundle: ModelBundle, raws: Any, batch_size: int, got: _Collected) -> None:
+    """Decode ahead on the pool, run each batch's good samples through the model, collect rows."""
     cpu_threads = runtime.forward_threads() if bundle.device.type == "cpu" else None
     decode, collate = pipeline_steps(bundle)
     precision = runtime.precision()
-    batch_size = shard.job.batch_size_on(bundle.device.type)
-    with source as raws, PrefetchedBatches(raws, decode, batch_size, runtime.decode_pool(),
-                                           collate=collate) as batches:
+    with PrefetchedBatches(raws, decode, batch_size, runtime.decode_pool(), collate=collate) as batches:
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
-            waited += time.perf_counter() - t0
+            got.seconds["waiting_for_decode"] += time.perf_counter() - t0
             if batch is None:
-                break
-            errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch.failed)
-            on_device += batch.on_device
+                return
+            got.errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch.failed)
+            got.on_device += batch.on_device
             if not batch.good:
                 continue
             if cpu_threads is not None:
                 threads = cpu_threads.choose(batches.decode_s_per_sample, batches.decode_idle)
-                threads_used[threads] += 1
+                got.threads_used[threads] += 1
             t0, cpu0 = time.perf_counter(), time.thread_time()
             parts = bundle.limit.run(
                 lambda part: encode_pairs(bundle.model, batch.images[part], batch.tokens[part], precision,
                                           bundle.normalize),
                 len(batch.good),
             )
-            forward += time.perf_counter() - t0
+            got.seconds["forward"] += time.perf_counter() - t0
             if cpu_threads is not None:
                 cpu_threads.observe(len(batch.good), time.thread_time() - cpu0, threads)
-            img_parts.extend(i for i, _ in parts)
-            txt_parts.extend(t for _, t in parts)
-            rows.extend({"key": s.key, "caption": s.caption, "shard": shard.input} for s in batch.good)
-            metas.extend(s.meta for s in batch.good)
+            got.img.extend(i for i, _ in parts)
+            got.txt.extend(t for _, t in parts)
+            got.rows.extend({"key": s.key, "caption": s.caption, "shard": shard.input} for s in batch.good)
+            got.metas.extend(s.meta for s in batch.good)
 
-    t0 = time.perf_counter()
-    dim = bundle.embed_dim
-    img = np.concatenate(img_parts) if img_parts else np.zeros((0, dim), np.float32)
-    txt = np.concatenate(txt_parts) if txt_parts else np.zeros((0, dim), np.float32)
-    names = output_names(shard.index)
-    scores = alignment_scores(img, txt)
-    files = {names["errors"]: writers.errors_bytes(errors)}
-    if rows:  # no empty files: embedding-reader skips empty npy files but not their metadata, and would misalign
-        files[names["metadata"]] = writers.metadata_bytes(rows, metas, {"clip_score": scores})
-        if shard.job.embeddings:
-            files[names["img"]] = writers.npy_bytes(img)
-            files[names["text"]] = writers.npy_bytes(txt)
-    serialise = time.perf_counter() - t0
-    total = time.perf_counter() - start
-    stats = {
+
+def _stats(shard: ShardSpec, attempt: str, bundle: ModelBundle, input_bytes: int, batch_size: int,
+           got: _Collected, scores: np.ndarray) -> dict[str, Any]:
+    """The shard's ``stats/{i}.json``: counts, error reasons, timings and the score histogram."""
+    total = got.seconds["total"]
+    return {
         "shard": shard.input,
         "index": shard.index,
         "job_id": shard.job_id,
         "attempt": attempt,
         "model": shard.job.model.name,
         "device": str(bundle.device),
-        "input_bytes": info.size,
-        "samples_total": len(rows) + len(errors),
-        "samples_ok": len(rows),
-        "samples_failed": len(errors),
-        "error_reasons": dict(Counter(e["reason"].split(":")[0] for e in errors)),
-        "seconds": {"total": total, "waiting_for_decode": waited, "forward": forward, "serialise": serialise},
-        "samples_per_s": len(rows) / total if total > 0 else 0.0,
-        "images_decoded_on_device": on_device,
+        "input_bytes": input_bytes,
+        "samples_total": len(got.rows) + len(got.errors),
+        "samples_ok": len(got.rows),
+        "samples_failed": len(got.errors),
+        "error_reasons": dict(Counter(e["reason"].split(":")[0] for e in got.errors)),
+        "seconds": {k: got.seconds[k] for k in ("total", "waiting_for_decode", "forward", "serialise")},
+        "samples_per_s": len(got.rows) / total if total > 0 else 0.0,
+        "images_decoded_on_device": got.on_device,
         "batch_size": batch_size,
         "forward_batch_limit": bundle.limit.size,  # set once an out-of-memory has halved the forward batch
-        "cpu_forward_batches_by_threads": {str(k): v for k, v in sorted(threads_used.items())},
+        "cpu_forward_batches_by_threads": {str(k): v for k, v in sorted(got.threads_used.items())},
         "clip_score": histogram(scores),
     }
-    files[names["stats"]] = writers.json_bytes(stats)
-    return ShardResult(files, len(rows), len(errors), info.size, info.etag)

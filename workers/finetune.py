@@ -17,24 +17,13 @@ import numpy as np
 import torch
 from open_clip.loss import ClipLoss
 
-from orchestration.storage import open_storage, split
-from tasks.specs import FinetuneSpec, ModelSpec, ShardSpec
-from workers import runtime
-from workers.embed import ShardResult
-from workers.models import load_model
-from workers.shards import decode_sample, iter_raw_samples
-
-CHECKPOINT_DIR = "checkpoints"
-METRICS_DIR = "metrics"
-
-
-def checkpoint_key(step: int) -> str:
-    return f"{CHECKPOINT_DIR}/step_{step:05d}.pt"
-
-
-def metrics_key(step: int) -> str:
-    return f"{METRICS_DIR}/step_{step:05d}.json"
-
+from clipbatch.core import layout
+from clipbatch.core.storage import open_storage, split
+from clipbatch.core.specs import FinetuneSpec, ModelSpec, ShardSpec
+from clipbatch.workers import runtime
+from clipbatch.workers.embed import ShardResult
+from clipbatch.workers.models import load_model
+from clipbatch.workers.samples import decode_sample, iter_raw_samples
 
 def _optimizer(model: torch.nn.Module, spec: FinetuneSpec) -> torch.optim.Optimizer:
     if spec.lock_image:
@@ -55,7 +44,7 @@ def _load_state(spec: FinetuneSpec, step: int, device: torch.device):
     model = bundle.model
     optimizer = _optimizer(model, spec)
     if step > 0:
-        blob = open_storage(spec.output).read(checkpoint_key(step - 1))
+        blob = open_storage(spec.output).read(layout.checkpoint(step - 1))
         state = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
@@ -106,7 +95,7 @@ def train_step(shard: ShardSpec, attempt: str) -> ShardResult:
                "samples": len(pairs), "batches": len(losses), "loss": float(np.mean(losses)) if losses else None,
                "losses": losses, "logit_scale": logit_scale, "seconds": seconds,
                "samples_per_s": len(pairs) / seconds if seconds > 0 else 0.0}
-    files = {checkpoint_key(step): buf.getvalue(), metrics_key(step): json.dumps(metrics, indent=2).encode()}
+    files = {layout.checkpoint(step): buf.getvalue(), layout.step_metrics(step): json.dumps(metrics, indent=2).encode()}
     info = open_storage(split(shard.input)[0]).info(split(shard.input)[1])
     return ShardResult(files, len(pairs), 0, info.size if info else 0, info.etag if info else "",
                        record={"step": step, "loss": metrics["loss"], "logit_scale": logit_scale})

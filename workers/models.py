@@ -19,9 +19,9 @@ import open_clip
 import torch
 from torchvision import transforms
 
-from orchestration.storage import is_s3, open_storage
-from tasks.specs import ModelSpec
-from workers.compute import BatchLimit, PixelNormalize
+from clipbatch.core.storage import is_s3, open_storage
+from clipbatch.core.specs import ModelSpec
+from clipbatch.workers.compute import BatchLimit, PixelNormalize
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 CACHE_DIR = Path(os.environ.get("CLIPBATCH_CACHE_DIR", Path.home() / ".cache" / "clipbatch"))

@@ -4,7 +4,7 @@ Every format yields the same ``RawSample(key, members={ext: bytes})`` a webdatas
 (image bytes under their extension, ``txt`` caption, ``json`` metadata), so all of them share
 ``decode_sample``'s per-sample errors: a row whose image cannot be read, or whose image or
 caption is empty, becomes a RawSample carrying the reason, and the shard still completes.
-Planning (orchestration/inputs.py) and reading compute a ranged shard's size/ETag with the
+Planning (core/inputs.py) and reading compute a ranged shard's size/ETag with the
 same functions, so the commit marker records exactly what was read.
 """
 from __future__ import annotations
@@ -18,12 +18,12 @@ from itertools import islice
 from pathlib import PurePosixPath
 from typing import Any, Callable, ContextManager, Iterable, Iterator
 
-from orchestration.inputs import (BAD_ROW, DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE_EXTS, FolderSample,
+from clipbatch.core.inputs import (BAD_ROW, DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE_EXTS, FolderSample,
                                   files_info, folder_samples, iter_manifest, manifest_is_csv, open_seekable, parse_range,
                                   rows_info)
-from orchestration.storage import ObjectInfo, Storage, join, open_storage, split
-from tasks.specs import JobSpec
-from workers.shards import RawSample, iter_raw_samples
+from clipbatch.core.storage import ObjectInfo, Storage, join, open_storage, split
+from clipbatch.core.specs import JobSpec
+from clipbatch.workers.samples import RawSample, iter_raw_samples
 
 # Images named by path/URI are fetched this many at a time, in order (S3 latency hides behind threads).
 FETCH_THREADS = 16

@@ -7,21 +7,21 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-from celery.signals import task_postrun, worker_process_init
-from celery.utils.dispatch import Signal
 
-from tasks.specs import ModelSpec
-from workers.compute import CUDA_PRECISIONS
-from workers.models import ModelBundle, load_model, resolve_device
+from clipbatch.core.specs import ModelSpec
+from clipbatch.workers.compute import CUDA_PRECISIONS
+from clipbatch.workers.models import ModelBundle, load_model, resolve_device
 
 log = logging.getLogger("clipbatch.worker")
 
 _state: dict[str, object] = {}
 
-# Sent with ``bundle`` (its load_seconds and device) each time this process loads a model; metrics listen.
-model_loaded = Signal(name="model_loaded")
+# Called with the bundle (its load_seconds and device) each time this process loads a model;
+# the Celery side hooks its metrics here (clipbatch.tasks.hooks), so compute needs no Celery.
+model_loaded: list[Callable[[ModelBundle], None]] = []
 
 
 def decode_threads() -> int:
@@ -109,16 +109,15 @@ def limit_malloc_arenas() -> None:
         libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
 
 
-@task_postrun.connect
-def release_memory(**_: object) -> None:
+def release_memory() -> None:
     """Hand the heap's free pages back to the OS after each task (a shard's buffers are gone by then)."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
 
 
-@worker_process_init.connect
-def _on_process_start(**_: object) -> None:
+def on_process_start() -> None:
+    """A new worker process: torch's thread count, then the malloc arena cap."""
     configure_threads()
     limit_malloc_arenas()
 
@@ -163,6 +162,7 @@ def model_for(spec: ModelSpec) -> ModelBundle:
         torch.cuda.empty_cache()
     bundle = load_model(spec, device())
     log.info("model %s (%s) loaded on %s in %.1fs", spec.name, spec.pretrained, bundle.device, bundle.load_seconds)
-    model_loaded.send(sender=None, bundle=bundle)
+    for listener in model_loaded:
+        listener(bundle)
     _state["model"] = bundle
     return bundle

@@ -1,146 +1,180 @@
-"""Sample collections built from real photos shipped in the scikit-image, scikit-learn and
-matplotlib wheels, written as webdataset shards (for the demo, tests and benchmarks)."""
+"""Read webdataset tar shards as a stream of samples grouped by key.
+
+A sample is the run of consecutive members sharing a key (the path up to the first dot of
+the file name), as webdataset and img2dataset write them. Problems are reported per
+sample, never raised: a truncated or corrupt tar ends the stream with one error record.
+"""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import random
-from pathlib import Path
-from typing import Iterable
+import math
+import os
+import tarfile
+import warnings
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from workers.writers import write_tar
-
-# (package, folder inside it, file names): real photographs, not synthetic test patterns.
-PHOTO_SOURCES = (
-    ("skimage", "data", ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-                         "hubble_deep_field.jpg", "retina.jpg", "camera.png", "horse.png", "moon.png")),
-    ("sklearn", "datasets/images", ("china.jpg", "flower.jpg")),
-    ("matplotlib", "mpl-data/sample_data", ("grace_hopper.jpg",)),
-)
-
-
-def find_photos() -> list[Path]:
-    """Paths of the photos that the installed wheels ship (located without importing them)."""
-    found: list[Path] = []
-    for package, folder, names in PHOTO_SOURCES:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        root = Path(list(spec.submodule_search_locations)[0]) / folder
-        found.extend(root / n for n in names if (root / n).is_file())
-    if not found:
-        raise RuntimeError("no sample photos found: pip install scikit-image scikit-learn matplotlib")
-    return found
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXT = "txt"
+META_EXT = "json"
+TRUNCATED_KEY = "__shard__"
+# Set deliberately: an image whose header claims more pixels is refused before decoding.
+MAX_IMAGE_PIXELS = int(os.environ.get("CLIPBATCH_MAX_IMAGE_PIXELS", 100_000_000))
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# A large JPEG is decoded at a reduced scale (1/2, 1/4 or 1/8, in the DCT domain) that keeps its
+# shorter side at least this many times the model's input; the preprocessing's bicubic resize
+# does the rest. 2 is Pillow's own reducing_gap: at 1 the result drifts visibly on textured
+# photos (tests/test_fast_decode.py holds it to cosine >= 0.995 against the full decode).
+DRAFT_REDUCING_GAP = 2
 
 
-def caption_for(path: Path) -> str:
-    return "a photo of " + path.stem.replace("_", " ").replace("left", "").strip()
+class ImageRefused(ValueError):
+    """An image refused on its header alone (empty, or a decompression bomb)."""
 
 
-def photo_sample(photo: Path, rng: random.Random, max_side: int = 512) -> dict[str, bytes]:
-    """A JPEG variant (random crop and size) of a real photo, with a caption and metadata."""
-    with Image.open(photo) as img:
-        img = img.convert("RGB")
-    w, h = img.size
-    cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-    img = img.crop((x, y, x + cw, y + ch))
-    img.thumbnail((max_side, max_side))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
-    meta = {"source": photo.name, "width": img.width, "height": img.height}
-    return {"jpg": buf.getvalue(), "txt": caption_for(photo).encode(), "json": json.dumps(meta).encode()}
+@dataclass
+class RawSample:
+    """The members of one sample, as bytes, before any decoding."""
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    error: str | None = None
 
 
-def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
-    """Write (key, {ext: bytes}) samples as a webdataset tar; returns how many were written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        return write_tar(f, samples)
+@dataclass
+class Sample:
+    """A decoded sample, or the reason it could not be decoded."""
+
+    key: str
+    image: object = None  # a preprocessed tensor, or a PIL image
+    caption: str | None = None
+    meta: dict | None = None
+    error: str | None = None
 
 
-def corrupt_samples(prefix: str) -> list[tuple[str, dict[str, bytes], str]]:
-    """Hostile samples of the kinds crawls contain, with the reason each must be recorded for."""
-    html = b"<html><body>403 Forbidden</body></html>"
-    return [
-        (f"{prefix}_html", {"jpg": html, "txt": b"an error page"}, "image (jpg) undecodable"),
-        (f"{prefix}_trunc", {"jpg": b"\xff\xd8\xff\xe0" + b"\0" * 64, "txt": b"cut short"}, "image (jpg) undecodable"),
-        (f"{prefix}_nocap", {"jpg": b"", "json": b"{}"}, "no caption member"),
-        (f"{prefix}_badtxt", {"png": b"", "txt": b"\xff\xfe\xfa"}, "caption is not valid UTF-8"),
-    ]
+def split_name(name: str) -> tuple[str, str]:
+    """``dir/abc.0.jpg`` -> (``dir/abc``, ``0.jpg``), webdataset's key/extension rule."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{folder}/{stem}" if folder else stem
+    return key, ext.lower() if dot else ""
 
 
-def build_collection(folder: Path, shards: int, samples_per_shard: int, seed: int = 0,
-                     corrupt_per_shard: int = 1) -> dict[str, int]:
-    """Write ``shards`` tars of real-photo samples (plus some corrupt ones) into ``folder``."""
-    rng = random.Random(seed)
-    photos = find_photos()
-    good = bad = 0
-    for s in range(shards):
-        samples = [(f"{s:05d}{i:04d}", photo_sample(photos[(s * samples_per_shard + i) % len(photos)], rng))
-                   for i in range(samples_per_shard)]
-        hostile = corrupt_samples(f"{s:05d}bad")[:corrupt_per_shard]
-        samples.extend((key, members) for key, members, _ in hostile)
-        write_shard(folder / f"{s:05d}.tar", samples)
-        good += samples_per_shard
-        bad += len(hostile)
-    return {"shards": shards, "good": good, "corrupt": bad}
+def iter_raw_samples(stream: BinaryIO) -> Iterator[RawSample]:
+    """Yield samples in tar order; a broken tar ends with a RawSample carrying the error."""
+    current: RawSample | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_name(member.name)
+                if current is not None and key != current.key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = RawSample(key)
+                handle = tar.extractfile(member)
+                current.members[ext] = handle.read() if handle else b""
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        if current is not None:
+            yield current
+            current = None
+        yield RawSample(TRUNCATED_KEY, error=f"shard unreadable after this point: {type(exc).__name__}: {exc}")
+    if current is not None:
+        yield current
 
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
-           "purple": (140, 50, 170), "orange": (245, 140, 20)}
-SHAPES = ("circle", "square", "triangle", "cross")
+def decode_sample(raw: RawSample, preprocess=None, draft_to: int | None = None, keep_jpeg: bool = False) -> Sample:
+    """Decode image, caption and metadata; any problem becomes ``Sample.error``.
+
+    ``draft_to`` is the model's input size: large JPEGs are decoded no larger than needed. With
+    ``keep_jpeg``, a plain RGB or greyscale JPEG whose header passes the checks is left as bytes
+    (``Sample.image``) for the device decoder.
+    """
+    if raw.error:
+        return Sample(raw.key, error=raw.error)
+    image_ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
+    if image_ext is None:
+        return Sample(raw.key, error=f"no image member ({'/'.join(IMAGE_EXTS)}); found {sorted(raw.members) or 'none'}")
+    if CAPTION_EXT not in raw.members:
+        return Sample(raw.key, error="no caption member (.txt)")
+    try:
+        caption = raw.members[CAPTION_EXT].decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        return Sample(raw.key, error=f"caption is not valid UTF-8: {exc}")
+    meta = None
+    if META_EXT in raw.members:
+        try:
+            meta = json.loads(raw.members[META_EXT])
+        except ValueError as exc:
+            return Sample(raw.key, error=f"json member is not valid JSON: {exc}")
+        if not isinstance(meta, dict):
+            return Sample(raw.key, error="json member is not a JSON object")
+    image, error = decode_image(raw.members[image_ext], image_ext, preprocess, draft_to, keep_jpeg)
+    return Sample(raw.key, image=image, caption=caption, meta=meta, error=error)
 
 
-def shape_classes() -> list[str]:
-    """The synthetic collection's class captions, e.g. 'a red circle'."""
-    return [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+def decode_image(data: bytes, ext: str, preprocess=None, draft_to: int | None = None,
+                 keep_jpeg: bool = False) -> tuple[object, str | None]:
+    """(image, None), or (None, the reason the image cannot be used)."""
+    try:
+        img = open_checked(data)
+        if keep_jpeg and img.format == "JPEG" and img.mode in ("RGB", "L"):
+            return data, None
+        image = open_rgb(data, draft_to, img)
+        return (preprocess(image) if preprocess is not None else image), None
+    except ImageRefused as exc:
+        return None, f"image ({ext}) refused: {exc}"
+    except Exception as exc:  # PIL raises many types for hostile bytes; the reason is kept
+        return None, f"image ({ext}) undecodable: {type(exc).__name__}: {exc}"
 
 
-def shape_image(colour: str, shape: str, rng: random.Random, size: int = 64) -> Image.Image:
-    """A coloured shape at a random place and size on a light, slightly noisy background."""
-    from PIL import ImageDraw
-
-    grey = rng.randint(200, 255)
-    img = Image.new("RGB", (size, size), (grey, grey, grey))
-    draw = ImageDraw.Draw(img)
-    r = rng.randint(size // 6, size // 3)
-    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    else:
-        w = max(2, r // 3)
-        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
-        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+def open_checked(data: bytes) -> Image.Image:
+    """Open an image (header only), refusing empty files and decompression bombs."""
+    if not data:
+        raise ImageRefused("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise ImageRefused(f"decompression bomb: {exc}") from None
+        except UnidentifiedImageError:  # its message holds a memory address: keep reasons reproducible
+            raise UnidentifiedImageError("not a recognised image format") from None
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageRefused(f"decompression bomb: header claims {width}x{height} pixels, over {MAX_IMAGE_PIXELS}")
     return img
 
 
-def shape_collection(folder: Path | None, per_class: int, shards: int = 1, seed: int = 0):
-    """Coloured shapes with captions: written as ``shards`` tars if ``folder`` is given.
+def open_rgb(data: bytes, draft_to: int | None = None, img: Image.Image | None = None) -> Image.Image:
+    """Decode to an upright 8-bit RGB image, checking the pixel count before decoding.
 
-    Returns (images, labels) with labels indexing ``shape_classes()``.
+    With ``draft_to``, a JPEG much larger than that is decoded in draft mode (see DRAFT_REDUCING_GAP).
+    ``img`` is ``open_checked(data)`` when the caller has it already.
     """
-    rng = random.Random(seed)
-    classes = shape_classes()
-    items = [(label, caption) for label, caption in enumerate(classes) for _ in range(per_class)]
-    rng.shuffle(items)
-    images = [shape_image(c.split()[1], c.split()[2], rng) for _, c in items]
-    if folder is not None:
-        per_shard = -(-len(items) // shards)
-        for s in range(shards):
-            chunk = range(s * per_shard, min(len(items), (s + 1) * per_shard))
-            samples = []
-            for i in chunk:
-                buf = io.BytesIO()
-                images[i].save(buf, "PNG")
-                samples.append((f"{s:05d}{i:05d}", {"png": buf.getvalue(), "txt": items[i][1].encode()}))
-            write_shard(folder / f"{s:05d}.tar", samples)
-    return images, [label for label, _ in items]
+    img = img if img is not None else open_checked(data)
+    width, height = img.size
+    keep = (draft_to or 0) * DRAFT_REDUCING_GAP
+    if keep and img.format == "JPEG" and min(width, height) >= 2 * keep:  # else no 1/2^k step fits
+        scale = keep / min(width, height)
+        img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Like open_clip's RGB conversion, but 16-bit images are scaled, not clipped to white."""
+    if img.mode in _HIGH_DEPTH_MODES:
+        scale = 65535 if img.mode != "I" or np.asarray(img).max() > 255 else 255
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) * (255 / scale)).clip(0, 255).astype(np.uint8))
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")

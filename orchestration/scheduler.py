@@ -11,8 +11,8 @@ from typing import Any
 from celery import Celery, shared_task
 from celery.schedules import crontab
 
-from orchestration.schedule import cron_fields, dataset_spec
-from tasks.app import make_app
+from clipbatch.orchestration.schedule import cron_fields, dataset_spec
+from clipbatch.core.broker import make_app
 
 SUBMIT_DATASET = "clipbatch.submit_dataset"
 SCHEDULER_QUEUE = "clipbatch-scheduler"
@@ -21,7 +21,7 @@ log = logging.getLogger("clipbatch.scheduler")
 
 @shared_task(name=SUBMIT_DATASET)
 def submit_dataset(dataset: dict[str, Any]) -> str:
-    from orchestration.client import Client
+    from clipbatch.orchestration.client import Client
 
     job = Client().submit(dataset_spec(dataset))
     log.info("scheduled job submitted dataset=%s job=%s", dataset["name"], job.job_id)
@@ -29,7 +29,7 @@ def submit_dataset(dataset: dict[str, Any]) -> str:
 
 
 def make_scheduler_app(datasets: list[dict[str, Any]]) -> Celery:
-    app = make_app(include=("tasks.schedule",))
+    app = make_app(include=("clipbatch.orchestration.scheduler",))
     app.conf.timezone = "UTC"
     app.conf.beat_schedule = {
         d["name"]: {"task": SUBMIT_DATASET, "schedule": crontab(**cron_fields(d["cron"])), "args": [d],

@@ -40,5 +40,10 @@ def job_deliveries(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:deliveries"
 
 
+def job_finalizing(job_id: str) -> str:
+    """String with a lease: the process finalising the job (one at a time)."""
+    return f"{PREFIX}:job:{job_id}:finalizing"
+
+
 def job_keys(job_id: str) -> list[str]:
     return [job(job_id), job_done(job_id), job_failed(job_id), job_deliveries(job_id)]

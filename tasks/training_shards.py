@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.app import TRAIN_SHARD, app
-from tasks.shard import ShardTask, run_shard
-from tasks.specs import ShardSpec
-from workers.train_shards import write_train_shard
+from clipbatch.core.broker import TRAIN_SHARD
+from clipbatch.tasks.app import app
+from clipbatch.tasks.lifecycle import ShardTask, run_shard
+from clipbatch.core.specs import ShardSpec
+from clipbatch.workers.training_shards import write_train_shard
 
 
 @app.task(name=TRAIN_SHARD, base=ShardTask, bind=True)

@@ -13,10 +13,9 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from orchestration.storage import Storage
+from clipbatch.core import layout
+from clipbatch.core.storage import Storage
 
-MARKER_DIR = "_commits"
-TMP_DIR = "_tmp"
 _IO_THREADS = 8
 
 
@@ -24,25 +23,17 @@ class CommitError(RuntimeError):
     """A marker names files that exist neither in place nor in the attempt's temporaries."""
 
 
-def marker_key(index: int) -> str:
-    return f"{MARKER_DIR}/{index:05d}.json"
-
-
-def tmp_key(attempt: str, name: str) -> str:
-    return f"{TMP_DIR}/{attempt}/{name}"
-
-
 def read_marker(storage: Storage, index: int) -> dict[str, Any] | None:
     try:
-        return json.loads(storage.read(marker_key(index)))
+        return json.loads(storage.read(layout.marker(index)))
     except FileNotFoundError:
         return None
 
 
 def list_markers(storage: Storage) -> dict[int, dict[str, Any]]:
     """Every committed shard of an output, by index (one LIST plus parallel GETs)."""
-    names = [k for k in storage.list(MARKER_DIR + "/") if k.endswith(".json")]
-    indices = [int(k.rsplit("/", 1)[1].split(".")[0]) for k in names]
+    found = (layout.marker_index(k) for k in storage.list(layout.MARKER_DIR + "/"))
+    indices = [i for i in found if i is not None]
     with ThreadPoolExecutor(_IO_THREADS) as pool:
         markers = list(pool.map(lambda i: read_marker(storage, i), indices))
     return {i: m for i, m in zip(indices, markers) if m is not None}
@@ -61,18 +52,18 @@ def finish(storage: Storage, marker: dict[str, Any]) -> None:
 
     def move(name: str) -> None:
         try:
-            storage.copy(tmp_key(attempt, name), name)
+            storage.copy(layout.staged(attempt, name), name)
         except FileNotFoundError:
             # Temporaries go only after every file is in place, so the move was done.
             if not storage.exists(name):
                 raise CommitError(f"shard {marker['index']}: {name} missing for attempt {attempt}") from None
 
     _parallel(move, marker["files"])
-    _parallel(lambda name: storage.delete(tmp_key(attempt, name)), marker["files"])
+    _parallel(lambda name: storage.delete(layout.staged(attempt, name)), marker["files"])
 
 
 def is_finished(storage: Storage, marker: dict[str, Any]) -> bool:
-    return not any(storage.exists(tmp_key(marker["attempt"], n)) for n in marker["files"])
+    return not any(storage.exists(layout.staged(marker["attempt"], n)) for n in marker["files"])
 
 
 def commit(
@@ -82,9 +73,9 @@ def commit(
 
     Returns (won, marker): ``marker`` is the winner's, whoever that is.
     """
-    _parallel(lambda item: storage.write(tmp_key(attempt, item[0]), item[1]), files.items())
+    _parallel(lambda item: storage.write(layout.staged(attempt, item[0]), item[1]), files.items())
     marker = {**record, "index": index, "attempt": attempt, "files": sorted(files)}
-    won = storage.create_exclusive(marker_key(index), json.dumps(marker, sort_keys=True).encode())
+    won = storage.create_exclusive(layout.marker(index), json.dumps(marker, sort_keys=True).encode())
     if not won:
         marker = read_marker(storage, index)
         if marker is None:
@@ -92,6 +83,6 @@ def commit(
         # A retried PUT whose first try landed is refused too: then the marker is our own.
         won = marker["attempt"] == attempt
         if not won:
-            _parallel(lambda name: storage.delete(tmp_key(attempt, name)), files)
+            _parallel(lambda name: storage.delete(layout.staged(attempt, name)), files)
     finish(storage, marker)
     return won, marker

@@ -12,8 +12,8 @@ from typing import Any
 
 import redis
 
-from orchestration import keys
-from orchestration.keys import JobState
+from clipbatch.core import keys
+from clipbatch.core.keys import JobState
 
 _COUNTERS = ("shards_total", "shards_done", "shards_failed", "shards_skipped", "shards_rescored", "samples_done",
              "samples_failed")
@@ -151,6 +151,10 @@ class JobStore:
     def set_state(self, job_id: str, state: JobState) -> bool:
         """Move a job that is not finished yet; 'running' only from 'queued'."""
         return bool(self._state(keys=[keys.job(job_id)], args=[state.value, time.time()]))
+
+    def claim_finalize(self, job_id: str, lease_s: int) -> bool:
+        """Claim the right to finalise the job for ``lease_s`` seconds; False while another holds it."""
+        return bool(self.r.set(keys.job_finalizing(job_id), "1", nx=True, ex=lease_s))
 
     def is_complete(self, status: dict[str, Any]) -> bool:
         return status["shards_done"] + status["shards_failed"] >= status["shards_total"]

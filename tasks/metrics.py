@@ -4,7 +4,8 @@ Celery's prefork pool runs shards in child processes, so the metrics use prometh
 multiprocess mode: every process writes its values to files in a private folder and the main
 process serves their sum. The mode is fixed when prometheus_client is first imported, which is
 why ``start`` sets the folder before importing it. The metrics move on hooks (Celery's task
-signals, ``tasks.shard.shard_finished`` and ``workers.runtime.model_loaded``), not in task bodies.
+signals, ``clipbatch.tasks.lifecycle.shard_finished`` and the listeners of
+``clipbatch.workers.runtime.model_loaded``), not in task bodies.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from typing import Any
 
 from celery.signals import task_postrun, task_prerun, worker_process_shutdown
 
-from tasks.shard import shard_finished
-from workers import runtime
+from clipbatch.tasks.lifecycle import shard_finished
+from clipbatch.workers import runtime
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LISTEN_ADDR = "0.0.0.0"  # scraped from outside the pod or container
@@ -81,7 +82,7 @@ class WorkerMetrics:
         task_prerun.connect(self._task_started, weak=False)
         task_postrun.connect(self._task_ended, weak=False)
         shard_finished.connect(self._shard_finished, weak=False)
-        runtime.model_loaded.connect(self._model_loaded, weak=False)
+        runtime.model_loaded.append(self._model_loaded)
         worker_process_shutdown.connect(self._process_exits, weak=False)
 
     def _task_started(self, **_: Any) -> None:
@@ -105,7 +106,7 @@ class WorkerMetrics:
             self.rate.set(result.samples_ok / timings["compute_s"])
         self._gpu_memory()
 
-    def _model_loaded(self, bundle: Any, **_: Any) -> None:
+    def _model_loaded(self, bundle: Any) -> None:
         self.model_load.observe(bundle.load_seconds)
         self._gpu_memory()
 

@@ -6,26 +6,24 @@ compute -> commit (conditional marker) -> count once in Redis -> finalize if las
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from typing import Any, Callable
 
-import redis
 from celery import Task
 from celery.utils.dispatch import Signal
 
-from orchestration import commit
-from orchestration.client import finalize
-from orchestration.config import Settings
-from orchestration.jobs import JobStore
-from orchestration.keys import JobState
-from orchestration.storage import open_storage
-from tasks.specs import ShardSpec
+from clipbatch.core import commit
+from clipbatch.core.broker import FINALIZE_JOB
+from clipbatch.core.jobs import JobStore
+from clipbatch.core.keys import JobState
+from clipbatch.core.specs import ShardSpec, SpecError
+from clipbatch.core.storage import PERMANENT_ERRORS, open_storage
+from clipbatch.tasks.app import app
+from clipbatch.tasks.context import SETTINGS, job_store
+from clipbatch.tasks.finalize import finalize
 
 log = logging.getLogger("clipbatch.shard")
-_SETTINGS = Settings.from_env()
-_store: dict[int, JobStore] = {}
 
 # Sent in the worker once a shard's outcome is logged, before it is counted, with ``shard``,
 # ``outcome``, ``result`` (the compute's result, None when compute did not run), ``marker`` and
@@ -33,23 +31,15 @@ _store: dict[int, JobStore] = {}
 shard_finished = Signal(name="shard_finished")
 
 
-def job_store() -> JobStore:
-    """One Redis connection pool per process (created after the fork)."""
-    pid = os.getpid()
-    if pid not in _store:
-        client = redis.Redis.from_url(_SETTINGS.broker_url, decode_responses=True)
-        _store.clear()
-        _store[pid] = JobStore(client, _SETTINGS.job_ttl_s)
-    return _store[pid]
-
-
 class ShardTask(Task):
     """Retries with backoff; a shard that fails every attempt is recorded with its reason."""
 
     autoretry_for = (Exception,)
+    # A missing input, a refused credential or a bad spec fails the same way every time.
+    dont_autoretry_for = (*PERMANENT_ERRORS, SpecError)
     retry_backoff = True
     retry_backoff_max = 60
-    max_retries = _SETTINGS.max_retries
+    max_retries = SETTINGS.max_retries
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: ANN001 (Celery's signature)
         shard = ShardSpec.from_dict(args[0])
@@ -59,14 +49,16 @@ class ShardTask(Task):
 
 
 def _dead_letter(jobs: JobStore, shard: ShardSpec, reason: str) -> None:
+    """Record the shard as failed; the job's end, if this was its last shard, goes out as a message
+    (``on_failure`` runs after the message is settled, so an inline finalise would have no redelivery)."""
     if jobs.dead_letter(shard.job_id, shard.index, shard.input, reason):
-        finalize(jobs, shard.job_id)
+        app.send_task(FINALIZE_JOB, args=[shard.job_id], queue=shard.job.queue)
 
 
 def _give_up(jobs: JobStore, shard: ShardSpec, deliveries: int) -> dict[str, Any]:
     """A poison shard: started too often without finishing (its worker process died each time)."""
     reason = (f"poison shard: started {deliveries - 1} times without finishing "
-              f"(the worker process was lost each time; CLIPBATCH_MAX_DELIVERIES={_SETTINGS.max_deliveries})")
+              f"(the worker process was lost each time; CLIPBATCH_MAX_DELIVERIES={SETTINGS.max_deliveries})")
     log.error("shard dead-lettered job=%s shard=%d input=%s reason=%s", shard.job_id, shard.index, shard.input, reason)
     _dead_letter(jobs, shard, reason)
     return {"outcome": "dead_lettered", "reason": reason}
@@ -86,7 +78,7 @@ def run_shard(
     delivery count), ``compute_s`` (the compute call) and ``commit_s`` (compute end -> marker
     written and files in place). Counting the shard (one Redis script) follows the line.
     """
-    start = time.perf_counter()
+    clock = [time.perf_counter()]
     jobs = job_store()
     status = jobs.get(shard.job_id)
     if status is not None and status["state"] == JobState.CANCELLED.value:
@@ -98,44 +90,26 @@ def run_shard(
     marker = commit.read_marker(storage, shard.index)
     attempt = result = None
     if marker is not None:
-        compute_start = compute_end = time.perf_counter()
+        clock += [time.perf_counter()] * 2
         if not commit.is_finished(storage, marker):
             commit.finish(storage, marker)
         outcome = "already_committed"
     else:
         if status is not None:
             deliveries = jobs.count_delivery(shard.job_id, shard.index)
-            if deliveries > _SETTINGS.max_deliveries:
+            if deliveries > SETTINGS.max_deliveries:
                 return _give_up(jobs, shard, deliveries)
         jobs.set_state(shard.job_id, JobState.RUNNING)
         attempt = uuid.uuid4().hex
         log.info("shard start job=%s shard=%d attempt=%s input=%s", shard.job_id, shard.index, attempt, shard.input)
-        compute_start = time.perf_counter()
+        clock.append(time.perf_counter())
         result = compute(shard, attempt)
-        compute_end = time.perf_counter()
-        record = {
-            "job_id": shard.job_id,
-            "input": shard.input,
-            "input_size": result.input_size,
-            "input_etag": result.input_etag,
-            "samples_ok": result.samples_ok,
-            "samples_failed": result.samples_failed,
-            "committed_at": time.time(),
-            **shard.job.marker_fields(),
-            **result.record,
-        }
-        won, marker = commit.commit(storage, shard.index, attempt, result.files, record)
+        clock.append(time.perf_counter())
+        won, marker = commit.commit(storage, shard.index, attempt, result.files, _marker_record(shard, result))
         outcome = "committed" if won else "lost_race"
-    end = time.perf_counter()
-    timings = {"seconds": end - start, "setup_s": compute_start - start, "compute_s": compute_end - compute_start,
-               "commit_s": end - compute_end}
-    # Logged before the job is counted: once the last shard is counted the job is seen as done.
-    log.info(
-        "shard %s job=%s shard=%d attempt=%s committed_attempt=%s samples=%d failed=%d seconds=%.2f setup_s=%.3f "
-        "compute_s=%.3f commit_s=%.3f",
-        outcome, shard.job_id, shard.index, attempt, marker["attempt"], marker["samples_ok"], marker["samples_failed"],
-        timings["seconds"], timings["setup_s"], timings["compute_s"], timings["commit_s"],
-    )
+    clock.append(time.perf_counter())
+    timings = _timings(*clock)
+    _log_outcome(shard, outcome, attempt, marker, timings)
     shard_finished.send(sender=None, shard=shard, outcome=outcome, result=result, marker=marker, timings=timings)
     if after_commit is not None:
         after_commit(jobs, shard, marker)
@@ -143,3 +117,34 @@ def run_shard(
         finalize(jobs, shard.job_id)
     return {"outcome": outcome, "attempt": attempt, "committed_attempt": marker["attempt"],
             "seconds": timings["seconds"]}
+
+
+def _marker_record(shard: ShardSpec, result: Any) -> dict[str, Any]:
+    """What the marker says of this attempt: the input it read, the counts, the job's identity."""
+    return {
+        "job_id": shard.job_id,
+        "input": shard.input,
+        "input_size": result.input_size,
+        "input_etag": result.input_etag,
+        "samples_ok": result.samples_ok,
+        "samples_failed": result.samples_failed,
+        "committed_at": time.time(),
+        **shard.job.marker_fields(),
+        **result.record,
+    }
+
+
+def _timings(start: float, compute_start: float, compute_end: float, end: float) -> dict[str, float]:
+    return {"seconds": end - start, "setup_s": compute_start - start, "compute_s": compute_end - compute_start,
+            "commit_s": end - compute_end}
+
+
+def _log_outcome(shard: ShardSpec, outcome: str, attempt: str | None, marker: dict[str, Any],
+                 timings: dict[str, float]) -> None:
+    """Logged before the job is counted: once the last shard is counted the job is seen as done."""
+    log.info(
+        "shard %s job=%s shard=%d attempt=%s committed_attempt=%s samples=%d failed=%d seconds=%.2f setup_s=%.3f "
+        "compute_s=%.3f commit_s=%.3f",
+        outcome, shard.job_id, shard.index, attempt, marker["attempt"], marker["samples_ok"], marker["samples_failed"],
+        timings["seconds"], timings["setup_s"], timings["compute_s"], timings["commit_s"],
+    )

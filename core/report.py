@@ -7,18 +7,17 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from orchestration import commit
-from orchestration.scores import THRESHOLDS, merge, summarize
-from orchestration.storage import Storage
+from clipbatch.core import commit, layout
+from clipbatch.core.scores import THRESHOLDS, merge, summarize
+from clipbatch.core.storage import Storage
 
-REPORT_DIR = "report"
-SUMMARY = f"{REPORT_DIR}/summary.json"
+SUMMARY = layout.SUMMARY
 _IO_THREADS = 16
 
 
 def _stats(storage: Storage, index: int) -> dict[str, Any] | None:
     try:
-        return json.loads(storage.read(f"stats/{index}.json"))
+        return json.loads(storage.read(layout.stats(index)))
     except FileNotFoundError:
         return None
 
@@ -33,8 +32,8 @@ def build_report(storage: Storage, job: dict[str, Any]) -> dict[str, Any]:
                    model=(job.get("spec") or {}).get("model", {}).get("name"))
     storage.write(SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode())
     if summary["count"]:
-        storage.write(f"{REPORT_DIR}/scores.png", _plot(summary))
-        storage.write(f"{REPORT_DIR}/index.html", _page(summary).encode())
+        storage.write(layout.SCORES_PNG, _plot(summary))
+        storage.write(layout.REPORT_PAGE, _page(summary).encode())
     return summary
 
 
@@ -96,13 +95,13 @@ def format_summary(summary: dict[str, Any]) -> str:
 def finish_finetune(storage: Storage, job: dict[str, Any]) -> dict[str, Any]:
     """At the end of a fine-tune: ``checkpoints/final.pt`` and the loss curve in ``report/``."""
     steps = job["shards_total"]
-    metrics = [json.loads(storage.read(f"metrics/step_{k:05d}.json")) for k in range(steps)]
-    storage.copy(f"checkpoints/step_{steps - 1:05d}.pt", "checkpoints/final.pt")
-    summary = {"steps": steps, "final_checkpoint": f"{storage.uri}/checkpoints/final.pt",
+    metrics = [json.loads(storage.read(layout.step_metrics(k))) for k in range(steps)]
+    storage.copy(layout.checkpoint(steps - 1), layout.FINAL_CHECKPOINT)
+    summary = {"steps": steps, "final_checkpoint": f"{storage.uri}/{layout.FINAL_CHECKPOINT}",
                "loss": [m["loss"] for m in metrics], "logit_scale": [m["logit_scale"] for m in metrics],
                "samples": sum(m["samples"] for m in metrics)}
     storage.write(SUMMARY, json.dumps(summary, indent=2).encode())
-    storage.write(f"{REPORT_DIR}/loss.png", _loss_plot(metrics))
+    storage.write(layout.LOSS_PNG, _loss_plot(metrics))
     return summary
 
 

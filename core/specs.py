@@ -5,7 +5,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from orchestration.config import DEFAULT_QUEUE
+from clipbatch.core.config import DEFAULT_QUEUE
 
 KINDS = ("embed", "score")
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "folder", "manifest")
@@ -240,7 +240,7 @@ class ShardSpec:
     """One message on the queue: shard ``index`` of a job, read from ``input``.
 
     A folder, manifest or row-group shard carries its range in ``input`` as a fragment
-    (``data.jsonl#rows=0-10000``, see orchestration/inputs.py): that string is its identity.
+    (``data.jsonl#rows=0-10000``, see core/inputs.py): that string is its identity.
     """
 
     job_id: str

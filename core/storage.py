@@ -12,6 +12,7 @@ import shutil
 import stat
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -23,7 +24,27 @@ _PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412"
 
 
 class StorageError(Exception):
-    """A storage location that cannot be used, with the URI in the message."""
+    """A storage location that cannot be used, with the URI in the message.
+
+    Both backends raise the project's errors only: ``FileNotFoundError`` (no such object or
+    bucket), ``Forbidden``, ``PreconditionFailed`` and ``StorageUnavailable`` (worth a retry).
+    """
+
+
+class Forbidden(StorageError, PermissionError):
+    """The credentials may not do this: permanent until someone changes a policy."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost (the object exists)."""
+
+
+class StorageUnavailable(StorageError):
+    """The endpoint failed or could not be reached: worth another try later."""
+
+
+# A task that meets one of these will meet it again: retrying only delays the failure.
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, PermissionError)
 
 
 @dataclass(frozen=True)
@@ -182,8 +203,30 @@ def s3_client():
     return client
 
 
-def _error_code(exc: Exception) -> str:
-    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
+_FORBIDDEN_CODES = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                    "AllAccessDisabled", "AccountProblem"}
+
+
+@contextmanager
+def _s3_errors(uri: str):
+    """Turn botocore's errors into the project's own, once, here at the edge."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        message = f"{uri}: {code}: {exc.response.get('Error', {}).get('Message') or exc}"
+        if code in _NOT_FOUND_CODES:  # the builtin, as the local backend raises: one type on both
+            raise FileNotFoundError(message) from None
+        if code in _FORBIDDEN_CODES:
+            raise Forbidden(message) from None
+        if code in _PRECONDITION_CODES:
+            raise PreconditionFailed(message) from None
+        raise StorageUnavailable(message) from None
+    except BotoCoreError as exc:  # no credentials, endpoint unreachable, read timeouts, ...
+        raise StorageUnavailable(f"{uri}: {exc}") from None
 
 
 class S3Storage:
@@ -197,44 +240,35 @@ class S3Storage:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def read(self, key: str) -> bytes:
-        return self.open_read(key).read()
+        body = self.open_read(key)
+        with _s3_errors(join(self.uri, key)):
+            return body.read()
 
     def open_read(self, key: str) -> BinaryIO:
-        from botocore.exceptions import ClientError
-
-        try:
+        with _s3_errors(join(self.uri, key)):
             return s3_client().get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-        except ClientError as exc:
-            if _error_code(exc) in {"NoSuchKey", "404"}:
-                raise FileNotFoundError(join(self.uri, key)) from None
-            raise
 
     def write(self, key: str, data: bytes) -> None:
-        s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        with _s3_errors(join(self.uri, key)):
+            s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
-        from botocore.exceptions import ClientError
-
         try:
-            s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            with _s3_errors(join(self.uri, key)):
+                s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
             return True
-        except ClientError as exc:
-            if _error_code(exc) in _PRECONDITION_CODES:
-                return False
-            raise
+        except PreconditionFailed:
+            return False
 
     def exists(self, key: str) -> bool:
         return self.info(key) is not None
 
     def info(self, key: str) -> ObjectInfo | None:
-        from botocore.exceptions import ClientError
-
         try:
-            head = s3_client().head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
-                return None
-            raise
+            with _s3_errors(join(self.uri, key)):
+                head = s3_client().head_object(Bucket=self.bucket, Key=self._key(key))
+        except FileNotFoundError:
+            return None
         return ObjectInfo(size=head["ContentLength"], etag=head["ETag"].strip('"'))
 
     def list(self, prefix: str = "") -> list[str]:
@@ -244,23 +278,19 @@ class S3Storage:
         full = self._key(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
         found: dict[str, ObjectInfo] = {}
-        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                found[obj["Key"][strip:]] = ObjectInfo(size=obj["Size"], etag=obj["ETag"].strip('"'))
+        with _s3_errors(join(self.uri, prefix)):
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    found[obj["Key"][strip:]] = ObjectInfo(size=obj["Size"], etag=obj["ETag"].strip('"'))
         return found
 
     def copy(self, src: str, dst: str) -> None:
-        from botocore.exceptions import ClientError
-
-        try:
+        with _s3_errors(join(self.uri, src)):
             s3_client().copy_object(
                 Bucket=self.bucket, Key=self._key(dst), CopySource={"Bucket": self.bucket, "Key": self._key(src)}
             )
-        except ClientError as exc:
-            if _error_code(exc) in {"NoSuchKey", "404"}:
-                raise FileNotFoundError(join(self.uri, src)) from None
-            raise
 
     def delete(self, key: str) -> None:
-        s3_client().delete_object(Bucket=self.bucket, Key=self._key(key))
+        with _s3_errors(join(self.uri, key)):
+            s3_client().delete_object(Bucket=self.bucket, Key=self._key(key))

@@ -7,11 +7,12 @@ from collections import defaultdict
 
 import pyarrow.parquet as pq
 
-from orchestration.storage import open_storage, split
-from tasks.specs import ShardSpec
-from workers.embed import ShardResult
-from workers.shards import CAPTION_EXT, IMAGE_EXTS, iter_raw_samples
-from workers.writers import write_tar
+from clipbatch.core import layout
+from clipbatch.core.storage import open_storage, split
+from clipbatch.core.specs import ShardSpec
+from clipbatch.workers.embed import ShardResult
+from clipbatch.workers.samples import CAPTION_EXT, IMAGE_EXTS, iter_raw_samples
+from clipbatch.workers.writers import write_tar
 
 
 def write_train_shard(shard: ShardSpec, attempt: str) -> ShardResult:
@@ -43,4 +44,4 @@ def write_train_shard(shard: ShardSpec, attempt: str) -> ShardResult:
                                                      "json": json.dumps(meta, sort_keys=True).encode()}))
     buf = io.BytesIO()
     count = write_tar(buf, samples)
-    return ShardResult({f"{shard.index:05d}.tar": buf.getvalue()}, count, 0, info.size, info.etag)
+    return ShardResult({layout.training_shard(shard.index): buf.getvalue()}, count, 0, info.size, info.etag)

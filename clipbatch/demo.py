@@ -10,11 +10,11 @@ import click
 import numpy as np
 import open_clip
 
-from orchestration.embedded import run_embedded
-from tasks.specs import FinetuneSpec, JobSpec, ModelSpec
-from workers.finetune import zero_shot_accuracy
-from workers.models import save_seeded_checkpoint
-from workers.samples import build_collection, shape_classes, shape_collection
+from clipbatch.orchestration.embedded import run_embedded
+from clipbatch.core.specs import FinetuneSpec, JobSpec, ModelSpec
+from clipbatch.workers.finetune import zero_shot_accuracy
+from clipbatch.workers.models import save_seeded_checkpoint
+from clipbatch.sample_data import build_collection, shape_classes, shape_collection
 
 DEMO_MODEL = "clipbatch-tiny"
 SHAPE_SHARDS, SHAPE_EPOCHS = 4, 6
@@ -76,3 +76,4 @@ def _finetune_demo(workdir: Path, checkpoint: Path) -> dict:
               "chance": round(1 / len(shape_classes()), 3), "checkpoint": str(output / "checkpoints" / "final.pt")}
     click.echo(json.dumps(result, indent=2))
     return result
+

@@ -22,14 +22,14 @@ from typing import Any, BinaryIO, Iterator
 
 from braceexpand import braceexpand
 
-from orchestration.storage import (FILE_SCHEME, S3_SCHEME, ObjectInfo, StorageError, is_s3, join, open_storage,
+from clipbatch.core.storage import (FILE_SCHEME, S3_SCHEME, ObjectInfo, StorageError, is_s3, join, open_storage,
                                    s3_client, split)
-from tasks.specs import DEFAULT_SAMPLES_PER_INPUT_SHARD, JobSpec, SpecError
+from clipbatch.core.specs import DEFAULT_SAMPLES_PER_INPUT_SHARD, JobSpec, SpecError
 
 TAR_SUFFIX = ".tar"
 PARQUET_SUFFIX = ".parquet"
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the same order as workers/shards.py
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the same order as workers/samples.py
 DEFAULT_IMAGE_COL = "image"
 DEFAULT_CAPTION_COL = "caption"
 BAD_ROW = "__error__"  # a manifest row that could not be parsed: its reason, under this key
@@ -73,15 +73,10 @@ def _storage_errors(pattern: str, fn, *args):
     """Run a listing, turning storage failures into InputError naming the input."""
     try:
         return fn(*args)
-    except StorageError as exc:
+    except StorageError as exc:  # NoSuchBucket, AccessDenied, an unreachable endpoint, ...
         raise InputError(str(exc)) from None
     except PermissionError as exc:
         raise InputError(f"{pattern!r}: permission denied ({exc})") from None
-    except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-        if code:  # botocore ClientError: NoSuchBucket, AccessDenied, ...
-            raise InputError(f"{pattern!r}: {code}: {exc}") from None
-        raise
 
 
 def list_objects(pattern: str) -> tuple[list[ShardInput], bool]:

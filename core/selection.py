@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestration import commit
-from orchestration.scores import merge, quantile
-from orchestration.storage import Storage, join, open_storage
-from tasks.specs import SpecError, TrainShardsSpec
+from clipbatch.core import commit, layout
+from clipbatch.core.scores import merge, quantile
+from clipbatch.core.storage import Storage, join, open_storage
+from clipbatch.core.specs import SpecError, TrainShardsSpec
 
 SELECTION_DIR = "_selection"
 PLAN_FILE = f"{SELECTION_DIR}/plan.json"
@@ -44,7 +44,7 @@ def _scored_rows(source: Storage, markers: dict[int, dict]) -> pa.Table:
     for i in sorted(markers):
         if not markers[i]["samples_ok"]:  # a shard with no embedded pair has no metadata file
             continue
-        table = pq.read_table(io.BytesIO(source.read(f"metadata/metadata_{i}.parquet")))
+        table = pq.read_table(io.BytesIO(source.read(layout.embed_files(i)["metadata"])))
         if "clip_score" not in table.column_names:
             raise SpecError("scored", f"{source.uri} has no clip_score column; run a score job on it first")
         table = table.select(["key", "shard", "clip_score"])
@@ -58,7 +58,7 @@ def _scored_rows(source: Storage, markers: dict[int, dict]) -> pa.Table:
 def _threshold(spec: TrainShardsSpec, source: Storage, markers: dict[int, dict]) -> float:
     if spec.min_score is not None:
         return float(spec.min_score)
-    stats = [json.loads(source.read(f"stats/{i}.json")) for i in sorted(markers)]
+    stats = [json.loads(source.read(layout.stats(i))) for i in sorted(markers)]
     return quantile(merge(s["clip_score"] for s in stats), 1.0 - spec.top_fraction)
 
 
@@ -99,7 +99,7 @@ def plan_train_shards(spec: TrainShardsSpec, output: Storage) -> TrainPlan:
     duplicate = np.zeros(len(chosen), bool)
     if spec.dedup_cosine is not None and chosen:
         parts, offsets = rows.column("part").to_numpy(), rows.column("row").to_numpy()
-        arrays = {i: np.load(io.BytesIO(source.read(f"img_emb/img_emb_{i}.npy"))) for i in set(parts[chosen])}
+        arrays = {i: np.load(io.BytesIO(source.read(layout.embed_files(i)["img"]))) for i in set(parts[chosen])}
         duplicate = near_duplicates(np.stack([arrays[parts[r]][offsets[r]] for r in chosen]), spec.dedup_cosine)
     kept = sorted(r for r, d in zip(chosen, duplicate) if not d)  # back to source order: few tars per shard
     table = rows.take(pa.array(kept, pa.int64())).select(["shard", "key", "clip_score"])
@@ -110,7 +110,7 @@ def plan_train_shards(spec: TrainShardsSpec, output: Storage) -> TrainPlan:
         "dedup_cosine": spec.dedup_cosine, "samples_per_shard": spec.samples_per_shard,
         "total": len(scores), "kept": len(kept), "dropped_by_score": len(scores) - len(chosen),
         "dropped_as_duplicate": int(duplicate.sum()),
-        "sizes": {f"{j:05d}.tar": n for j, n in enumerate(sizes)},
+        "sizes": {layout.training_shard(j): n for j, n in enumerate(sizes)},
     }
     _check_same_plan(output, summary)
     selections = []
@@ -135,6 +135,6 @@ def _check_same_plan(output: Storage, summary: dict[str, Any]) -> None:
 def finish_train_shards(output: Storage) -> None:
     """At the end of the job: ``sizes.json`` (what open_clip reads) and ``stats.json``."""
     summary = json.loads(output.read(PLAN_FILE))
-    output.write("sizes.json", json.dumps(summary["sizes"], indent=2, sort_keys=True).encode())
+    output.write(layout.SIZES, json.dumps(summary["sizes"], indent=2, sort_keys=True).encode())
     stats = {k: v for k, v in summary.items() if k != "sizes"}
-    output.write("stats.json", json.dumps(stats, indent=2, sort_keys=True).encode())
+    output.write(layout.SELECTION_STATS, json.dumps(stats, indent=2, sort_keys=True).encode())

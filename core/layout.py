@@ -1,0 +1,66 @@
+"""Every path a job writes, relative to its output root: the one place the output layout lives.
+
+An embed/score output (what embedding-reader and autofaiss read)::
+
+    img_emb/img_emb_{i}.npy  text_emb/text_emb_{i}.npy  metadata/metadata_{i}.parquet
+    errors/errors_{i}.parquet  stats/{i}.json  _commits/{i:05d}.json  _job.json  report/...
+
+A training-shards output: ``{j:05d}.tar``, ``sizes.json``, ``stats.json``. A fine-tune output:
+``checkpoints/step_{k:05d}.pt``, ``checkpoints/final.pt``, ``metrics/step_{k:05d}.json``.
+Attempts stage their files under ``_tmp/{attempt}/`` until their marker wins (core/commit.py).
+"""
+from __future__ import annotations
+
+MARKER_DIR = "_commits"
+TMP_DIR = "_tmp"
+JOB_FILE = "_job.json"
+REPORT_DIR = "report"
+SUMMARY = f"{REPORT_DIR}/summary.json"
+SCORES_PNG = f"{REPORT_DIR}/scores.png"
+REPORT_PAGE = f"{REPORT_DIR}/index.html"
+LOSS_PNG = f"{REPORT_DIR}/loss.png"
+SIZES = "sizes.json"
+SELECTION_STATS = "stats.json"
+FINAL_CHECKPOINT = "checkpoints/final.pt"
+
+
+def marker(index: int) -> str:
+    return f"{MARKER_DIR}/{index:05d}.json"
+
+
+def marker_index(key: str) -> int | None:
+    """The shard index a marker key names, or None for a key that is not a marker."""
+    name = key.rsplit("/", 1)[-1]
+    stem = name.removesuffix(".json")
+    return int(stem) if key.startswith(MARKER_DIR + "/") and name.endswith(".json") and stem.isdigit() else None
+
+
+def staged(attempt: str, name: str) -> str:
+    return f"{TMP_DIR}/{attempt}/{name}"
+
+
+def embed_files(index: int) -> dict[str, str]:
+    """The files of input shard ``index`` in an embed/score output, by role."""
+    return {
+        "img": f"img_emb/img_emb_{index}.npy",
+        "text": f"text_emb/text_emb_{index}.npy",
+        "metadata": f"metadata/metadata_{index}.parquet",
+        "errors": f"errors/errors_{index}.parquet",
+        "stats": stats(index),
+    }
+
+
+def stats(index: int) -> str:
+    return f"stats/{index}.json"
+
+
+def training_shard(index: int) -> str:
+    return f"{index:05d}.tar"
+
+
+def checkpoint(step: int) -> str:
+    return f"checkpoints/step_{step:05d}.pt"
+
+
+def step_metrics(step: int) -> str:
+    return f"metrics/step_{step:05d}.json"
