@@ -3,6 +3,10 @@
 Counting a shard is idempotent (a shard index enters the ``done`` set once), so whoever
 reports a committed shard -- the attempt that won, a loser, or a redelivery that found the
 marker -- moves the counters at most once. Storage stays the durable truth.
+
+Every key a job owns expires: the hash gets the job's TTL at creation, and each other key gets
+the hash's remaining TTL in the same script that creates it (an EXPIRE before a key exists does
+nothing). The dead-letter list is global, so it is capped instead (``keys.DEAD_LETTERS_MAX``).
 """
 from __future__ import annotations
 
@@ -18,11 +22,22 @@ from clipbatch.core.keys import JobState
 _COUNTERS = ("shards_total", "shards_done", "shards_failed", "shards_skipped", "shards_rescored", "samples_done",
              "samples_failed")
 
-# KEYS: job hash, done set, failed hash. ARGV: index, samples ok, samples failed.
+# Lua shared by the scripts: give KEYS[i] the job hash's remaining TTL (ARGV[ttl_arg] seconds
+# when the hash has none) unless it has one already. Run right after writing KEYS[i].
+_EXPIRE_WITH_JOB = """
+local function expire_with_job(i, ttl_arg)
+  if redis.call('PTTL', KEYS[i]) ~= -1 then return end
+  local left = redis.call('PTTL', KEYS[1])
+  if left > 0 then redis.call('PEXPIRE', KEYS[i], left) else redis.call('EXPIRE', KEYS[i], ARGV[ttl_arg]) end
+end
+"""
+
+# KEYS: job hash, done set, failed hash. ARGV: index, samples ok, samples failed, ttl.
 # Returns {done, failed, total} or -1 when the job record is gone.
-_REPORT_DONE = """
+_REPORT_DONE = _EXPIRE_WITH_JOB + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
+  expire_with_job(2, 4)
   if redis.call('HDEL', KEYS[3], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[1], 'shards_failed', -1) end
   redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
   redis.call('HINCRBY', KEYS[1], 'samples_done', ARGV[2])
@@ -33,10 +48,11 @@ return {tonumber(redis.call('HGET', KEYS[1], 'shards_done')),
         tonumber(redis.call('HGET', KEYS[1], 'shards_total'))}
 """
 
-# KEYS: job hash, done set, failed hash. ARGV: index, reason.
-_REPORT_FAILED = """
+# KEYS: job hash, done set, failed hash. ARGV: index, reason, ttl.
+_REPORT_FAILED = _EXPIRE_WITH_JOB + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 and redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 1 then
+  expire_with_job(3, 3)
   redis.call('HINCRBY', KEYS[1], 'shards_failed', 1)
 end
 return {tonumber(redis.call('HGET', KEYS[1], 'shards_done')),
@@ -53,16 +69,33 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[2])
 return 1
 """
 
+# KEYS: job hash. ARGV: step, loss. Writes only while the job exists (a new hash would never expire).
+_SET_PROGRESS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'step', ARGV[1], 'loss', ARGV[2])
+return 1
+"""
+
+# KEYS: job hash, deliveries hash. ARGV: index, ttl. Returns the count so far.
+_COUNT_DELIVERY = _EXPIRE_WITH_JOB + """
+local n = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+expire_with_job(2, 2)
+return n
+"""
+
 
 class JobStore:
     """Reads and writes job records; each write helper is one round trip."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, dead_letters_max: int = keys.DEAD_LETTERS_MAX) -> None:
         self.r = client
         self.ttl_s = ttl_s
+        self.dead_letters_max = dead_letters_max
         self._done = client.register_script(_REPORT_DONE)
         self._failed = client.register_script(_REPORT_FAILED)
         self._state = client.register_script(_SET_STATE)
+        self._progress = client.register_script(_SET_PROGRESS)
+        self._delivery = client.register_script(_COUNT_DELIVERY)
 
     def create(self, job_id: str, spec: dict[str, Any], shards_total: int, committed: dict[int, dict],
                shards_rescored: int = 0) -> None:
@@ -87,10 +120,10 @@ class JobStore:
         }
         pipe = self.r.pipeline()
         pipe.hset(keys.job(job_id), mapping=record)
+        pipe.expire(keys.job(job_id), self.ttl_s)
         if committed:
             pipe.sadd(keys.job_done(job_id), *committed)
-        for key in keys.job_keys(job_id):
-            pipe.expire(key, self.ttl_s)
+            pipe.expire(keys.job_done(job_id), self.ttl_s)
         pipe.zadd(keys.JOBS_INDEX, {job_id: now})
         pipe.zremrangebyscore(keys.JOBS_INDEX, "-inf", now - self.ttl_s)  # their records have expired
         pipe.execute()
@@ -120,29 +153,30 @@ class JobStore:
 
     def report_done(self, job_id: str, index: int, samples_ok: int, samples_failed: int) -> bool:
         """Count a committed shard once; True when every shard is now accounted for."""
-        res = self._done(keys=keys.job_keys(job_id)[:3], args=[index, samples_ok, samples_failed])
+        res = self._done(keys=keys.job_keys(job_id)[:3], args=[index, samples_ok, samples_failed, self.ttl_s])
         return res != -1 and res[0] + res[1] == res[2]
 
     def set_progress(self, job_id: str, step: int, loss: float | None) -> None:
         """A chain job's last committed step and its loss, shown by ``status``."""
-        self.r.hset(keys.job(job_id), mapping={"step": step, "loss": "" if loss is None else loss})
+        self._progress(keys=[keys.job(job_id)], args=[step, "" if loss is None else loss])
 
     def count_delivery(self, job_id: str, index: int) -> int:
         """Count one more start of shard ``index``; returns the count so far."""
-        pipe = self.r.pipeline()
-        pipe.hincrby(keys.job_deliveries(job_id), str(index), 1)
-        pipe.expire(keys.job_deliveries(job_id), self.ttl_s)
-        return int(pipe.execute()[0])
+        return int(self._delivery(keys=[keys.job(job_id), keys.job_deliveries(job_id)], args=[index, self.ttl_s]))
 
     def dead_letter(self, job_id: str, index: int, input_uri: str, reason: str) -> bool:
         """Give up on a shard: record it in the dead-letter list and as failed in its job.
 
-        Returns True when every shard of the job is now accounted for.
+        Returns True when every shard of the job is now accounted for. One round trip; the list
+        keeps the newest ``dead_letters_max`` records.
         """
         reason = reason[:2000]
         record = {"job_id": job_id, "index": index, "input": input_uri, "reason": reason, "at": time.time()}
-        self.r.lpush(keys.DEAD_LETTERS, json.dumps(record))
-        res = self._failed(keys=keys.job_keys(job_id)[:3], args=[index, reason])
+        pipe = self.r.pipeline()
+        pipe.lpush(keys.DEAD_LETTERS, json.dumps(record))
+        pipe.ltrim(keys.DEAD_LETTERS, 0, self.dead_letters_max - 1)
+        self._failed(keys=keys.job_keys(job_id)[:3], args=[index, reason, self.ttl_s], client=pipe)
+        res = pipe.execute()[-1]
         return res != -1 and res[0] + res[1] == res[2]
 
     def dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:

@@ -6,6 +6,8 @@ from enum import Enum
 PREFIX = "clipbatch"
 JOBS_INDEX = f"{PREFIX}:jobs"  # sorted set: job_id -> created_at
 DEAD_LETTERS = f"{PREFIX}:dead_letters"  # list of JSON records, newest first
+# The dead-letter list keeps this many records, the newest; older ones are trimmed on each push.
+DEAD_LETTERS_MAX = 10_000
 
 
 class JobState(str, Enum):
