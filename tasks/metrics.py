@@ -13,6 +13,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,7 +29,28 @@ LISTEN_ADDR = "0.0.0.0"  # scraped from outside the pod or container
 SHARD_SECONDS_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
 MODEL_LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 PHASES = ("setup_s", "compute_s", "commit_s")
-UNRECORDED_REASON = "unrecorded"
+UNRECORDED_REASON = "unrecorded"  # failed samples the shard's stats file does not explain
+OTHER_REASON = "other"  # a reason no pattern below knows
+# clipbatch_sample_errors{reason} takes one of a fixed set of categories, never the reason itself
+# (reasons carry member names, columns, line numbers: one series each would grow without bound).
+# A reason gets the category of the first pattern matching its start; the full reason stays in
+# the shard's errors file. The patterns follow the reasons workers/samples.py, workers/readers.py
+# and core/manifests.py write; a new kind of reason needs its pattern here (else it counts as other).
+_REASON_PATTERNS = (
+    ("shard_unreadable", re.compile(r"shard unreadable\b")),
+    ("no_image", re.compile(r"no image\b")),
+    ("no_caption", re.compile(r"no caption\b")),
+    ("caption_invalid", re.compile(r"caption is not valid UTF-8")),
+    ("json_invalid", re.compile(r"json member is not\b")),
+    ("image_refused", re.compile(r"image \(\w{1,10}\) refused\b")),
+    ("image_undecodable", re.compile(r"image \(\w{1,10}\) undecodable\b")),
+    ("image_unreadable", re.compile(r"(image|file) unreadable\b")),
+    ("manifest_row_invalid", re.compile(r"manifest line \d+ ")),
+    ("image_column_invalid", re.compile(r"column .* holds\b")),
+    ("member_too_large", re.compile(r"member too large\b")),
+    ("sample_undecodable", re.compile(r"sample undecodable\b")),
+)
+REASON_CATEGORIES = tuple(name for name, _ in _REASON_PATTERNS) + (UNRECORDED_REASON, OTHER_REASON)
 
 log = logging.getLogger("clipbatch.metrics")
 
@@ -43,12 +65,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def reason_category(reason: str) -> str:
+    """The fixed category (one of REASON_CATEGORIES) a recorded error reason is counted under."""
+    if reason == UNRECORDED_REASON:
+        return UNRECORDED_REASON
+    return next((name for name, pattern in _REASON_PATTERNS if pattern.match(reason)), OTHER_REASON)
+
+
 def error_reasons(result: Any) -> dict[str, int]:
-    """Failed samples by reason, from the shard's stats file (``stats/{i}.json``) when it has one."""
+    """Failed samples by reason category, from the shard's stats file (``stats/{i}.json``) when it has one."""
     counts: dict[str, int] = {}
     for name, data in result.files.items():
         if name.startswith("stats/") and name.endswith(".json"):
-            counts = dict(json.loads(data).get("error_reasons", {}))
+            for reason, n in json.loads(data).get("error_reasons", {}).items():
+                category = reason_category(reason)
+                counts[category] = counts.get(category, 0) + int(n)
     missing = result.samples_failed - sum(counts.values())
     if missing > 0:
         counts[UNRECORDED_REASON] = counts.get(UNRECORDED_REASON, 0) + missing
