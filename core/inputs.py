@@ -12,16 +12,16 @@ and ETags) by the same functions here and in the worker, so only a changed range
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
-import json
 import re
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator
+from itertools import islice
+from typing import BinaryIO
 
 from braceexpand import braceexpand
 
+from clipbatch.core.manifests import BAD_ROW, iter_manifest, manifest_is_csv, rows_info
 from clipbatch.core.storage import (FILE_SCHEME, S3_SCHEME, ObjectInfo, StorageError, is_s3, join, open_storage,
                                    s3_client, split)
 from clipbatch.core.specs import DEFAULT_SAMPLES_PER_INPUT_SHARD, JobSpec, SpecError
@@ -32,7 +32,6 @@ MANIFEST_SUFFIXES = (".jsonl", ".csv")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the same order as workers/samples.py
 DEFAULT_IMAGE_COL = "image"
 DEFAULT_CAPTION_COL = "caption"
-BAD_ROW = "__error__"  # a manifest row that could not be parsed: its reason, under this key
 _RANGE_RE = re.compile(r"^(?P<base>.+)#(?P<unit>rows|row_groups)=(?P<start>\d+)-(?P<end>\d+)$")
 _RANGE_BUFFER = 1 << 20
 _SHOW_MISSING = 3
@@ -73,7 +72,7 @@ def _storage_errors(pattern: str, fn, *args):
     """Run a listing, turning storage failures into InputError naming the input."""
     try:
         return fn(*args)
-    except StorageError as exc:  # NoSuchBucket, AccessDenied, an unreachable endpoint, ...
+    except (StorageError, FileNotFoundError) as exc:  # NoSuchBucket, AccessDenied, an unreachable endpoint, ...
         raise InputError(str(exc)) from None
     except PermissionError as exc:
         raise InputError(f"{pattern!r}: permission denied ({exc})") from None
@@ -258,49 +257,22 @@ def _plan_parquet(spec: JobSpec, file: ShardInput) -> list[ShardInput]:
 # -- manifests ----------------------------------------------------------------------------
 
 
-def iter_manifest(stream: BinaryIO, is_csv: bool) -> Iterator[dict[str, Any]]:
-    """Rows of a CSV (with a header) or JSONL manifest; a line that does not parse is a BAD_ROW row."""
-    if is_csv:
-        yield from csv.DictReader(io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline=""))
-        return
-    for number, line in enumerate(stream, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            yield {BAD_ROW: f"manifest line {number} is not valid JSON: {exc}"}
-            continue
-        yield row if isinstance(row, dict) else {BAD_ROW: f"manifest line {number} is not a JSON object"}
-
-
-def manifest_is_csv(uri: str) -> bool:
-    return uri.lower().endswith(".csv")
-
-
-def rows_info(rows: list[dict[str, Any]]) -> ObjectInfo:
-    """Size and ETag of a run of manifest rows: an edited row changes only its range's ETag."""
-    digest, size = hashlib.sha1(), 0
-    for row in rows:
-        line = json.dumps(row, sort_keys=True, default=str).encode() + b"\n"
-        digest.update(line)
-        size += len(line)
-    return ObjectInfo(size, digest.hexdigest())
-
-
 def _plan_manifest(spec: JobSpec, file: ShardInput) -> list[ShardInput]:
+    """Cut a manifest into runs of N rows, streaming it: the planner holds one run at a time."""
     parent, name = split(file.uri)
-    with open_storage(parent).open_read(name) as stream:
-        rows = list(iter_manifest(stream, manifest_is_csv(name)))
-    first = next((r for r in rows if BAD_ROW not in r), None)
-    if first is not None:
-        _check_columns(spec, list(first), file.uri, "manifest")
     n = spec.samples_per_shard or DEFAULT_SAMPLES_PER_INPUT_SHARD
-    shards = []
-    for start in range(0, len(rows), n):
-        chunk = rows[start:start + n]
-        info = rows_info(chunk)
-        shards.append(ShardInput(ranged(file.uri, "rows", start, start + len(chunk)), info.size, info.etag))
+    shards: list[ShardInput] = []
+    checked = False
+    with open_storage(parent).open_read(name) as stream:
+        rows = iter_manifest(stream, manifest_is_csv(name))
+        while chunk := list(islice(rows, n)):
+            first = next((r for r in chunk if BAD_ROW not in r), None)
+            if first is not None and not checked:
+                _check_columns(spec, list(first), file.uri, "manifest")
+                checked = True
+            start = len(shards) * n
+            info = rows_info(chunk)
+            shards.append(ShardInput(ranged(file.uri, "rows", start, start + len(chunk)), info.size, info.etag))
     return shards
 
 

@@ -82,7 +82,7 @@ def private_redis(workdir: Path) -> Iterator[str]:
 def start_worker(broker_url: str, queue: str, device: str, log_path: Path, extra_env: dict[str, str] | None = None):
     """Start ``clipbatch worker`` as a subprocess; its log goes to ``log_path``."""
     env = {**os.environ, "CLIPBATCH_BROKER_URL": broker_url, **(extra_env or {})}
-    args = [sys.executable, "-m", "clipbatch.orchestration.cli", "worker", "--queues", queue, "--device", device]
+    args = [sys.executable, "-m", "clipbatch.cli", "worker", "--queues", queue, "--device", device]
     with open(log_path, "ab") as log:
         return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -189,7 +189,9 @@ def test_redis_and_s3_requests_per_shard(s3_endpoint, bucket, photo_shards, chec
             # watched through the log, not by polling Redis (a status watcher is not a per-shard cost)
             wait_for(lambda: commits(worker.log(), job.job_id) == shards, 300, f"{shards} commits", interval_s=0.2)
             runs[shards] = (redis_counters(r) - before, proxy.requests - requests, time.perf_counter() - t0)
-        assert all(client.job(j).status()["state"] == "succeeded" for j in client.jobs.list_ids(2))
+        # the worker that counts a job's last shard ends it, just after its commit line
+        wait_for(lambda: all(client.job(j).status()["state"] == "succeeded" for j in client.jobs.list_ids(2)), 60,
+                 "both jobs to end")
         worker.stop()
 
     # then: per shard (the worker's idle loop, ~1 BRPOP a second, runs on during the extra time)
