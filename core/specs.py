@@ -19,6 +19,11 @@ DEFAULT_SAMPLES_PER_TRAIN_SHARD = 10000
 MAX_BATCH_SIZE = 65536
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+# Model names: an open_clip name (letters, digits, _ . + @ -), or open_clip's hf-hub:ORG/REPO and
+# local-dir:/PATH forms; never '..', and a separator only in those forms, so a name cannot be a path.
+_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]{0,199}")  # each one whole (fullmatch)
+_MODEL_SCHEMES = {"hf-hub:": re.compile(r"[A-Za-z0-9][\w.-]{0,99}/[A-Za-z0-9][\w.-]{0,99}"),
+                  "local-dir:": re.compile(r"/[^\x00-\x1f]{1,1000}")}
 
 
 class SpecError(ValueError):
@@ -41,9 +46,15 @@ class ModelSpec:
     pretrained: str | None = None
     config: dict[str, Any] | None = None  # the JSON of --model-config, shipped to the workers
 
+    @property
+    def scheme(self) -> str | None:
+        """The open_clip name schema (``hf-hub:``, ``local-dir:``) the name starts with, if any."""
+        return next((scheme for scheme in _MODEL_SCHEMES if self.name.startswith(scheme)), None)
+
     def validate(self) -> None:
-        if not self.name or not self.name.strip():
+        if not isinstance(self.name, str) or not self.name.strip():
             raise SpecError("model", "give an open_clip model name, e.g. ViT-B-32 or clipbatch-tiny")
+        self._validate_name()
         if self.pretrained is not None and not self.pretrained.strip():
             raise SpecError("pretrained", "is empty; give a tag, a checkpoint path or an s3:// URI")
         if self.config is not None:
@@ -52,6 +63,18 @@ class ModelSpec:
             missing = [k for k in _CONFIG_KEYS if k not in self.config]
             if missing:
                 raise SpecError("model_config", f"not an open_clip model config (missing {', '.join(missing)})")
+            if self.scheme:
+                raise SpecError("model_config", f"names a new architecture: give it a plain --model name, "
+                                                f"not {self.name!r}")
+
+    def _validate_name(self) -> None:
+        """A model name is a name, never a path: workers must not be steered outside their folders."""
+        scheme = self.scheme
+        rest = self.name[len(scheme):] if scheme else self.name
+        pattern = _MODEL_SCHEMES[scheme] if scheme else _MODEL_NAME_RE
+        if not pattern.fullmatch(rest) or ".." in rest.split("/") or (not scheme and ".." in rest):
+            raise SpecError("model", f"{self.name!r} is not a model name (letters, digits, _ . + @ -, no '..'; "
+                                     "or hf-hub:ORG/REPO, local-dir:/PATH)")
 
 
 @dataclass(frozen=True)

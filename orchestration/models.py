@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 from clipbatch.core.storage import is_s3, open_storage
@@ -11,7 +12,6 @@ from clipbatch.core.specs import ModelSpec, SpecError
 
 # Shipped with the workers package; read as data, never imported here.
 PROJECT_CONFIGS = Path(__file__).resolve().parent.parent / "workers" / "model_configs"
-_SCHEMES = ("hf-hub:", "local-dir:")
 # Bump when the worker's image decoding changes what a model sees (RGB conversion, EXIF, ...).
 PREPROCESS_VERSION = "rgb-exif-16bit-draft2-v2"  # v2: JPEG draft decoding (workers/samples.py)
 _HASH_CHUNK = 1 << 22
@@ -28,13 +28,30 @@ def known_models() -> set[str] | None:
 
 def check_model(model: ModelSpec) -> None:
     """Refuse a model name no worker could build (skipped on a producer without open_clip)."""
-    if model.config is not None or model.name.startswith(_SCHEMES):
+    if model.config is not None:
+        _check_config_model(model)
+        return
+    if model.scheme:
         return
     names = known_models()
     if names is not None and model.name not in names:
         close = sorted(n for n in names if n.lower().startswith(model.name.lower()[:5]))[:5]
         hint = f" (close: {', '.join(close)})" if close else ""
         raise SpecError("model", f"{model.name!r} is not an open_clip model{hint}; or give --model-config FILE.json")
+
+
+def _check_config_model(model: ModelSpec) -> None:
+    """A --model-config defines a new architecture: its name must not be one the registry owns
+    (the job would mean another network than every other job of that name), and its weights are
+    a checkpoint, not a tag (tags name weights of registry models)."""
+    names = known_models()
+    if names is not None and model.name in names:
+        raise SpecError("model", f"{model.name!r} is an open_clip model; a --model-config defines a new one: "
+                                 "give it a name of its own with --model NAME")
+    pretrained = model.pretrained
+    if pretrained and not is_s3(pretrained) and os.sep not in pretrained and not Path(pretrained).suffix:
+        raise SpecError("pretrained", f"{pretrained!r} looks like a tag; with --model-config give a checkpoint "
+                                      "path or s3:// URI")
 
 
 def _weights_identity(pretrained: str | None) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,20 @@ def test_input_options_that_do_not_fit_are_refused(env, tmp_path, photo_shards):
                           "--image-col: applies to parquet and manifest inputs")
     assert_one_line_error(run_cli("submit", "score", "--input", str(tmp_path / "a.parquet"), "--image-col", "url",
                                   "--samples-per-shard", "0", *base, env=env), 2, "--samples-per-shard:")
+
+
+def test_hostile_model_names_and_configs_are_refused_at_submit(env, tmp_path, checkpoint, photo_shards):
+    # given: a valid architecture file (the tiny config) and a folder of shards
+    folder, _ = photo_shards
+    config = tmp_path / "my-arch.json"
+    config.write_text((Path(__file__).parent.parent / "workers" / "model_configs" / "clipbatch-tiny.json").read_text())
+    base = ["submit", "embed", "--input", str(folder), "--output", str(tmp_path / "o"), "--pretrained", str(checkpoint)]
+
+    # when/then: a name that is a path, a config under a name the registry owns, a tag for a config
+    assert_one_line_error(run_cli(*base, "--model", "../x", "--model-config", str(config), env=env), 2,
+                          "--model:", "'../x'")
+    assert_one_line_error(run_cli(*base, "--model", "a/b", env=env), 2, "--model:")
+    assert_one_line_error(run_cli(*base, "--model", "clipbatch-tiny", "--model-config", str(config), env=env), 2,
+                          "--model:", "'clipbatch-tiny'")
+    assert_one_line_error(run_cli(*base[:-2], "--model-config", str(config), "--pretrained", "openai", env=env), 2,
+                          "--pretrained:")

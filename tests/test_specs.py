@@ -8,6 +8,9 @@ import pytest
 from clipbatch.core.specs import JobSpec, ModelSpec, ShardSpec, SpecError
 
 
+CONFIG = {"embed_dim": 4, "vision_cfg": {}, "text_cfg": {}}
+
+
 def spec(**overrides) -> JobSpec:
     args = {"input": "/in", "output": "/out", "model": ModelSpec("clipbatch-tiny", "/ckpt.pt")} | overrides
     return JobSpec(**args)
@@ -25,6 +28,14 @@ def spec(**overrides) -> JobSpec:
         ({"model": ModelSpec("")}, "--model"),
         ({"model": ModelSpec("x", "")}, "--pretrained"),
         ({"model": ModelSpec("x", None, {"embed_dim": 4})}, "--model-config"),
+        ({"model": ModelSpec("../x", None, CONFIG)}, "--model"),
+        ({"model": ModelSpec("..")}, "--model"),
+        ({"model": ModelSpec("a/b")}, "--model"),
+        ({"model": ModelSpec("a\\b", None, CONFIG)}, "--model"),
+        ({"model": ModelSpec("x\n")}, "--model"),
+        ({"model": ModelSpec("hf-hub:org/../x")}, "--model"),
+        ({"model": ModelSpec("local-dir:/m/../../etc")}, "--model"),
+        ({"model": ModelSpec("hf-hub:org/x", None, CONFIG)}, "--model-config"),
         ({"input_format": "zip"}, "--input-format"),
         ({"image_col": " "}, "--image-col"),
         ({"key_col": 3}, "--key-col"),
@@ -52,3 +63,9 @@ def test_a_job_without_a_batch_size_gets_the_workers_choice_for_its_device():
     assert (job.batch_size_on("cpu"), job.batch_size_on("cuda")) == (256, 1024)
     assert spec(batch_size=48).batch_size_on("cuda") == 48
     assert JobSpec.from_dict(json.loads(json.dumps(job.to_dict()))) == job
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "coca_ViT-B-32", "ViT-B-16-plus-240", "EVA02-L-14-336", "my.arch-v2",
+                                  "hf-hub:timm/ViT-B-16-SigLIP", "local-dir:/models/my-clip"])
+def test_open_clip_model_names_are_accepted(name):
+    spec(model=ModelSpec(name, "/ckpt.pt")).validate()
