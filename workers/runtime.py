@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,15 +25,52 @@ _state: dict[str, object] = {}
 model_loaded: list[Callable[[ModelBundle], None]] = []
 
 
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def available_cpus(cgroup_root: str | None = None) -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 ``cpu.max`` quota.
+
+    os.cpu_count() counts the host's cores: a container limited to 2 CPUs on a 64-core host
+    would start 64 decode threads that the quota then throttles.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota(cgroup_root or CGROUP_ROOT)
+    return max(1, min(cpus, quota) if quota is not None else cpus)
+
+
+def _cgroup_quota(cgroup_root: str) -> int | None:
+    """ceil(quota / period) from the process's own cgroup's cpu.max (or the root's); None when unlimited."""
+    folders = [cgroup_root]
+    try:
+        with open("/proc/self/cgroup") as f:
+            own = next((line.strip()[3:] for line in f if line.startswith("0::")), None)
+        if own and own != "/":
+            folders.insert(0, cgroup_root + own)
+    except OSError:
+        pass
+    for folder in folders:
+        try:
+            with open(os.path.join(folder, "cpu.max")) as f:
+                quota, _, period = f.read().strip().partition(" ")
+        except OSError:
+            continue
+        return None if quota == "max" else math.ceil(int(quota) / int(period or 100_000))
+    return None
+
+
 def decode_threads() -> int:
-    return int(os.environ.get("CLIPBATCH_DECODE_THREADS") or max(1, os.cpu_count() or 1))
+    """CLIPBATCH_DECODE_THREADS, or one decode thread per CPU this process may use."""
+    return int(os.environ.get("CLIPBATCH_DECODE_THREADS") or available_cpus())
 
 
 def configure_threads() -> None:
-    """On CPU, torch's intra-op threads and the decode threads share the cores."""
+    """On CPU, torch's intra-op threads and the decode threads share the cores: no more than it may use."""
     torch_threads = os.environ.get("CLIPBATCH_TORCH_THREADS")
     if torch_threads:
         torch.set_num_threads(int(torch_threads))
+    elif torch.get_num_threads() > available_cpus():
+        torch.set_num_threads(available_cpus())
     _state["torch_threads"] = torch.get_num_threads()
 
 
