@@ -3,7 +3,10 @@
 Every format yields the same ``RawSample(key, members={ext: bytes})`` a webdataset tar does
 (image bytes under their extension, ``txt`` caption, ``json`` metadata), so all of them share
 ``decode_sample``'s per-sample errors: a row whose image cannot be read, or whose image or
-caption is empty, becomes a RawSample carrying the reason, and the shard still completes.
+caption is empty, becomes a RawSample carrying the reason, and the shard still completes; so does
+anything else one row makes its conversion raise. The member caps of workers/samples.py hold
+here too: an image, caption or json over its cap is an error row, and a file or URI is read
+no further than its cap allows. A manifest range is read up to its last row and no further.
 Planning (core/inputs.py) and reading compute a ranged shard's size/ETag with the
 same functions, so the commit marker records exactly what was read.
 """
@@ -18,17 +21,18 @@ from itertools import islice
 from pathlib import PurePosixPath
 from typing import Any, Callable, ContextManager, Iterable, Iterator
 
-from clipbatch.core.inputs import (BAD_ROW, DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE_EXTS, FolderSample,
-                                  files_info, folder_samples, iter_manifest, manifest_is_csv, open_seekable, parse_range,
-                                  rows_info)
+from clipbatch.core.inputs import (DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE_EXTS, FolderSample, files_info,
+                                  folder_samples, open_seekable, parse_range)
+from clipbatch.core.manifests import BAD_ROW, iter_manifest, manifest_is_csv, rows_info
 from clipbatch.core.storage import ObjectInfo, Storage, join, open_storage, split
 from clipbatch.core.specs import JobSpec
-from clipbatch.workers.samples import RawSample, iter_raw_samples
+from clipbatch.workers.samples import CAPTION_EXT, META_EXT, RawSample, describe, iter_raw_samples, member_cap, over_cap
 
 # Images named by path/URI are fetched this many at a time, in order (S3 latency hides behind threads).
 FETCH_THREADS = 16
 FETCH_CHUNK = 64
 PARQUET_BATCH_ROWS = 256
+READ_CHUNK = 1 << 20
 _MAGIC = ((b"\x89PNG", "png"), (b"RIFF", "webp"))
 
 Source = tuple[ObjectInfo, ContextManager[Iterator[RawSample]]]
@@ -87,7 +91,7 @@ def _parquet(uri: str, job: JobSpec) -> Source:
         chosen = list(groups) if groups is not None else list(range(pf.num_row_groups))
         number = sum(pf.metadata.row_group(g).num_rows for g in range(chosen[0])) if chosen else 0
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=chosen):
-            for row in batch.to_pylist():
+            for row in batch_rows(batch):
                 yield f"{stem}/{number:07d}", row
                 number += 1
 
@@ -99,13 +103,27 @@ def _parquet(uri: str, job: JobSpec) -> Source:
     return info, samples()
 
 
+def batch_rows(batch) -> list[dict[str, Any]]:
+    """A record batch as Python rows; a row Arrow cannot convert (a date out of Python's range) is a BAD_ROW row."""
+    try:
+        return batch.to_pylist()
+    except Exception:  # find the row(s) at fault; the others convert as usual
+        return [_one_row(batch, i) for i in range(batch.num_rows)]
+
+
+def _one_row(batch, i: int) -> dict[str, Any]:
+    try:
+        return batch.slice(i, 1).to_pylist()[0]
+    except Exception as exc:
+        return {BAD_ROW: f"row unreadable: {describe(exc)}"}
+
+
 def _manifest(uri: str, job: JobSpec) -> Source:
     base, span = parse_range(uri)
     storage, name, _ = _info(base)
     with storage.open_read(name) as stream:
-        rows = list(iter_manifest(stream, manifest_is_csv(name)))
+        rows = list(iter_manifest(stream, manifest_is_csv(name), span))  # stops after the range's last row
     start = span.start if span is not None else 0
-    rows = rows[start:span.stop] if span is not None else rows
     stem = PurePosixPath(name).stem
     keyed = [(f"{stem}/{start + i:07d}", row) for i, row in enumerate(rows)]
     return rows_info(rows), contextlib.nullcontext(row_samples(iter(keyed), Columns.of(job), split(base)[0]))
@@ -121,10 +139,15 @@ def _folder(uri: str, job: JobSpec) -> Source:
     def read(sample: FolderSample) -> RawSample:
         members = {}
         for ext, rel in sample.files.items():
+            too_large = over_cap(ext, infos[rel].size, join(storage.uri, rel))
+            if too_large:
+                return RawSample(sample.key, error=too_large)
             try:
-                members[ext] = storage.read(rel)
+                members[ext] = read_capped(storage, rel, ext)
+            except MemberTooLarge as exc:  # grown since planning
+                return RawSample(sample.key, error=str(exc))
             except Exception as exc:  # gone since planning, unreadable: this sample's error only
-                return RawSample(sample.key, error=f"file unreadable: {join(storage.uri, rel)}: {_reason(exc)}")
+                return RawSample(sample.key, error=f"file unreadable: {join(storage.uri, rel)}: {describe(exc)}")
         return RawSample(sample.key, members)
 
     return files_info(samples, infos), contextlib.nullcontext(_fetched(samples, read))
@@ -145,6 +168,14 @@ def row_samples(rows: Iterator[tuple[str, dict[str, Any]]], cols: Columns, base_
 
 def row_sample(key: str, row: dict[str, Any], cols: Columns, base_dir: str) -> RawSample:
     """One row as a RawSample: image bytes (given, or read from its path/URI), caption, other fields as json."""
+    try:
+        return _row_sample(key, row, cols, base_dir)
+    except Exception as exc:  # whatever one row's values make the conversion raise is that row's error only
+        return RawSample(key, error=f"row unreadable: {describe(exc)}")
+
+
+def _row_sample(key: str, row: dict[str, Any], cols: Columns, base_dir: str) -> RawSample:
+    """row_sample's body; the expected problems get their own reasons here."""
     if BAD_ROW in row:
         return RawSample(key, error=row[BAD_ROW])
     if cols.key and row.get(cols.key) not in (None, ""):
@@ -161,19 +192,22 @@ def row_sample(key: str, row: dict[str, Any], cols: Columns, base_dir: str) -> R
         uri = resolve(image, base_dir)
         try:
             data = read_uri(uri)
+        except MemberTooLarge as exc:
+            return RawSample(key, error=str(exc))
         except Exception as exc:  # missing file, no such key, no access: this sample's error only
-            return RawSample(key, error=f"image unreadable: {uri}: {_reason(exc)}")
+            return RawSample(key, error=f"image unreadable: {uri}: {describe(exc)}")
         ext = uri.rpartition(".")[2].lower()
     elif isinstance(image, (bytes, bytearray)):
         data, ext = bytes(image), ""
     else:
         return RawSample(key, error=f"column {cols.image!r} holds {type(image).__name__}, not image bytes or a path")
-    members = {ext if ext in IMAGE_EXTS else sniff_ext(data): data, "txt": str(caption).encode()}
+    members = {ext if ext in IMAGE_EXTS else sniff_ext(data): data, CAPTION_EXT: str(caption).encode()}
     extra = {k: v for k, v in row.items() if k not in (cols.image, cols.caption, cols.key)
              and not isinstance(v, (bytes, bytearray))}
     if extra:
-        members["json"] = json.dumps(extra, default=str).encode()
-    return RawSample(key, members)
+        members[META_EXT] = json.dumps(extra, default=str).encode()
+    too_large = next((r for e, d in members.items() if (r := over_cap(e, len(d), f"{key}.{e}"))), None)
+    return RawSample(key, error=too_large) if too_large else RawSample(key, members)
 
 
 def resolve(path: str, base_dir: str) -> str:
@@ -184,14 +218,32 @@ def resolve(path: str, base_dir: str) -> str:
 
 
 def read_uri(uri: str) -> bytes:
+    """An image named by a row, read no further than the member cap (ValueError past it)."""
     parent, name = split(uri)
-    return open_storage(parent).read(name)
+    return read_capped(open_storage(parent), name, uri.rpartition(".")[2].lower())
+
+
+class MemberTooLarge(ValueError):
+    """A file over its member cap; its message is the sample's error reason."""
+
+
+def read_capped(storage: Storage, name: str, ext: str) -> bytes:
+    """A file's bytes, read in chunks to at most one byte past the cap for ``ext`` (MemberTooLarge past it).
+
+    Chunks, not one ``read(cap + 1)``: a file object allocates the whole size asked for up front.
+    """
+    var, cap = member_cap(ext)
+    chunks, total = [], 0
+    with storage.open_read(name) as stream:
+        while chunk := stream.read(min(READ_CHUNK, cap + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+    if total > cap:
+        raise MemberTooLarge(f"member too large: {join(storage.uri, name)} is over {var}={cap} bytes")
+    return b"".join(chunks)
 
 
 def sniff_ext(data: bytes) -> str:
     """The image member name for bytes of unknown type (decode_sample names it in its reasons)."""
     return next((ext for magic, ext in _MAGIC if data.startswith(magic)), "jpg")
 
-
-def _reason(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}"

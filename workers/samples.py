@@ -2,21 +2,39 @@
 
 A sample is the run of consecutive members sharing a key (the path up to the first dot of
 the file name), as webdataset and img2dataset write them. Problems are reported per
-sample, never raised: a truncated or corrupt tar ends the stream with one error record.
+sample, never raised: a truncated or corrupt tar ends the stream with one error record, and
+anything one sample's bytes make its parsing or decoding raise becomes that sample's error.
+
+Memory is bounded by caps, not by the input: a member is read only when its header's size is
+within its cap (CLIPBATCH_MAX_MEMBER_BYTES for an image, CLIPBATCH_MAX_CAPTION_BYTES for the
+``.txt``, CLIPBATCH_MAX_SIDECAR_BYTES for the ``.json``); a larger one makes its sample an error row
+naming the cap, and the tar stream skips it in blocks. A compressed shard (gzip, bzip2, xz) is
+inflated here a block at a time: tarfile's own stream decompression inflates a whole compressed
+block at once (a 10 KiB block of zeros is 10 MiB). Members of extensions no one reads are not read.
+
+An error reason is ``<category>: <details>``: the category (up to the first ':') is short and
+fixed, since stats and metrics count errors by it, and no reason holds a memory address.
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import json
+import lzma
 import math
 import os
+import re
 import tarfile
+import zlib
 import warnings
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clipbatch.core.manifests import RawStream
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
@@ -31,6 +49,23 @@ _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # does the rest. 2 is Pillow's own reducing_gap: at 1 the result drifts visibly on textured
 # photos (tests/test_fast_decode.py holds it to cosine >= 0.995 against the full decode).
 DRAFT_REDUCING_GAP = 2
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20
+DEFAULT_MAX_CAPTION_BYTES = 64 << 10
+DEFAULT_MAX_SIDECAR_BYTES = 1 << 20
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _env_bytes(name: str, default: int) -> int:
+    """A positive byte cap from the environment, or ``default``; a bad value is refused at import."""
+    value = os.environ.get(name) or str(default)
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"{name}={value!r} is not a positive number of bytes")
+    return int(value)
+
+
+MAX_MEMBER_BYTES = _env_bytes("CLIPBATCH_MAX_MEMBER_BYTES", DEFAULT_MAX_MEMBER_BYTES)
+MAX_CAPTION_BYTES = _env_bytes("CLIPBATCH_MAX_CAPTION_BYTES", DEFAULT_MAX_CAPTION_BYTES)
+MAX_SIDECAR_BYTES = _env_bytes("CLIPBATCH_MAX_SIDECAR_BYTES", DEFAULT_MAX_SIDECAR_BYTES)
 
 
 class ImageRefused(ValueError):
@@ -65,11 +100,38 @@ def split_name(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception, without memory addresses (reasons must be reproducible)."""
+    return _ADDRESS.sub("", f"{type(exc).__name__}: {exc}")
+
+
+def member_cap(ext: str) -> tuple[str, int]:
+    """The environment variable naming the cap on a member with extension ``ext``, and its value."""
+    if ext == CAPTION_EXT:
+        return "CLIPBATCH_MAX_CAPTION_BYTES", MAX_CAPTION_BYTES
+    if ext == META_EXT:
+        return "CLIPBATCH_MAX_SIDECAR_BYTES", MAX_SIDECAR_BYTES
+    return "CLIPBATCH_MAX_MEMBER_BYTES", MAX_MEMBER_BYTES
+
+
+def over_cap(ext: str, size: int, name: str) -> str | None:
+    """The error reason for a member of ``size`` bytes over its cap, or None when it fits."""
+    var, cap = member_cap(ext)
+    return f"member too large: {name} is {size} bytes, over {var}={cap}" if size > cap else None
+
+
+def _wanted(ext: str) -> bool:
+    return ext in IMAGE_EXTS or ext in (CAPTION_EXT, META_EXT)
+
+
 def iter_raw_samples(stream: BinaryIO) -> Iterator[RawSample]:
-    """Yield samples in tar order; a broken tar ends with a RawSample carrying the error."""
+    """Yield samples in tar order; a broken tar ends with a RawSample carrying the error.
+
+    A member over its cap is not read: its sample carries the reason and its later members are skipped.
+    """
     current: RawSample | None = None
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tarfile.open(fileobj=_decompressed(stream), mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -79,15 +141,32 @@ def iter_raw_samples(stream: BinaryIO) -> Iterator[RawSample]:
                     current = None
                 if current is None:
                     current = RawSample(key)
-                handle = tar.extractfile(member)
-                current.members[ext] = handle.read() if handle else b""
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+                if current.error is None:
+                    current.error = over_cap(ext, member.size, member.name) if _wanted(ext) else None
+                    current.members[ext] = _read_member(tar, member) if _wanted(ext) and not current.error else b""
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as exc:
         if current is not None:
             yield current
             current = None
-        yield RawSample(TRUNCATED_KEY, error=f"shard unreadable after this point: {type(exc).__name__}: {exc}")
+        yield RawSample(TRUNCATED_KEY, error=f"shard unreadable after this point: {describe(exc)}")
     if current is not None:
         yield current
+
+
+def _decompressed(stream: BinaryIO) -> BinaryIO:
+    """The tar bytes of a plain or compressed shard, inflated in bounded reads."""
+    buffered = stream if hasattr(stream, "peek") else io.BufferedReader(RawStream(stream))
+    head = buffered.peek(6)[:6]
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=buffered, mode="rb")
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(buffered)
+    return lzma.LZMAFile(buffered) if head.startswith(b"\xfd7zXZ\x00") else buffered
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(member)
+    return handle.read() if handle else b""
 
 
 def decode_sample(raw: RawSample, preprocess=None, draft_to: int | None = None, keep_jpeg: bool = False) -> Sample:
@@ -99,6 +178,14 @@ def decode_sample(raw: RawSample, preprocess=None, draft_to: int | None = None, 
     """
     if raw.error:
         return Sample(raw.key, error=raw.error)
+    try:
+        return _decode(raw, preprocess, draft_to, keep_jpeg)
+    except Exception as exc:  # whatever one sample's bytes make a parser raise is that sample's error only
+        return Sample(raw.key, error=f"sample undecodable: {describe(exc)}")
+
+
+def _decode(raw: RawSample, preprocess, draft_to: int | None, keep_jpeg: bool) -> Sample:
+    """decode_sample's body; the expected problems get their own reasons here."""
     image_ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
     if image_ext is None:
         return Sample(raw.key, error=f"no image member ({'/'.join(IMAGE_EXTS)}); found {sorted(raw.members) or 'none'}")
@@ -114,6 +201,8 @@ def decode_sample(raw: RawSample, preprocess=None, draft_to: int | None = None, 
             meta = json.loads(raw.members[META_EXT])
         except ValueError as exc:
             return Sample(raw.key, error=f"json member is not valid JSON: {exc}")
+        except RecursionError:
+            return Sample(raw.key, error="json member is not valid JSON: nested too deeply")
         if not isinstance(meta, dict):
             return Sample(raw.key, error="json member is not a JSON object")
     image, error = decode_image(raw.members[image_ext], image_ext, preprocess, draft_to, keep_jpeg)
@@ -132,7 +221,7 @@ def decode_image(data: bytes, ext: str, preprocess=None, draft_to: int | None = 
     except ImageRefused as exc:
         return None, f"image ({ext}) refused: {exc}"
     except Exception as exc:  # PIL raises many types for hostile bytes; the reason is kept
-        return None, f"image ({ext}) undecodable: {type(exc).__name__}: {exc}"
+        return None, f"image ({ext}) undecodable: {describe(exc)}"
 
 
 def open_checked(data: bytes) -> Image.Image:
@@ -173,8 +262,22 @@ def open_rgb(data: bytes, draft_to: int | None = None, img: Image.Image | None =
 def to_rgb(img: Image.Image) -> Image.Image:
     """Like open_clip's RGB conversion, but 16-bit images are scaled, not clipped to white."""
     if img.mode in _HIGH_DEPTH_MODES:
-        scale = 65535 if img.mode != "I" or np.asarray(img).max() > 255 else 255
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) * (255 / scale)).clip(0, 255).astype(np.uint8))
+        img = Image.fromarray(high_depth_to_uint8(np.asarray(img), sixteen_bit=img.mode != "I"))
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
+
+
+def high_depth_to_uint8(pixels: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    """16-bit (or 32-bit integer) pixels scaled to uint8 in integer arithmetic, in place on one copy.
+
+    floor(v * 255 / scale) for v clipped to [0, scale]; scale is 65535 for a 16-bit mode, and for
+    Pillow's 32-bit mode "I" unless every value fits in 8 bits. About 4 bytes a pixel beside the
+    input, where a float64 conversion took 8 bytes a pixel, twice over.
+    """
+    scale = 65535 if sixteen_bit or pixels.max() > 255 else 255
+    # uint16 needs no clipping; Pillow's signed mode "I" does. Either dtype holds 65535 * 255.
+    work = pixels.astype(np.uint32) if pixels.dtype.kind == "u" else np.clip(pixels, 0, scale)
+    work *= 255
+    work //= scale
+    return work.astype(np.uint8)
