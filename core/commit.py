@@ -23,6 +23,17 @@ class CommitError(RuntimeError):
     """A marker names files that exist neither in place nor in the attempt's temporaries."""
 
 
+class IndexConflict(CommitError):
+    """The shard's index holds another input's commit: two plans disagreed (never skip on it)."""
+
+
+def check_input(marker: dict[str, Any], index: int, input_uri: str) -> None:
+    """A marker found at ``index`` must be for ``input_uri``; counting another input's commit loses a shard."""
+    if marker.get("input") != input_uri:
+        raise IndexConflict(f"shard {index} of the output holds {marker.get('input')!r}, not {input_uri!r} "
+                            "(two jobs planned this output at once); resubmit: the plan gives each input its index")
+
+
 def read_marker(storage: Storage, index: int) -> dict[str, Any] | None:
     try:
         return json.loads(storage.read(layout.marker(index)))
@@ -47,8 +58,10 @@ def _parallel(fn, items) -> None:
 
 
 def finish(storage: Storage, marker: dict[str, Any]) -> None:
-    """Move the marker's attempt files into their final names, then drop the temporaries."""
+    """Drop the files the marker retires, move its attempt's files into their final names, then drop
+    the temporaries (so a marker with no temporaries left is finished)."""
     attempt = marker["attempt"]
+    _parallel(storage.delete, marker.get("retired", []))
 
     def move(name: str) -> None:
         try:
@@ -64,6 +77,48 @@ def finish(storage: Storage, marker: dict[str, Any]) -> None:
 
 def is_finished(storage: Storage, marker: dict[str, Any]) -> bool:
     return not any(storage.exists(layout.staged(marker["attempt"], n)) for n in marker["files"])
+
+
+def staged_attempts(storage: Storage) -> dict[str, list[tuple[str, float]]]:
+    """Every attempt with files under ``_tmp/``: attempt -> [(key, modified)] (one LIST)."""
+    found: dict[str, list[tuple[str, float]]] = {}
+    for key, info in storage.list_info(layout.TMP_DIR + "/").items():
+        parts = key.split("/", 2)
+        if len(parts) == 3:
+            found.setdefault(parts[1], []).append((key, info.modified))
+    return found
+
+
+def unfinished(markers: dict[int, dict[str, Any]], staged: dict[str, Any]) -> set[int]:
+    """Markers whose attempt still has temporaries: their move into place is not done."""
+    return {i for i, m in markers.items() if m["attempt"] in staged}
+
+
+def missing_files(storage: Storage, markers: dict[int, dict[str, Any]]) -> dict[int, list[str]]:
+    """Per marker, the files it names that are not in place (one LIST of the output)."""
+    present = set(storage.list(""))
+    gaps = {i: sorted(set(m["files"]) - present) for i, m in markers.items()}
+    return {i: names for i, names in gaps.items() if names}
+
+
+def sweep_orphans(storage: Storage, markers: dict[int, dict[str, Any]], older_than: float) -> int:
+    """Delete the temporaries of attempts no marker names (killed or losing attempts) once every
+    file of the attempt is older than ``older_than`` (epoch seconds); returns how many went."""
+    named = {m["attempt"] for m in markers.values()}
+    doomed = [key for attempt, files in staged_attempts(storage).items() if attempt not in named
+              and all(modified < older_than for _, modified in files) for key, _ in files]
+    _parallel(storage.delete, doomed)
+    return len(doomed)
+
+
+def honours_conditional_puts(storage: Storage, key: str) -> bool:
+    """Probe the store: a second exclusive create of one key must be refused (If-None-Match: *)."""
+    try:
+        first = storage.create_exclusive(key, b"1")
+        second = storage.create_exclusive(key, b"2")
+    finally:
+        storage.delete(key)
+    return first and not second
 
 
 def commit(

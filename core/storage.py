@@ -51,6 +51,7 @@ PERMANENT_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, PermissionEr
 class ObjectInfo:
     size: int
     etag: str
+    modified: float = 0.0  # seconds since the epoch, when the backend says (orphan sweeps use it)
 
 
 class Storage(Protocol):
@@ -154,7 +155,7 @@ class LocalStorage:
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
-        return ObjectInfo(size=st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}")
+        return ObjectInfo(size=st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}", modified=st.st_mtime)
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix)
@@ -269,7 +270,8 @@ class S3Storage:
                 head = s3_client().head_object(Bucket=self.bucket, Key=self._key(key))
         except FileNotFoundError:
             return None
-        return ObjectInfo(size=head["ContentLength"], etag=head["ETag"].strip('"'))
+        return ObjectInfo(size=head["ContentLength"], etag=head["ETag"].strip('"'),
+                          modified=head["LastModified"].timestamp())
 
     def list(self, prefix: str = "") -> list[str]:
         return sorted(self.list_info(prefix))
@@ -282,7 +284,8 @@ class S3Storage:
             pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
             for page in pages:
                 for obj in page.get("Contents", []):
-                    found[obj["Key"][strip:]] = ObjectInfo(size=obj["Size"], etag=obj["ETag"].strip('"'))
+                    found[obj["Key"][strip:]] = ObjectInfo(size=obj["Size"], etag=obj["ETag"].strip('"'),
+                                                           modified=obj["LastModified"].timestamp())
         return found
 
     def copy(self, src: str, dst: str) -> None:

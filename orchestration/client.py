@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import redis
 
-from clipbatch.core import commit
 from clipbatch.core.config import Settings, redact
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.keys import JobState
 from clipbatch.core.inputs import InputError, expand_input
-from clipbatch.orchestration.planner import absolute, normalise_model, plan
+from clipbatch.orchestration.planner import absolute, normalise_model, own_markers, plan
+from clipbatch.core.leases import OutputLeases
 from clipbatch.core.selection import plan_train_shards
 from clipbatch.core.storage import open_storage
 from clipbatch.core.broker import EMBED_SHARD, FINALIZE_JOB, FINETUNE_STEP, TRAIN_SHARD, make_app
@@ -42,6 +43,7 @@ class Client:
         self.settings = settings or Settings.from_env()
         self.redis = redis.Redis.from_url(self.settings.broker_url, decode_responses=True)
         self.jobs = JobStore(self.redis, self.settings.job_ttl_s)
+        self.leases = OutputLeases(self.redis, self.settings.job_ttl_s)
         self.app = make_app(self.settings)
 
     def ping(self) -> None:
@@ -89,23 +91,25 @@ class Client:
 
     def _submit_job(self, spec: JobSpec) -> Job:
         """Validate and plan, write the job record, then enqueue one message per shard to run."""
+        spec.validate()
         self.ping()
-        planned = plan(spec)
-        messages = [(i, planned.shards[i]) for i in planned.todo]
-        return self._launch(planned.spec, EMBED_SHARD, len(planned.shards), planned.committed, messages,
-                            len(planned.rescored))
+        with self._leased(absolute(spec.output)) as job_id:
+            planned = plan(spec)
+            messages = [(i, planned.shards[i]) for i in planned.todo]
+            return self._launch(job_id, planned.spec, EMBED_SHARD, len(planned.shards), planned.committed,
+                                messages, len(planned.rescored))
 
     def submit_shards(self, spec: TrainShardsSpec) -> Job:
         """Select, dedup and plan training shards from a scored output; one task per output shard."""
         spec.validate()
         spec = replace(spec, scored=absolute(spec.scored), output=absolute(spec.output))
         self.ping()
-        output = open_storage(spec.output)
-        planned = plan_train_shards(spec, output)
-        markers = commit.list_markers(output)
-        committed = {j: m for j, m in markers.items() if j < len(planned.selections)}
-        messages = [(j, uri) for j, uri in enumerate(planned.selections) if j not in committed]
-        return self._launch(spec, TRAIN_SHARD, len(planned.selections), committed, messages)
+        with self._leased(spec.output) as job_id:
+            output = open_storage(spec.output)
+            planned = plan_train_shards(spec, output)
+            committed = own_markers(output, "shards", planned.selections)
+            messages = [(j, uri) for j, uri in enumerate(planned.selections) if j not in committed]
+            return self._launch(job_id, spec, TRAIN_SHARD, len(planned.selections), committed, messages)
 
     def submit_finetune(self, spec: FinetuneSpec) -> Job:
         """Plan the step chain over the training shards and enqueue its first uncommitted step."""
@@ -117,21 +121,38 @@ class Client:
         except InputError as exc:
             raise SpecError("train", str(exc)) from None
         spec = replace(spec, shards=shards, model=normalise_model(spec.model))
-        markers = commit.list_markers(open_storage(spec.output))
-        resume = next(k for k in range(spec.steps + 1) if k not in markers)  # committed steps are a prefix
-        committed = {k: markers[k] for k in range(resume)}
-        # Only the first missing step is sent: each step enqueues the next once it commits.
-        messages = [(resume, shards[resume % len(shards)])] if resume < spec.steps else []
-        return self._launch(spec, FINETUNE_STEP, spec.steps, committed, messages)
+        with self._leased(spec.output) as job_id:
+            steps = [shards[k % len(shards)] for k in range(spec.steps)]
+            markers = own_markers(open_storage(spec.output), "finetune", steps)
+            resume = next(k for k in range(spec.steps + 1) if k not in markers)  # committed steps are a prefix
+            committed = {k: markers[k] for k in range(resume)}
+            # Only the first missing step is sent: each step enqueues the next once it commits.
+            messages = [(resume, steps[resume])] if resume < spec.steps else []
+            return self._launch(job_id, spec, FINETUNE_STEP, spec.steps, committed, messages)
 
-    def _launch(self, spec: JobSpec | TrainShardsSpec | FinetuneSpec, task: str, total: int,
+    @contextmanager
+    def _leased(self, output: str) -> Iterator[str]:
+        """A new job id holding ``output``'s lease (core/leases.py); given back if the submit fails."""
+        job_id = uuid.uuid4().hex[:16]
+        holder = self.leases.acquire(output, job_id)
+        if holder is not None:
+            state = (self.jobs.get(holder) or {"state": "planning"})["state"]
+            raise SpecError("output", f"{output} is in use by job {holder} ({state}); one job per output at a "
+                                      f"time: wait for it (clipbatch status {holder} --watch) or cancel it")
+        try:
+            yield job_id
+        except BaseException:
+            self.leases.release(output, job_id)
+            raise
+        self.leases.hold(output)
+
+    def _launch(self, job_id: str, spec: JobSpec | TrainShardsSpec | FinetuneSpec, task: str, total: int,
                 committed: dict[int, dict[str, Any]], messages: list[tuple[int, str]], rescored: int = 0) -> Job:
         """Write the job record, then one message per (index, input).
 
         A job with nothing to run gets one finalise message instead: a worker ends it (writes
         ``_job.json`` and the report), so the producer never writes to the output.
         """
-        job_id = uuid.uuid4().hex[:16]
         self.jobs.create(job_id, spec.to_dict(), total, committed, rescored)
         with self.app.producer_or_acquire() as producer:
             for index, uri in messages:
@@ -170,9 +191,16 @@ class Job:
         return status
 
     def cancel(self) -> bool:
-        """Stop a job: queued shards are skipped by the workers; committed outputs stay valid."""
-        self.status()
-        return self.client.jobs.set_state(self.job_id, JobState.CANCELLED)
+        """Stop a job: queued shards are skipped by the workers; committed outputs stay valid.
+
+        Its output's lease goes with it; a shard already running checks for the cancel again
+        just before it commits, and drops its work if it finds one.
+        """
+        status = self.status()
+        moved = self.client.jobs.set_state(self.job_id, JobState.CANCELLED)
+        if moved:
+            self.client.leases.release(status["output"], self.job_id)
+        return moved
 
     def wait(
         self, progress: bool = False, timeout_s: float | None = None, check: Callable[[], None] | None = None

@@ -22,6 +22,7 @@ from clipbatch.core.storage import FILE_SCHEME, Storage, StorageError, is_s3, op
 from clipbatch.core.specs import JobSpec, ModelSpec, SpecError
 
 PROBE_DIR = "_probe"
+EMBED_KINDS = ("embed", "score")  # one output may take both: the same files, scores always written
 # Markers of shards being rescored move here first, so their index survives a crash mid-plan.
 SUPERSEDED_DIR = "_superseded"
 
@@ -87,9 +88,29 @@ def _writable(spec: JobSpec) -> Storage:
         probe = f"{PROBE_DIR}/{uuid.uuid4().hex}"
         storage.write(probe, b"")
         storage.delete(probe)
-        return storage
+        honoured = commit.honours_conditional_puts(storage, probe)
     except (StorageError, OSError) as exc:
         raise SpecError("output", f"{spec.output!r} is not writable: {exc}") from None
+    if not honoured:
+        raise SpecError("output", f"{spec.output!r}: the store ignores conditional writes (If-None-Match: *), so "
+                                  "two attempts at one shard could both commit; use a store that honours them "
+                                  "(AWS S3, MinIO, moto, a local folder)")
+    return storage
+
+
+def own_markers(storage: Storage, kind: str, inputs: list[str]) -> dict[int, dict[str, Any]]:
+    """The output's markers, each checked to be this plan's: of ``kind``, index ``j`` holding ``inputs[j]``.
+
+    An output that holds another kind of job's results, or another plan's, is refused: counting
+    those markers as this job's would report shards done that this job never wrote.
+    """
+    markers = commit.list_markers(storage)
+    for index, marker in sorted(markers.items()):
+        theirs = marker.get("kind", kind)  # markers written before kinds were recorded
+        if theirs != kind or index >= len(inputs) or marker.get("input") != inputs[index]:
+            raise SpecError("output", f"{storage.uri} holds other results (shard {index}: a {theirs} job's, of "
+                                      f"{marker.get('input')}); use a separate output for each job of this kind")
+    return markers
 
 
 def _superseded(storage: Storage) -> dict[int, dict[str, Any]]:
@@ -116,6 +137,9 @@ def plan(spec: JobSpec) -> Plan:
     storage = _writable(spec)
     markers = commit.list_markers(storage)
     for index, marker in markers.items():
+        if marker.get("kind", "embed") not in EMBED_KINDS:
+            raise SpecError("output", f"{spec.output} holds a {marker['kind']} job's results (shard {index}); "
+                                      "use a separate output")
         if marker.get("fingerprint") != spec.fingerprint:
             raise SpecError(
                 "output",
@@ -123,9 +147,14 @@ def plan(spec: JobSpec) -> Plan:
                 f"fingerprint {marker.get('fingerprint')}; this job: {spec.model.name}, {spec.fingerprint}); "
                 "use a separate output per model",
             )
+    unfinished = commit.unfinished(markers, commit.staged_attempts(storage))
     superseded = _superseded(storage)
     by_input = {m["input"]: (i, None) for i, m in superseded.items() if i not in markers}
     by_input.update({m["input"]: (i, m) for i, m in markers.items()})
+    if len(by_input) < len(markers) + len({i for i in superseded if i not in markers}):
+        twice = sorted(i for i, m in markers.items() if by_input[m["input"]][0] != i)
+        raise SpecError("output", f"{spec.output} holds one input at two shard indices ({twice}), left by "
+                                  "overlapping jobs of an older clipbatch; delete those markers and their files")
     taken = {i for i, _ in by_input.values()}
     shards: dict[int, str] = {}
     committed: dict[int, dict[str, Any]] = {}
@@ -135,7 +164,10 @@ def plan(spec: JobSpec) -> Plan:
         if shard.uri in by_input:
             index, marker = by_input[shard.uri]
             if marker is not None and (marker.get("input_size"), marker.get("input_etag")) == (shard.size, shard.etag):
-                committed[index] = marker
+                if index in unfinished:  # committed, files not all in place: a worker finishes the move
+                    todo.append(index)
+                else:
+                    committed[index] = marker
             else:
                 if marker is not None:
                     storage.write(f"{SUPERSEDED_DIR}/{index:05d}.json", json.dumps(marker).encode())

@@ -13,13 +13,14 @@ import logging
 import time
 from typing import Any
 
-from clipbatch.core import layout
+from clipbatch.core import commit, keys, layout
 from clipbatch.core.broker import FINALIZE_JOB
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.keys import JobState
+from clipbatch.core.leases import OutputLeases
 from clipbatch.core.report import build_report, finish_finetune
 from clipbatch.core.selection import finish_train_shards
-from clipbatch.core.storage import open_storage
+from clipbatch.core.storage import Storage, open_storage
 from clipbatch.tasks.app import app
 from clipbatch.tasks.context import SETTINGS, job_store
 
@@ -34,9 +35,12 @@ def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:
     # Shorter than the visibility timeout: a redelivered message can claim what a dead finaliser held.
     if not jobs.claim_finalize(job_id, max(1, SETTINGS.visibility_timeout_s // 2)):
         return status
-    final = JobState.FAILED if status["shards_failed"] else JobState.SUCCEEDED
-    record = {"spec": jobs.spec(job_id), **status, "state": final.value, "finished_at": time.time()}
     storage = open_storage(status["output"])
+    markers = commit.list_markers(storage)
+    problems = _incomplete(jobs, job_id, storage, markers, status["kind"])
+    final = JobState.FAILED if status["shards_failed"] or problems else JobState.SUCCEEDED
+    record = {"spec": jobs.spec(job_id), **status, "state": final.value, "finished_at": time.time()}
+    record["failures"] = {**record["failures"], **problems}
     storage.write(layout.JOB_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
     if status["kind"] == "shards":
         finish_train_shards(storage)
@@ -44,9 +48,26 @@ def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:
         finish_finetune(storage, record)
     else:
         build_report(storage, record)
+    for index, problem in problems.items():
+        jobs.dead_letter(job_id, index, markers.get(index, {}).get("input", ""), problem)
+    swept = commit.sweep_orphans(storage, markers, time.time() - SETTINGS.visibility_timeout_s)
     jobs.set_state(job_id, final)
-    log.info("job finalized job=%s state=%s", job_id, final.value)
+    OutputLeases(jobs.r, jobs.ttl_s).release(status["output"], job_id)
+    log.info("job finalized job=%s state=%s incomplete=%d orphans_swept=%d", job_id, final.value, len(problems), swept)
     return jobs.get(job_id)
+
+
+def _incomplete(jobs: JobStore, job_id: str, storage: Storage, markers: dict[int, dict[str, Any]],
+                kind: str) -> dict[int, str]:
+    """What storage says is wrong with a job's output: shards counted done whose marker is missing,
+    and markers whose files are not all in place. A job with any of these has not succeeded."""
+    if kind == "finetune":  # a chain: each step resumes from the last one's checkpoint, checked then
+        return {}
+    done = {int(i) for i in jobs.r.smembers(keys.job_done(job_id))}
+    problems = {i: "counted as committed, but storage holds no marker" for i in sorted(done - set(markers))}
+    for index, names in commit.missing_files(storage, markers).items():
+        problems[index] = f"committed, but files are missing: {', '.join(names)}"
+    return problems
 
 
 @app.task(name=FINALIZE_JOB)

@@ -22,6 +22,7 @@ from clipbatch.core.storage import PERMANENT_ERRORS, open_storage
 from clipbatch.tasks.app import app
 from clipbatch.tasks.context import SETTINGS, job_store
 from clipbatch.tasks.finalize import finalize
+from clipbatch.workers.writers import UnreadableOutput
 
 log = logging.getLogger("clipbatch.shard")
 
@@ -35,8 +36,9 @@ class ShardTask(Task):
     """Retries with backoff; a shard that fails every attempt is recorded with its reason."""
 
     autoretry_for = (Exception,)
-    # A missing input, a refused credential or a bad spec fails the same way every time.
-    dont_autoretry_for = (*PERMANENT_ERRORS, SpecError)
+    # A missing input, a refused credential, a bad spec, another input's commit at this index or an
+    # output its own readers refuse fails the same way every time: no retry.
+    dont_autoretry_for = (*PERMANENT_ERRORS, SpecError, commit.IndexConflict, UnreadableOutput)
     retry_backoff = True
     retry_backoff_max = 60
     max_retries = SETTINGS.max_retries
@@ -81,7 +83,7 @@ def run_shard(
     clock = [time.perf_counter()]
     jobs = job_store()
     status = jobs.get(shard.job_id)
-    if status is not None and status["state"] == JobState.CANCELLED.value:
+    if _cancelled(jobs, shard, status):
         log.info("shard skipped job=%s shard=%d reason=cancelled", shard.job_id, shard.index)
         return {"outcome": "cancelled"}
     if status is None:
@@ -91,6 +93,7 @@ def run_shard(
     attempt = result = None
     if marker is not None:
         clock += [time.perf_counter()] * 2
+        commit.check_input(marker, shard.index, shard.input)
         if not commit.is_finished(storage, marker):
             commit.finish(storage, marker)
         outcome = "already_committed"
@@ -105,7 +108,11 @@ def run_shard(
         clock.append(time.perf_counter())
         result = compute(shard, attempt)
         clock.append(time.perf_counter())
+        if _cancelled(jobs, shard):  # cancelled while computing: its output's lease may be another job's now
+            log.info("shard dropped job=%s shard=%d reason=cancelled", shard.job_id, shard.index)
+            return {"outcome": "cancelled"}
         won, marker = commit.commit(storage, shard.index, attempt, result.files, _marker_record(shard, result))
+        commit.check_input(marker, shard.index, shard.input)
         outcome = "committed" if won else "lost_race"
     clock.append(time.perf_counter())
     timings = _timings(*clock)
@@ -119,10 +126,16 @@ def run_shard(
             "seconds": timings["seconds"]}
 
 
+def _cancelled(jobs: JobStore, shard: ShardSpec, status: dict[str, Any] | None = None) -> bool:
+    status = status if status is not None else jobs.get(shard.job_id)
+    return status is not None and status["state"] == JobState.CANCELLED.value
+
+
 def _marker_record(shard: ShardSpec, result: Any) -> dict[str, Any]:
     """What the marker says of this attempt: the input it read, the counts, the job's identity."""
     return {
         "job_id": shard.job_id,
+        "kind": shard.job.kind,
         "input": shard.input,
         "input_size": result.input_size,
         "input_etag": result.input_etag,

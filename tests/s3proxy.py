@@ -1,5 +1,6 @@
 """A fault-injecting HTTP proxy for an S3 endpoint: a fraction of requests get 500 / 503
-SlowDown or a dropped connection, half of them after the real request already landed."""
+SlowDown or a dropped connection, half of them after the real request already landed; named
+request headers can be dropped (a store that ignores If-None-Match, say)."""
 from __future__ import annotations
 
 import http.client
@@ -11,13 +12,14 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
              b"<Message>Please reduce your request rate.</Message></Error>")
 INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
             b"<Message>We encountered an internal error. Please try again.</Message></Error>")
-_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
+_HOP = ("connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade")
 
 
 class FaultyS3Proxy:
     """Forwards to ``upstream`` (host, port); counts the faults it injected."""
 
-    def __init__(self, upstream: tuple[str, int], fault_rate: float, seed: int = 0) -> None:
+    def __init__(self, upstream: tuple[str, int], fault_rate: float, seed: int = 0,
+                 drop_headers: tuple[str, ...] = ()) -> None:
         self.upstream, self.fault_rate = upstream, fault_rate
         self.rng, self.lock = random.Random(seed), threading.Lock()
         self.faults = {"500": 0, "503": 0, "drop": 0, "after_landing": 0}
@@ -48,7 +50,7 @@ class FaultyS3Proxy:
                 if fault and not after:
                     return self._fail(fault)
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP + drop_headers}
                 headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()

@@ -113,7 +113,9 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     got.seconds["total"] = time.perf_counter() - start
     stats = _stats(shard, attempt, bundle, info.size, batch_size, got, scores)
     files[names["stats"]] = writers.json_bytes(stats)
-    return ShardResult(files, len(got.rows), len(got.errors), info.size, info.etag)
+    # A rerun that writes fewer files (every row an error now) retires the old ones at commit.
+    retired = sorted(set(names.values()) - set(files))
+    return ShardResult(files, len(got.rows), len(got.errors), info.size, info.etag, record={"retired": retired})
 
 
 @dataclass
