@@ -12,7 +12,7 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test install clean
+.PHONY: demo test soak install clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The interleaving search at length: many seeds, longer runs of operations (tests/test_interleavings.py).
+soak: $(BIN)/.installed
+	CLIPBATCH_INTERLEAVING_SEEDS=$${SEEDS:-40} CLIPBATCH_INTERLEAVING_STEPS=$${STEPS:-14} \
+		$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_interleavings.py
 
 clean:
 	rm -rf $(VENV) demo

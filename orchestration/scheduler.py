@@ -20,10 +20,17 @@ log = logging.getLogger("clipbatch.scheduler")
 
 
 @shared_task(name=SUBMIT_DATASET)
-def submit_dataset(dataset: dict[str, Any]) -> str:
+def submit_dataset(dataset: dict[str, Any]) -> str | None:
+    """Submit one run; a run refused (say, the last one has not ended: one job per output) is logged
+    and skipped, and the next cron time submits again."""
+    from clipbatch.core.specs import SpecError
     from clipbatch.orchestration.client import Client
 
-    job = Client().submit(dataset_spec(dataset))
+    try:
+        job = Client().submit(dataset_spec(dataset))
+    except SpecError as exc:
+        log.warning("scheduled job not submitted dataset=%s reason=%s", dataset["name"], exc)
+        return None
     log.info("scheduled job submitted dataset=%s job=%s", dataset["name"], job.job_id)
     return job.job_id
 
