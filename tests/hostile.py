@@ -72,4 +72,10 @@ def hostile_samples() -> list[tuple[str, dict[str, bytes], str | None]]:
         ("caption_no_image", {"txt": cap}, "no image member"),
         ("bad_utf8", {"jpg": good_jpeg, "txt": b"caf\xe9 \xff"}, "caption is not valid UTF-8"),
         ("long_caption", {"jpg": good_jpeg, "txt": ("word " * 5000).encode()}, None),
+        ("json_not_object", {"jpg": good_jpeg, "txt": cap, "json": b"[1, 2]"}, "json member is not a JSON object"),
+        ("json_nested", {"jpg": good_jpeg, "txt": cap, "json": b"[" * 100_000},
+         "json member is not valid JSON: nested too deeply"),
+        ("json_system_names", {"jpg": good_jpeg, "txt": cap,
+                               "json": b'{"clip_score": 9, "key": "x", "shard": 1, "caption": "y", "json_key": 2}'},
+         None),
     ]
