@@ -159,7 +159,8 @@ def settle(world: World, checkpoint, timeout_s: float = 240) -> dict:
 def test_any_interleaving_keeps_every_sample_exactly_once(seed, redis_url, s3_endpoint, bucket, checkpoint,
                                                           start_worker):
     # given: two real workers, an input of two tiny shards, and a seeded sequence of operations
-    own_redis = redis_url.rsplit("/", 1)[0] + f"/{14 + seed % 2}"  # flushed by lose_redis: not the suite's db
+    base, _, db = redis_url.rpartition("/")
+    own_redis = f"{base}/{int(db) + 3 + seed % 2}"  # flushed by lose_redis: not the suite's database
     redis.Redis.from_url(own_redis).flushdb()
     world = World(random.Random(seed), bucket, own_redis, f"il-{seed}-{uuid.uuid4().hex[:6]}")
     env = service_env(own_redis, CLIPBATCH_VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT_S))
