@@ -2,7 +2,8 @@
 
 * webdataset: a tar, a brace pattern, or a folder/prefix of tars -> one task per tar;
 * parquet: one task per file, or per run of row groups when --samples-per-shard is given;
-* folder: images with sidecar .txt/.json, sorted by key, cut into runs of N samples;
+* folder: images with sidecar .txt/.json, sorted by key, cut into runs of N samples (a text-only
+  job's samples are the .txt captions, with or without an image beside them);
 * manifest: JSONL or CSV rows (image path/URI, caption[, key]), cut into runs of N rows.
 
 A ranged task's URI carries its range as a fragment (``data.jsonl#rows=0-10000``): that
@@ -30,6 +31,7 @@ TAR_SUFFIX = ".tar"
 PARQUET_SUFFIX = ".parquet"
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the same order as workers/samples.py
+CAPTION_EXT = "txt"
 DEFAULT_IMAGE_COL = "image"
 DEFAULT_CAPTION_COL = "caption"
 _RANGE_RE = re.compile(r"^(?P<base>.+)#(?P<unit>rows|row_groups)=(?P<start>\d+)-(?P<end>\d+)$")
@@ -171,10 +173,12 @@ def plan_inputs(spec: JobSpec) -> tuple[str, list[ShardInput]]:
 
 
 def _check_options_fit(spec: JobSpec, fmt: str) -> None:
-    if fmt in ("webdataset", "folder"):
-        for name in ("image_col", "caption_col", "key_col"):
-            if getattr(spec, name) is not None:
-                raise SpecError(name, f"applies to parquet and manifest inputs; {spec.input} is a {fmt} input")
+    """Column options name columns of parquet and manifest rows, and member names of tars (not the key)."""
+    names = {"webdataset": ("key_col",), "folder": ("image_col", "caption_col", "key_col")}.get(fmt, ())
+    for name in names:
+        if getattr(spec, name) is not None:
+            where = "parquet, manifest and webdataset inputs" if name != "key_col" else "parquet and manifest inputs"
+            raise SpecError(name, f"applies to {where}; {spec.input} is a {fmt} input")
     if fmt == "webdataset" and spec.samples_per_shard is not None:
         raise SpecError("samples_per_shard", f"applies to parquet, folder and manifest inputs; {spec.input} is tars")
 
@@ -186,8 +190,11 @@ def _check_column(option: str, column: str | None, columns: list[str], where: st
 
 
 def _check_columns(spec: JobSpec, columns: list[str], where: str, fmt: str) -> None:
-    _check_column("image_col", spec.image_col or DEFAULT_IMAGE_COL, columns, where, fmt)
-    _check_column("caption_col", spec.caption_col or DEFAULT_CAPTION_COL, columns, where, fmt)
+    """The columns the job's modality reads must exist; one it does not need is checked only when named."""
+    if spec.modality != "text" or spec.image_col is not None:
+        _check_column("image_col", spec.image_col or DEFAULT_IMAGE_COL, columns, where, fmt)
+    if spec.modality != "image" or spec.caption_col is not None:
+        _check_column("caption_col", spec.caption_col or DEFAULT_CAPTION_COL, columns, where, fmt)
     _check_column("key_col", spec.key_col, columns, where, fmt)
 
 
@@ -279,14 +286,19 @@ def _plan_manifest(spec: JobSpec, file: ShardInput) -> list[ShardInput]:
 # -- image folders ------------------------------------------------------------------------
 
 
-def folder_samples(infos: dict[str, ObjectInfo]) -> list[FolderSample]:
-    """Group a folder's files by path-without-extension; a group with an image is a sample, sorted by key."""
+def folder_samples(infos: dict[str, ObjectInfo], modality: str = "pairs") -> list[FolderSample]:
+    """Group a folder's files by path-without-extension, sorted by key. A group with an image is a
+    sample; for a text-only job, a group with a caption is, and its image files are not its files
+    (never read, and not part of its range's identity)."""
     groups: dict[str, dict[str, str]] = {}
     for rel in sorted(infos):
         stem, dot, ext = rel.rpartition(".")
         if not dot or not stem or "/" in ext or rel.rpartition("/")[2].startswith("."):
             continue
         groups.setdefault(stem, {})[ext.lower()] = rel
+    if modality == "text":
+        return [FolderSample(k, {e: r for e, r in f.items() if e not in IMAGE_EXTS})
+                for k, f in sorted(groups.items()) if CAPTION_EXT in f]
     return [FolderSample(k, f) for k, f in sorted(groups.items()) if any(e in f for e in IMAGE_EXTS)]
 
 
@@ -304,9 +316,9 @@ def files_info(samples: list[FolderSample], infos: dict[str, ObjectInfo]) -> Obj
 def _plan_folder(spec: JobSpec, objects: list[ShardInput]) -> list[ShardInput]:
     root = open_storage(spec.input).uri
     infos = {o.uri[len(root) + 1:]: ObjectInfo(o.size, o.etag) for o in objects}  # the listing, relative to root
-    samples = folder_samples(infos)
+    samples = folder_samples(infos, spec.modality)
     if not samples:
-        what = f"images ({', '.join(IMAGE_EXTS)})"
+        what = f"captions (.{CAPTION_EXT})" if spec.modality == "text" else f"images ({', '.join(IMAGE_EXTS)})"
         if spec.input_format == "auto":
             what = f"{TAR_SUFFIX} shards, {PARQUET_SUFFIX} files, {'/'.join(MANIFEST_SUFFIXES)} manifests or " + what
         raise InputError(f"{spec.input!r}: no {what} there")

@@ -9,6 +9,8 @@ from clipbatch.core.config import DEFAULT_QUEUE
 
 KINDS = ("embed", "score")
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "folder", "manifest")
+# What an embed job embeds: image-caption pairs (both towers, clip_score), images only, or captions only.
+MODALITIES = ("pairs", "image", "text")
 # Batch sizes the worker picks for a job that gives none, by its device: a CUDA worker starts
 # at the larger one and halves it on out-of-memory (workers/compute.py BatchLimit).
 DEFAULT_BATCH_SIZE = 256
@@ -82,10 +84,14 @@ class JobSpec:
     """An embed or score job: every input shard becomes one shard task.
 
     Both kinds embed images and captions and score each pair; ``embeddings=False`` (score
-    jobs only) skips writing the embedding arrays. ``fingerprint`` identifies the model
-    (name, weights, preprocessing); the producer sets it at submit. ``input_format`` is
-    resolved from ``auto`` at submit; the column names apply to parquet and manifest inputs,
-    ``samples_per_shard`` to folder and manifest inputs (and splits parquet files by row group).
+    jobs only) skips writing the embedding arrays. ``modality`` (embed jobs) may instead embed
+    images only or captions only: each tower runs only for what it needs. ``fingerprint``
+    identifies the model (name, weights, preprocessing, and a modality other than pairs); the
+    producer sets it at submit. ``input_format`` is resolved from ``auto`` at submit; the column
+    names apply to parquet and manifest inputs (on tars, ``image_col``/``caption_col`` name the
+    member extension, or ``json:FIELD`` of the json sidecar for the caption), ``samples_per_shard``
+    to folder and manifest inputs (and splits parquet files by row group). A spec without
+    ``modality`` (written before it existed) is a pairs job.
     """
 
     input: str
@@ -101,10 +107,16 @@ class JobSpec:
     caption_col: str | None = None
     key_col: str | None = None
     samples_per_shard: int | None = None
+    modality: str = "pairs"
 
     def validate(self) -> None:
         if self.kind not in KINDS:
             raise SpecError("kind", f"{self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.modality not in MODALITIES:
+            raise SpecError("modality", f"{self.modality!r} is not one of {', '.join(MODALITIES)}")
+        if self.kind == "score" and self.modality != "pairs":
+            raise SpecError("modality", "a score job scores image-caption pairs; embed images or captions alone "
+                                        "with an embed job")
         if not self.embeddings and self.kind != "score":
             raise SpecError("no_embeddings", "only a score job may skip writing embeddings")
         if not self.input or not self.input.strip():
@@ -146,7 +158,7 @@ class JobSpec:
     def marker_fields(self) -> dict[str, Any]:
         """What every commit marker of this job records about how it was made."""
         return {"model": {"name": self.model.name, "pretrained": self.model.pretrained},
-                "fingerprint": self.fingerprint}
+                "fingerprint": self.fingerprint, "modality": self.modality}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:

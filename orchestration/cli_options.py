@@ -8,10 +8,11 @@ from typing import Any
 import click
 
 from clipbatch.core.specs import (DEFAULT_BATCH_SIZE, DEFAULT_CUDA_BATCH_SIZE, DEFAULT_SAMPLES_PER_INPUT_SHARD, INPUT_FORMATS,
-                         JobSpec, ModelSpec, SpecError)
+                                  MODALITIES, JobSpec, ModelSpec, SpecError)
 
 KIND_HELP = {
-    "embed": "Embed every image and caption of the input shards (and score each pair).",
+    "embed": "Embed every image and caption of the input shards (and score each pair); or, with --modality, "
+             "images only or captions only.",
     "score": "Score every pair (clip_score); only shards without a result for this model run.",
 }
 
@@ -22,8 +23,11 @@ def job_options(fn):
                      help="Shard, brace pattern ({00000..00099}), file, folder or s3:// prefix."),
         click.option("--input-format", type=click.Choice(INPUT_FORMATS), default="auto", show_default=True,
                      help="auto: a file by its extension; a folder by what it holds (tar > parquet > manifest > images)."),
-        click.option("--image-col", help="Parquet/manifest column of image bytes or a path/URI [default: image]."),
-        click.option("--caption-col", help="Parquet/manifest column of the caption [default: caption]."),
+        click.option("--image-col", help="Parquet/manifest column of image bytes or a path/URI [default: image]; "
+                                         "for tars, the image member's extension [default: jpg/jpeg/png/webp]."),
+        click.option("--caption-col", help="Parquet/manifest column of the caption [default: caption]; for tars, "
+                                           "the caption member's extension (caption: key.caption) or json:FIELD "
+                                           "of the .json sidecar [default: txt]."),
         click.option("--key-col", help="Parquet/manifest column of the sample key [default: file stem and row]."),
         click.option("--samples-per-shard", type=int,
                      help=f"Folder/manifest samples per shard task [default: {DEFAULT_SAMPLES_PER_INPUT_SHARD}]; "
@@ -65,4 +69,8 @@ def with_kind_options(kind: str, fn):
     fn = job_options(fn)
     if kind == "score":
         fn = click.option("--no-embeddings", is_flag=True, help="Write scores only, not the embedding arrays.")(fn)
+    if kind == "embed":
+        fn = click.option("--modality", type=click.Choice(MODALITIES), default="pairs", show_default=True,
+                          help="pairs: images and captions, scored; image: images only (captions kept as metadata "
+                               "when there); text: captions only (no image is read).")(fn)
     return fn

@@ -1,4 +1,4 @@
-"""Nightly schedules: a TOML file of datasets, each scored incrementally at a cron time.
+"""Nightly schedules: a TOML file of datasets, each scored (or embedded) incrementally at a cron time.
 
     [[dataset]]
     name = "crawl-2026"                    # unique; names the beat entry
@@ -12,6 +12,8 @@
     batch_size = 256                       # optional (default: the worker's choice for its device)
     input_format = "parquet"               # optional (default auto), with image_col, caption_col,
     image_col = "jpg"                      #   key_col and samples_per_shard as on the command line
+    kind = "embed"                         # optional (default score)
+    modality = "image"                     # optional (default pairs): image or text for an embed job
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ from clipbatch.core.specs import JobSpec, ModelSpec, SpecError
 
 REQUIRED = ("name", "input", "output", "model", "cron")
 OPTIONAL = {"pretrained": None, "queue": DEFAULT_QUEUE, "embeddings": True, "batch_size": None,
-            "input_format": "auto", "image_col": None, "caption_col": None, "key_col": None, "samples_per_shard": None}
-INPUT_FIELDS = ("input_format", "image_col", "caption_col", "key_col", "samples_per_shard")
+            "input_format": "auto", "image_col": None, "caption_col": None, "key_col": None, "samples_per_shard": None,
+            "kind": "score", "modality": "pairs"}
+INPUT_FIELDS = ("input_format", "image_col", "caption_col", "key_col", "samples_per_shard", "modality")
 
 
 class ScheduleError(SpecError):
@@ -48,9 +51,9 @@ def cron_fields(expr: str) -> dict[str, str]:
 
 
 def dataset_spec(dataset: dict[str, Any]) -> JobSpec:
-    """The score job a dataset entry stands for."""
+    """The score (or embed) job a dataset entry stands for."""
     return JobSpec(dataset["input"], dataset["output"], ModelSpec(dataset["model"], dataset["pretrained"]),
-                   batch_size=dataset["batch_size"], queue=dataset["queue"], kind="score",
+                   batch_size=dataset["batch_size"], queue=dataset["queue"], kind=dataset["kind"],
                    embeddings=dataset["embeddings"], **{k: dataset[k] for k in INPUT_FIELDS})
 
 

@@ -73,8 +73,10 @@ def test_input_options_that_do_not_fit_are_refused(env, tmp_path, photo_shards):
                                       env=env), 2, "--input-format")
         assert_one_line_error(run_cli(command, "embed", "--input", str(tmp_path / "a.parquet"), *base, env=env), 2,
                               "--image-col: no column 'image'", "columns: url, caption")
-    assert_one_line_error(run_cli("submit", "embed", "--input", str(folder), "--image-col", "jpg", *base, env=env), 2,
-                          "--image-col: applies to parquet and manifest inputs")
+    assert_one_line_error(run_cli("submit", "embed", "--input", str(folder), "--key-col", "id", *base, env=env), 2,
+                          "--key-col: applies to parquet and manifest inputs")
+    assert_one_line_error(run_cli("submit", "score", "--input", str(folder), "--modality", "image", *base, env=env), 2,
+                          "--modality")
     assert_one_line_error(run_cli("submit", "score", "--input", str(tmp_path / "a.parquet"), "--image-col", "url",
                                   "--samples-per-shard", "0", *base, env=env), 2, "--samples-per-shard:")
 

@@ -40,6 +40,8 @@ def spec(**overrides) -> JobSpec:
         ({"image_col": " "}, "--image-col"),
         ({"key_col": 3}, "--key-col"),
         ({"samples_per_shard": 0}, "--samples-per-shard"),
+        ({"modality": "video"}, "--modality"),
+        ({"kind": "score", "modality": "image"}, "--modality"),
     ],
 )
 def test_bad_fields_are_named(overrides, field):
@@ -69,3 +71,13 @@ def test_a_job_without_a_batch_size_gets_the_workers_choice_for_its_device():
                                   "hf-hub:timm/ViT-B-16-SigLIP", "local-dir:/models/my-clip"])
 def test_open_clip_model_names_are_accepted(name):
     spec(model=ModelSpec(name, "/ckpt.pt")).validate()
+
+
+def test_a_spec_from_before_modalities_is_a_pairs_job():
+    # given a job spec as JSON, written before the field existed
+    old = {k: v for k, v in spec().to_dict().items() if k != "modality"}
+    # then it reads as a pairs job, and a new one round-trips its modality
+    assert JobSpec.from_dict(old).modality == "pairs"
+    text_only = spec(modality="text")
+    assert JobSpec.from_dict(json.loads(json.dumps(text_only.to_dict()))) == text_only
+    assert text_only.marker_fields()["modality"] == "text"

@@ -46,13 +46,13 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def encode_pairs(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-                 precision: str = "bf16", normalize: PixelNormalize | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Image and text embeddings of a batch of pairs, L2-normalised, float32 on the host.
+def encode_images(model: torch.nn.Module, images: torch.Tensor, precision: str = "bf16",
+                  normalize: PixelNormalize | None = None) -> np.ndarray:
+    """Image embeddings of a batch, L2-normalised, float32 on the host (the image tower only).
 
     ``images`` are preprocessed float NCHW tensors, or uint8 NHWC pixels that ``normalize``
     turns into those on the model's device. On CUDA the inputs should come in pinned memory:
-    the copies are then asynchronous.
+    the copy is then asynchronous.
     """
     device = next(model.parameters()).device
     images = images.to(device, non_blocking=True)
@@ -64,8 +64,22 @@ def encode_pairs(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Ten
         images = images.contiguous(memory_format=torch.channels_last)
     with _autocast(device, precision):
         img = model.encode_image(images)
+    return l2_normalize(img.float()).cpu().numpy()
+
+
+@torch.inference_mode()
+def encode_texts(model: torch.nn.Module, tokens: torch.Tensor, precision: str = "bf16") -> np.ndarray:
+    """Text embeddings of a batch of tokenized captions, L2-normalised, float32 on the host (the text tower only)."""
+    device = next(model.parameters()).device
+    with _autocast(device, precision):
         txt = model.encode_text(tokens.to(device, non_blocking=True))
-    return l2_normalize(img.float()).cpu().numpy(), l2_normalize(txt.float()).cpu().numpy()
+    return l2_normalize(txt.float()).cpu().numpy()
+
+
+def encode_pairs(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                 precision: str = "bf16", normalize: PixelNormalize | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Image and text embeddings of a batch of pairs (both towers; see encode_images and encode_texts)."""
+    return encode_images(model, images, precision, normalize), encode_texts(model, tokens, precision)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -4,9 +4,10 @@ Every format yields the same ``RawSample(key, members={ext: bytes})`` a webdatas
 (image bytes under their extension, ``txt`` caption, ``json`` metadata), so all of them share
 ``decode_sample``'s per-sample errors: a row whose image cannot be read, or whose image or
 caption is empty, becomes a RawSample carrying the reason, and the shard still completes; so does
-anything else one row makes its conversion raise. The member caps of workers/samples.py hold
-here too: an image, caption or json over its cap is an error row, and a file or URI is read
-no further than its cap allows. A manifest range is read up to its last row and no further.
+anything else one row makes its conversion raise. What a row must have follows the job's
+modality: a text-only job never reads (or fetches) an image, an image-only job needs no caption.
+The member caps of workers/samples.py hold here too: an image, caption or json over its cap is
+an error row, and a file or URI is read no further than its cap allows. A manifest range is read up to its last row and no further.
 Planning (core/inputs.py) and reading compute a ranged shard's size/ETag with the
 same functions, so the commit marker records exactly what was read.
 """
@@ -26,7 +27,8 @@ from clipbatch.core.inputs import (DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE
 from clipbatch.core.manifests import BAD_ROW, iter_manifest, manifest_is_csv, rows_info
 from clipbatch.core.storage import ObjectInfo, Storage, join, open_storage, split
 from clipbatch.core.specs import JobSpec
-from clipbatch.workers.samples import CAPTION_EXT, META_EXT, RawSample, describe, iter_raw_samples, member_cap, over_cap
+from clipbatch.workers.samples import (CAPTION_EXT, META_EXT, Members, RawSample, describe, iter_raw_samples, member_cap,
+                                      over_cap)
 
 # Images named by path/URI are fetched this many at a time, in order (S3 latency hides behind threads).
 FETCH_THREADS = 16
@@ -40,15 +42,25 @@ Source = tuple[ObjectInfo, ContextManager[Iterator[RawSample]]]
 
 @dataclass(frozen=True)
 class Columns:
-    """Which row fields hold the image (bytes or a path/URI), the caption and the key."""
+    """Which row fields hold the image (bytes or a path/URI), the caption and the key; what the modality reads."""
 
     image: str
     caption: str
     key: str | None
+    modality: str = "pairs"
 
     @classmethod
     def of(cls, job: JobSpec) -> Columns:
-        return cls(job.image_col or DEFAULT_IMAGE_COL, job.caption_col or DEFAULT_CAPTION_COL, job.key_col)
+        return cls(job.image_col or DEFAULT_IMAGE_COL, job.caption_col or DEFAULT_CAPTION_COL, job.key_col,
+                   job.modality)
+
+
+def members_for(job: JobSpec) -> Members:
+    """The members a job decodes: tars by the names ``--image-col``/``--caption-col`` give, every
+    other format as this module writes its RawSamples (image by its type, ``txt``, ``json``)."""
+    if job.input_format == "webdataset":
+        return Members.named(job.modality, job.image_col, job.caption_col)
+    return Members(job.modality)
 
 
 def open_shard(uri: str, job: JobSpec) -> Source:
@@ -75,7 +87,8 @@ def _tar(uri: str, job: JobSpec) -> Source:
     @contextlib.contextmanager
     def samples() -> Iterator[Iterator[RawSample]]:
         with storage.open_read(name) as stream:
-            yield iter_raw_samples(stream) if info.size else iter(())  # a zero-byte shard holds no samples
+            # a zero-byte shard holds no samples
+            yield iter_raw_samples(stream, members_for(job)) if info.size else iter(())
 
     return info, samples()
 
@@ -133,7 +146,7 @@ def _folder(uri: str, job: JobSpec) -> Source:
     base, span = parse_range(uri)
     storage = open_storage(base)
     infos = storage.list_info("")
-    samples = folder_samples(infos)
+    samples = folder_samples(infos, job.modality)
     samples = samples[span.start:span.stop] if span is not None else samples
 
     def read(sample: FolderSample) -> RawSample:
@@ -175,39 +188,53 @@ def row_sample(key: str, row: dict[str, Any], cols: Columns, base_dir: str) -> R
 
 
 def _row_sample(key: str, row: dict[str, Any], cols: Columns, base_dir: str) -> RawSample:
-    """row_sample's body; the expected problems get their own reasons here."""
+    """row_sample's body; the expected problems get their own reasons here (checked before any fetch)."""
     if BAD_ROW in row:
         return RawSample(key, error=row[BAD_ROW])
     if cols.key and row.get(cols.key) not in (None, ""):
         key = str(row[cols.key])
-    image = row.get(cols.image)
-    if isinstance(image, dict):  # a Hugging Face datasets Image column: {bytes, path}
-        image = image.get("bytes") or image.get("path")
-    if image in (None, b"", ""):
-        return RawSample(key, error=f"no image (column {cols.image!r} is empty or missing)")
+    image = None
+    if cols.modality != "text":
+        image = row.get(cols.image)
+        if isinstance(image, dict):  # a Hugging Face datasets Image column: {bytes, path}
+            image = image.get("bytes") or image.get("path")
+        if image in (None, b"", ""):
+            return RawSample(key, error=f"no image (column {cols.image!r} is empty or missing)")
     caption = row.get(cols.caption)
-    if caption in (None, ""):
+    if caption in (None, "") and cols.modality != "image":
         return RawSample(key, error=f"no caption (column {cols.caption!r} is empty or missing)")
-    if isinstance(image, str):
-        uri = resolve(image, base_dir)
-        try:
-            data = read_uri(uri)
-        except MemberTooLarge as exc:
-            return RawSample(key, error=str(exc))
-        except Exception as exc:  # missing file, no such key, no access: this sample's error only
-            return RawSample(key, error=f"image unreadable: {uri}: {describe(exc)}")
-        ext = uri.rpartition(".")[2].lower()
-    elif isinstance(image, (bytes, bytearray)):
-        data, ext = bytes(image), ""
-    else:
-        return RawSample(key, error=f"column {cols.image!r} holds {type(image).__name__}, not image bytes or a path")
-    members = {ext if ext in IMAGE_EXTS else sniff_ext(data): data, CAPTION_EXT: str(caption).encode()}
+    members: dict[str, bytes] = {}
+    if image is not None:
+        found = _row_image(image, cols, base_dir)
+        if isinstance(found, str):
+            return RawSample(key, error=found)
+        members[found[0]] = found[1]
+    if caption not in (None, ""):
+        members[CAPTION_EXT] = str(caption).encode()
     extra = {k: v for k, v in row.items() if k not in (cols.image, cols.caption, cols.key)
              and not isinstance(v, (bytes, bytearray))}
     if extra:
         members[META_EXT] = json.dumps(extra, default=str).encode()
     too_large = next((r for e, d in members.items() if (r := over_cap(e, len(d), f"{key}.{e}"))), None)
     return RawSample(key, error=too_large) if too_large else RawSample(key, members)
+
+
+def _row_image(image: Any, cols: Columns, base_dir: str) -> tuple[str, bytes] | str:
+    """(extension, bytes) of a row's image, given or read from its path/URI; or the reason it cannot be had."""
+    if isinstance(image, str):
+        uri = resolve(image, base_dir)
+        try:
+            data = read_uri(uri)
+        except MemberTooLarge as exc:
+            return str(exc)
+        except Exception as exc:  # missing file, no such key, no access: this sample's error only
+            return f"image unreadable: {uri}: {describe(exc)}"
+        ext = uri.rpartition(".")[2].lower()
+    elif isinstance(image, (bytes, bytearray)):
+        data, ext = bytes(image), ""
+    else:
+        return f"column {cols.image!r} holds {type(image).__name__}, not image bytes or a path"
+    return (ext if ext in IMAGE_EXTS else sniff_ext(data)), data
 
 
 def resolve(path: str, base_dir: str) -> str:

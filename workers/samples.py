@@ -12,6 +12,11 @@ naming the cap, and the tar stream skips it in blocks. A compressed shard (gzip,
 inflated here a block at a time: tarfile's own stream decompression inflates a whole compressed
 block at once (a 10 KiB block of zeros is 10 MiB). Members of extensions no one reads are not read.
 
+Which members a job reads is a ``Members``: the image (any of IMAGE_EXTS, or the one extension
+``--image-col`` names), the caption (``.txt``, the extension ``--caption-col`` names, or a field
+of the json sidecar: ``json:FIELD``), and what its modality needs. A text-only job never reads an
+image member; an image-only job keeps a caption that is there and does without one that is not.
+
 An error reason is ``<category>: <details>``: the category (up to the first ':') is short and
 fixed, since stats and metrics count errors by it, and no reason holds a memory address.
 """
@@ -40,6 +45,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
 META_EXT = "json"
 TRUNCATED_KEY = "__shard__"
+JSON_FIELD_PREFIX = "json:"  # --caption-col json:FIELD: the caption is a field of the json sidecar
 # Set deliberately: an image whose header claims more pixels is refused before decoding.
 MAX_IMAGE_PIXELS = int(os.environ.get("CLIPBATCH_MAX_IMAGE_PIXELS", 100_000_000))
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -120,14 +126,47 @@ def over_cap(ext: str, size: int, name: str) -> str | None:
     return f"member too large: {name} is {size} bytes, over {var}={cap}" if size > cap else None
 
 
-def _wanted(ext: str) -> bool:
-    return ext in IMAGE_EXTS or ext in (CAPTION_EXT, META_EXT)
+@dataclass(frozen=True)
+class Members:
+    """The members a job reads from each sample, and which of them its modality needs."""
+
+    modality: str = "pairs"
+    image: str | None = None  # the image member's extension; None: the first of IMAGE_EXTS present
+    caption: str | None = CAPTION_EXT  # the caption member's extension (None when it is a json field)
+    caption_field: str | None = None  # the caption is this field of the json sidecar
+
+    @classmethod
+    def named(cls, modality: str, image_col: str | None, caption_col: str | None) -> Members:
+        """A tar job's members: ``--image-col`` an extension, ``--caption-col`` an extension or json:FIELD."""
+        if caption_col and caption_col.startswith(JSON_FIELD_PREFIX):
+            return cls(modality, image_col and image_col.lower(), None, caption_col[len(JSON_FIELD_PREFIX):])
+        return cls(modality, image_col and image_col.lower(), (caption_col or CAPTION_EXT).lower())
+
+    def is_image(self, ext: str) -> bool:
+        return ext == self.image if self.image else ext in IMAGE_EXTS
+
+    def wanted(self, ext: str) -> bool:
+        """Read this member? The caption and json always (metadata keeps them); images unless text-only."""
+        if ext in (self.caption, META_EXT):
+            return True
+        return self.modality != "text" and self.is_image(ext)
+
+    def cap_name(self, ext: str) -> str:
+        """The extension whose cap applies to a member: a renamed caption is capped as a caption."""
+        return CAPTION_EXT if ext == self.caption else ext
+
+    def image_in(self, members: dict[str, bytes]) -> str | None:
+        return next((e for e in ((self.image,) if self.image else IMAGE_EXTS) if e in members), None)
 
 
-def iter_raw_samples(stream: BinaryIO) -> Iterator[RawSample]:
+PAIRS = Members()
+
+
+def iter_raw_samples(stream: BinaryIO, members: Members = PAIRS) -> Iterator[RawSample]:
     """Yield samples in tar order; a broken tar ends with a RawSample carrying the error.
 
-    A member over its cap is not read: its sample carries the reason and its later members are skipped.
+    A member over its cap is not read: its sample carries the reason and its later members are
+    skipped. Members ``members`` does not want (an image, for a text-only job) are not read.
     """
     current: RawSample | None = None
     try:
@@ -142,8 +181,9 @@ def iter_raw_samples(stream: BinaryIO) -> Iterator[RawSample]:
                 if current is None:
                     current = RawSample(key)
                 if current.error is None:
-                    current.error = over_cap(ext, member.size, member.name) if _wanted(ext) else None
-                    current.members[ext] = _read_member(tar, member) if _wanted(ext) and not current.error else b""
+                    wanted = members.wanted(ext)
+                    current.error = over_cap(members.cap_name(ext), member.size, member.name) if wanted else None
+                    current.members[ext] = _read_member(tar, member) if wanted and not current.error else b""
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as exc:
         if current is not None:
             yield current
@@ -169,44 +209,80 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return handle.read() if handle else b""
 
 
-def decode_sample(raw: RawSample, preprocess=None, draft_to: int | None = None, keep_jpeg: bool = False) -> Sample:
-    """Decode image, caption and metadata; any problem becomes ``Sample.error``.
+def decode_sample(raw: RawSample, preprocess=None, draft_to: int | None = None, keep_jpeg: bool = False,
+                  members: Members = PAIRS) -> Sample:
+    """Decode what ``members`` says the job needs (image, caption, metadata); any problem becomes ``Sample.error``.
 
     ``draft_to`` is the model's input size: large JPEGs are decoded no larger than needed. With
     ``keep_jpeg``, a plain RGB or greyscale JPEG whose header passes the checks is left as bytes
-    (``Sample.image``) for the device decoder.
+    (``Sample.image``) for the device decoder. A text-only job's image is never opened.
     """
     if raw.error:
         return Sample(raw.key, error=raw.error)
     try:
-        return _decode(raw, preprocess, draft_to, keep_jpeg)
+        return _decode(raw, preprocess, draft_to, keep_jpeg, members)
     except Exception as exc:  # whatever one sample's bytes make a parser raise is that sample's error only
         return Sample(raw.key, error=f"sample undecodable: {describe(exc)}")
 
 
-def _decode(raw: RawSample, preprocess, draft_to: int | None, keep_jpeg: bool) -> Sample:
-    """decode_sample's body; the expected problems get their own reasons here."""
-    image_ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
+def _decode(raw: RawSample, preprocess, draft_to: int | None, keep_jpeg: bool, members: Members) -> Sample:
+    """decode_sample's body; the expected problems get their own reasons here.
+
+    A caption problem is the sample's error unless the job is image-only (its caption is then None).
+    """
+    image_ext = None
+    if members.modality != "text":
+        image_ext = members.image_in(raw.members)
+        if image_ext is None:
+            wanted = members.image or "/".join(IMAGE_EXTS)
+            return Sample(raw.key, error=f"no image member ({wanted}); found {sorted(raw.members) or 'none'}")
+    caption, error = (None, None) if members.caption is None else _caption_member(raw.members, members.caption)
+    if error and members.modality != "image":
+        return Sample(raw.key, error=error)
+    meta, error = _json_member(raw.members)
+    if error:
+        return Sample(raw.key, error=error)
+    if members.caption_field is not None:
+        caption, error = _caption_field(meta, members.caption_field)
+        if error and members.modality != "image":
+            return Sample(raw.key, error=error)
     if image_ext is None:
-        return Sample(raw.key, error=f"no image member ({'/'.join(IMAGE_EXTS)}); found {sorted(raw.members) or 'none'}")
-    if CAPTION_EXT not in raw.members:
-        return Sample(raw.key, error="no caption member (.txt)")
-    try:
-        caption = raw.members[CAPTION_EXT].decode("utf-8").strip()
-    except UnicodeDecodeError as exc:
-        return Sample(raw.key, error=f"caption is not valid UTF-8: {exc}")
-    meta = None
-    if META_EXT in raw.members:
-        try:
-            meta = json.loads(raw.members[META_EXT])
-        except ValueError as exc:
-            return Sample(raw.key, error=f"json member is not valid JSON: {exc}")
-        except RecursionError:
-            return Sample(raw.key, error="json member is not valid JSON: nested too deeply")
-        if not isinstance(meta, dict):
-            return Sample(raw.key, error="json member is not a JSON object")
+        return Sample(raw.key, caption=caption, meta=meta)
     image, error = decode_image(raw.members[image_ext], image_ext, preprocess, draft_to, keep_jpeg)
     return Sample(raw.key, image=image, caption=caption, meta=meta, error=error)
+
+
+def _caption_member(members: dict[str, bytes], ext: str) -> tuple[str | None, str | None]:
+    """(caption, None) from member ``ext``, or (None, the reason there is none)."""
+    if ext not in members:
+        return None, f"no caption member (.{ext})"
+    try:
+        return members[ext].decode("utf-8").strip(), None
+    except UnicodeDecodeError as exc:
+        return None, f"caption is not valid UTF-8: {exc}"
+
+
+def _caption_field(meta: dict | None, name: str) -> tuple[str | None, str | None]:
+    """(caption, None) from field ``name`` of the json sidecar, or (None, the reason there is none)."""
+    value = (meta or {}).get(name)
+    if value is None or value == "":
+        return None, f"no caption (json field {name!r} is empty or missing)"
+    return (value if isinstance(value, str) else json.dumps(value)).strip(), None
+
+
+def _json_member(members: dict[str, bytes]) -> tuple[dict | None, str | None]:
+    """(metadata or None, None) from the json member, or (None, the reason it is unusable)."""
+    if META_EXT not in members:
+        return None, None
+    try:
+        meta = json.loads(members[META_EXT])
+    except ValueError as exc:
+        return None, f"json member is not valid JSON: {exc}"
+    except RecursionError:
+        return None, "json member is not valid JSON: nested too deeply"
+    if not isinstance(meta, dict):
+        return None, "json member is not a JSON object"
+    return meta, None
 
 
 def decode_image(data: bytes, ext: str, preprocess=None, draft_to: int | None = None,
