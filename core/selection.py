@@ -89,6 +89,10 @@ def plan_train_shards(spec: TrainShardsSpec, output: Storage) -> TrainPlan:
     markers = commit.list_markers(source)
     if not markers:
         raise SpecError("scored", f"{spec.scored} holds no committed shards")
+    alone = sorted({m.get("modality", "pairs") for m in markers.values()} - {"pairs"})
+    if alone:
+        raise SpecError("scored", f"{spec.scored} holds {alone[0]}-only embeddings (--modality {alone[0]}), no "
+                                  "pairs or clip_score; training shards are cut from a pairs output")
     rows = _scored_rows(source, markers)
     scores = rows.column("clip_score").to_numpy()
     threshold = _threshold(spec, source, markers)

@@ -72,8 +72,11 @@ def _weights_identity(pretrained: str | None) -> str:
     return f"tag:{pretrained}"
 
 
-def fingerprint(model: ModelSpec) -> str:
-    """Identifies what produced a result: model name and config, weights, preprocessing."""
+def fingerprint(model: ModelSpec, modality: str = "pairs") -> str:
+    """Identifies what produced a result: model name and config, weights, preprocessing, and what was
+    embedded. A pairs result keeps the fingerprint it had before modalities existed."""
     identity = {"name": model.name, "config": model.config, "weights": _weights_identity(model.pretrained),
                 "preprocess": PREPROCESS_VERSION}
+    if modality != "pairs":
+        identity["modality"] = modality
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]

@@ -4,7 +4,9 @@ Output file ``i`` keeps its input shard for good: shards already in the output k
 index (matched by input URI); a new shard takes its position in the sorted input if that
 index is free, else the next index past the end. On a fresh output index ``i`` is the
 ``i``-th input shard. A shard whose input changed since its
-commit (size or ETag) is planned again; an output holding another model's results is refused.
+commit (size or ETag) is planned again; an output holding another model's results, or another
+modality's (pairs, image-only, text-only), is refused. A shard of another model or modality that
+embedded nothing (every sample an error row) holds no results to mix with: it is planned again.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from clipbatch.core.specs import JobSpec, ModelSpec, SpecError
 
 PROBE_DIR = "_probe"
 EMBED_KINDS = ("embed", "score")  # one output may take both: the same files, scores always written
+MODALITY_WORDS = {"pairs": "pair embeddings and scores", "image": "image-only embeddings",
+                  "text": "text-only embeddings"}
 # Markers of shards being rescored move here first, so their index survives a crash mid-plan.
 SUPERSEDED_DIR = "_superseded"
 
@@ -50,7 +54,7 @@ def normalise(spec: JobSpec) -> JobSpec:
     model = normalise_model(spec.model)
     spec = replace(spec, input=spec.input if "{" in spec.input else absolute(spec.input),
                    output=absolute(spec.output), model=model)
-    return replace(spec, fingerprint=fingerprint(model))
+    return replace(spec, fingerprint=fingerprint(model, spec.modality))
 
 
 def normalise_model(model: ModelSpec) -> ModelSpec:
@@ -127,6 +131,34 @@ def _free_index(position: int, taken: set[int]) -> int:
     return max(taken) + 1
 
 
+def _check_markers(spec: JobSpec, markers: dict[int, dict[str, Any]]) -> set[int]:
+    """Refuse an output holding another kind's, model's or modality's results; return the indices of
+    other-fingerprint shards that embedded nothing (planned again under this job's)."""
+    empty = set()
+    for index, marker in markers.items():
+        if marker.get("kind", "embed") not in EMBED_KINDS:
+            raise SpecError("output", f"{spec.output} holds a {marker['kind']} job's results (shard {index}); "
+                                      "use a separate output")
+        if marker.get("fingerprint") == spec.fingerprint:
+            continue
+        if not marker.get("samples_ok"):
+            empty.add(index)
+            continue
+        theirs = marker.get("modality", "pairs")
+        if theirs != spec.modality:
+            option = "modality" if spec.kind == "embed" else "output"
+            raise SpecError(option, f"{spec.output} holds {MODALITY_WORDS[theirs]} (shard {index}, --modality {theirs});"
+                                     f" this {spec.kind} job makes {MODALITY_WORDS[spec.modality]}: use a separate "
+                                     "output per modality")
+        raise SpecError(
+            "output",
+            f"{spec.output} holds results of another model (shard {index}: {marker.get('model')}, "
+            f"fingerprint {marker.get('fingerprint')}; this job: {spec.model.name}, {spec.fingerprint}); "
+            "use a separate output per model",
+        )
+    return empty
+
+
 def plan(spec: JobSpec) -> Plan:
     spec = normalise(spec)
     try:
@@ -136,17 +168,7 @@ def plan(spec: JobSpec) -> Plan:
     spec = replace(spec, input_format=input_format)  # workers get the resolved format
     storage = _writable(spec)
     markers = commit.list_markers(storage)
-    for index, marker in markers.items():
-        if marker.get("kind", "embed") not in EMBED_KINDS:
-            raise SpecError("output", f"{spec.output} holds a {marker['kind']} job's results (shard {index}); "
-                                      "use a separate output")
-        if marker.get("fingerprint") != spec.fingerprint:
-            raise SpecError(
-                "output",
-                f"{spec.output} holds results of another model (shard {index}: {marker.get('model')}, "
-                f"fingerprint {marker.get('fingerprint')}; this job: {spec.model.name}, {spec.fingerprint}); "
-                "use a separate output per model",
-            )
+    empty_elsewhere = _check_markers(spec, markers)
     unfinished = commit.unfinished(markers, commit.staged_attempts(storage))
     superseded = _superseded(storage)
     by_input = {m["input"]: (i, None) for i, m in superseded.items() if i not in markers}
@@ -163,7 +185,9 @@ def plan(spec: JobSpec) -> Plan:
     for position, shard in enumerate(inputs):
         if shard.uri in by_input:
             index, marker = by_input[shard.uri]
-            if marker is not None and (marker.get("input_size"), marker.get("input_etag")) == (shard.size, shard.etag):
+            keep = marker is not None and index not in empty_elsewhere \
+                and (marker.get("input_size"), marker.get("input_etag")) == (shard.size, shard.etag)
+            if keep:
                 if index in unfinished:  # committed, files not all in place: a worker finishes the move
                     todo.append(index)
                 else:

@@ -6,21 +6,24 @@ import os
 import pytest
 
 from clipbatch.core import commit, layout
+from clipbatch.orchestration.models import fingerprint
 from clipbatch.orchestration.planner import plan
 from clipbatch.core.storage import open_storage
 from clipbatch.core.specs import JobSpec, ModelSpec, SpecError
 
 
-def spec(folder, out, pretrained="some-tag") -> JobSpec:
-    return JobSpec(str(folder), str(out), ModelSpec("clipbatch-tiny", pretrained), kind="score")
+def spec(folder, out, pretrained="some-tag", **options) -> JobSpec:
+    return JobSpec(str(folder), str(out), ModelSpec("clipbatch-tiny", pretrained), kind=options.pop("kind", "score"),
+                   **options)
 
 
-def commit_all(p, out) -> None:
+def commit_all(p, out, samples_ok: int = 1) -> None:
     storage = open_storage(str(out))
     for i in p.todo:
         info = open_storage(p.shards[i].rsplit("/", 1)[0]).info(p.shards[i].rsplit("/", 1)[1])
-        record = {"input": p.shards[i], "input_size": info.size, "input_etag": info.etag, "samples_ok": 1,
-                  "samples_failed": 0, "fingerprint": p.spec.fingerprint, "model": {"name": "clipbatch-tiny"}}
+        record = {"input": p.shards[i], "input_size": info.size, "input_etag": info.etag, "samples_ok": samples_ok,
+                  "samples_failed": 1 - samples_ok, "fingerprint": p.spec.fingerprint,
+                  "model": {"name": "clipbatch-tiny"}, "modality": p.spec.modality}
         commit.commit(storage, i, f"a{i}", {f"x/{i}": b"x"}, record)
 
 
@@ -60,3 +63,31 @@ def test_another_model_is_refused(tmp_path):
     commit_all(plan(spec(folder, out)), out)
     with pytest.raises(SpecError, match="another model"):
         plan(spec(folder, out, pretrained="other-tag"))
+
+
+def test_the_modality_is_part_of_the_fingerprint_and_a_change_is_refused(tmp_path):
+    # given an output of image-only embeddings
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    write(folder / "a.tar", b"a")
+    commit_all(plan(spec(folder, out, kind="embed", modality="image")), out)
+    # then a pairs fingerprint is the one it was before modalities; each modality has its own
+    model = ModelSpec("clipbatch-tiny", "some-tag")
+    assert fingerprint(model) == fingerprint(model, "pairs") != fingerprint(model, "image") != fingerprint(model, "text")
+    # and another modality on it is refused naming the option (an embed job) or the output (a score job)
+    with pytest.raises(SpecError, match=r"^--modality: .*--modality image"):
+        plan(spec(folder, out, kind="embed", modality="text"))
+    with pytest.raises(SpecError, match=r"^--output: .*--modality image"):
+        plan(spec(folder, out))
+    assert plan(spec(folder, out, kind="embed", modality="image")).todo == []
+
+
+def test_a_shard_that_embedded_nothing_runs_again_in_another_modality(tmp_path):
+    # given an output whose only shard embedded nothing as pairs (say, images without captions)
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    write(folder / "a.tar", b"a")
+    commit_all(plan(spec(folder, out, kind="embed")), out, samples_ok=0)
+    # when the same input is planned image-only into it, then the shard runs again
+    again = plan(spec(folder, out, kind="embed", modality="image"))
+    assert again.todo == [0] and again.rescored == [0]
