@@ -76,6 +76,13 @@ redis.call('HSET', KEYS[1], 'step', ARGV[1], 'loss', ARGV[2])
 return 1
 """
 
+# KEYS: job hash. ARGV: problem. Writes only while the job exists.
+_SET_PROBLEM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'problem', ARGV[1])
+return 1
+"""
+
 # KEYS: job hash, deliveries hash. ARGV: index, ttl. Returns the count so far.
 _COUNT_DELIVERY = _EXPIRE_WITH_JOB + """
 local n = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
@@ -95,6 +102,7 @@ class JobStore:
         self._failed = client.register_script(_REPORT_FAILED)
         self._state = client.register_script(_SET_STATE)
         self._progress = client.register_script(_SET_PROGRESS)
+        self._problem = client.register_script(_SET_PROBLEM)
         self._delivery = client.register_script(_COUNT_DELIVERY)
 
     def create(self, job_id: str, spec: dict[str, Any], shards_total: int, committed: dict[int, dict],
@@ -145,6 +153,8 @@ class JobStore:
         )
         if "step" in raw:  # fine-tune jobs publish their last committed step and loss
             status.update(step=int(raw["step"]), loss=float(raw["loss"]) if raw["loss"] else None)
+        if "problem" in raw:  # why a job that ran to its end did not succeed (nothing embedded)
+            status["problem"] = raw["problem"]
         return status
 
     def spec(self, job_id: str) -> dict[str, Any] | None:
@@ -159,6 +169,10 @@ class JobStore:
     def set_progress(self, job_id: str, step: int, loss: float | None) -> None:
         """A chain job's last committed step and its loss, shown by ``status``."""
         self._progress(keys=[keys.job(job_id)], args=[step, "" if loss is None else loss])
+
+    def set_problem(self, job_id: str, problem: str) -> None:
+        """Why a job that ran to its end did not succeed, shown by ``status``; set before its final state."""
+        self._problem(keys=[keys.job(job_id)], args=[problem[:2000]])
 
     def count_delivery(self, job_id: str, index: int) -> int:
         """Count one more start of shard ``index``; returns the count so far."""

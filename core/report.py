@@ -1,9 +1,14 @@
-"""The job report: merged score histograms -> report/summary.json, scores.png and index.html."""
+"""The job report: merged score histograms -> report/summary.json, scores.png and index.html.
+
+Every embed/score report also says what was embedded (pairs, images or captions, and how many)
+and the error reasons over the whole output; an image- or text-only output has no scores.
+"""
 from __future__ import annotations
 
 import html
 import io
 import json
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -13,6 +18,11 @@ from clipbatch.core.storage import Storage
 
 SUMMARY = layout.SUMMARY
 _IO_THREADS = 16
+_TOP_REASONS = 3
+EMBEDDED = {"pairs": "pairs", "image": "images", "text": "captions"}
+# When nothing was embedded: the hint for the commonest reason that another modality avoids.
+_HINTS = (("no caption", "pairs", "for images without captions use --modality image"),
+          ("no image", "pairs", "for captions without images use --modality text"))
 
 
 def _stats(storage: Storage, index: int) -> dict[str, Any] | None:
@@ -26,10 +36,17 @@ def build_report(storage: Storage, job: dict[str, Any]) -> dict[str, Any]:
     """Merge every committed shard's score histogram in the output and write the report."""
     markers = commit.list_markers(storage)
     with ThreadPoolExecutor(_IO_THREADS) as pool:
-        stats = [s for s in pool.map(lambda i: _stats(storage, i), markers) if s and "clip_score" in s]
-    summary = summarize(merge(s["clip_score"] for s in stats))
+        stats = [s for s in pool.map(lambda i: _stats(storage, i), markers) if s]
+    spec = job.get("spec") or {}
+    modality = spec.get("modality", "pairs")
+    summary = summarize(merge(s["clip_score"] for s in stats if "clip_score" in s))
+    reasons = Counter()
+    for s in stats:
+        reasons.update(s.get("error_reasons", {}))
     summary.update(job_id=job.get("job_id"), output=storage.uri, shards=len(stats),
-                   model=(job.get("spec") or {}).get("model", {}).get("name"))
+                   model=spec.get("model", {}).get("name"), modality=modality,
+                   embedded={EMBEDDED[modality]: sum(s.get("samples_ok", 0) for s in stats)},
+                   errors=sum(reasons.values()), error_reasons=dict(reasons.most_common()))
     storage.write(SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode())
     if summary["count"]:
         storage.write(layout.SCORES_PNG, _plot(summary))
@@ -81,8 +98,24 @@ mean {summary['mean']:.4f}, std {summary['std']:.4f}.</p>
 """
 
 
+def nothing_embedded(samples_done: int, samples_failed: int, summary: dict[str, Any]) -> str | None:
+    """Why a job that embedded nothing is not a success (None when it embedded something, or had no input):
+    ``0 of 4 embedded: no caption member (.txt) x4; for images without captions use --modality image``."""
+    if samples_done or not samples_failed:
+        return None
+    top = Counter(summary.get("error_reasons", {})).most_common(_TOP_REASONS)
+    text = f"0 of {samples_failed} embedded: " + ", ".join(f"{reason} x{n}" for reason, n in top)
+    modality = summary.get("modality", "pairs")
+    hint = next((h for start, mode, h in _HINTS if top and top[0][0].startswith(start) and modality == mode), None)
+    return f"{text}; {hint}" if hint else text
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The report as terminal text."""
+    if summary.get("modality", "pairs") != "pairs":
+        ((what, n),) = summary["embedded"].items()
+        return (f"{n} {what} embedded in {summary['shards']} shards ({summary['model']}, {summary['modality']}-only: "
+                f"no clip_score), {summary['errors']} errors")
     if not summary.get("count"):
         return "no scores yet"
     lines = [f"{summary['count']} pairs in {summary['shards']} shards ({summary['model']}): "

@@ -83,6 +83,8 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
         f"  samples {status['samples_done']} embedded, {status['samples_failed']} recorded as errors\n"
         f"  output  {status['output']}"
     )
+    if status.get("problem"):
+        click.echo(f"  problem {status['problem']}")
     if "step" in status:
         click.echo(f"  step    {status['step']} (last committed), loss {status['loss']}")
     for index, reason in sorted(status.get("failures", {}).items()):

@@ -5,6 +5,9 @@ last shard was dead-lettered, gets a ``FINALIZE_JOB`` message instead. Both path
 Redis lease first, so two processes never write the same job's files at once; a finaliser
 that dies mid-way leaves its message unacked, and the redelivery (after the visibility
 timeout, by which time the lease has lapsed) finishes the job. ``status`` never writes.
+
+An embed or score job in which every sample is an error row ends ``failed`` with a ``problem``
+line (how many, the commonest reasons, a hint), not ``succeeded``: it embedded nothing.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from clipbatch.core.broker import FINALIZE_JOB
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.keys import JobState
 from clipbatch.core.leases import OutputLeases
-from clipbatch.core.report import build_report, finish_finetune
+from clipbatch.core.report import build_report, finish_finetune, nothing_embedded
 from clipbatch.core.selection import finish_train_shards
 from clipbatch.core.storage import Storage, open_storage
 from clipbatch.tasks.app import app
@@ -41,13 +44,16 @@ def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:
     final = JobState.FAILED if status["shards_failed"] or problems else JobState.SUCCEEDED
     record = {"spec": jobs.spec(job_id), **status, "state": final.value, "finished_at": time.time()}
     record["failures"] = {**record["failures"], **problems}
-    storage.write(layout.JOB_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
     if status["kind"] == "shards":
         finish_train_shards(storage)
     elif status["kind"] == "finetune":
         finish_finetune(storage, record)
     else:
-        build_report(storage, record)
+        empty = nothing_embedded(status["samples_done"], status["samples_failed"], build_report(storage, record))
+        if empty and final is JobState.SUCCEEDED:
+            final, record["state"], record["problem"] = JobState.FAILED, JobState.FAILED.value, empty
+            jobs.set_problem(job_id, empty)
+    storage.write(layout.JOB_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
     for index, problem in problems.items():
         jobs.dead_letter(job_id, index, markers.get(index, {}).get("input", ""), problem)
     swept = commit.sweep_orphans(storage, markers, time.time() - SETTINGS.visibility_timeout_s)
