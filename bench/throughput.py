@@ -13,6 +13,12 @@ since a shared machine is noisy):
 and prints JSON with samples/s, the ratios c/min(a,b) and c/d, and the task's per-stage time
 shares. Optionally: worker RSS over many shards (--rss-shards) and the queue overhead per
 shard of a real worker on a private Redis (--queue-overhead-shards, 1,000-sample shards).
+
+With --modalities it instead compares the task path in each modality (pairs, image-only,
+text-only) on the same shards, and the caption-dedup saving (bench/modalities.py):
+
+    python bench/throughput.py --model ViT-B-32 --batch-size 64 --shards 2 --samples-per-shard 64 \
+        --max-side 512 --modalities --out bench/results/<date>-cpu.json --label ViT-B-32-modalities
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.modalities import compare_modalities  # noqa: E402
 from clipbatch.core import commit  # noqa: E402
 from clipbatch.core.storage import open_storage  # noqa: E402
 from clipbatch.core.specs import JobSpec, ModelSpec, ShardSpec  # noqa: E402
@@ -243,13 +250,24 @@ def queue_overhead(spec: JobSpec, folder: Path, shards: int, device: str) -> dic
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Also write the JSON here, under --label; the file's other labels are kept (one file per machine).")
 @click.option("--label", help="The result's key in --out [default: the model name].")
+@click.option("--modalities", is_flag=True,
+              help="Only compare pairs, image-only and text-only on the task path, and the caption-dedup saving.")
 def main(model, pretrained, device, batch_size, input_, shards, samples_per_shard, max_side, copies, rounds, skip_naive,
-         rss_shards, queue_overhead_shards, out, label) -> None:
+         rss_shards, queue_overhead_shards, out, label, modalities) -> None:
     work = Path(tempfile.mkdtemp(prefix="clipbatch-bench-"))
     if device != "auto":
         os.environ["CLIPBATCH_DEVICE"] = device
     if pretrained is None:
         pretrained = str(save_seeded_checkpoint(model, work / f"{model}-seed0.pt", seed=0))
+    if modalities:
+        spec = ModelSpec(model, pretrained)
+        found = compare_modalities(spec, work, shards, samples_per_shard, max_side, batch_size, rounds,
+                                   lambda line: print(line, file=sys.stderr))
+        bundle = runtime.model_for(spec)
+        save({"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "machine": machine(bundle), "model": model,
+              "pretrained": pretrained if not pretrained.startswith(str(work)) else "seeded random",
+              "batch_size": batch_size, "rounds": rounds, **found}, out, label or f"{model}-modalities")
+        return
     folder = Path(input_) if input_ else work / "in"
     built = not any(folder.glob("*.tar"))
     paths = build_input(folder, shards, samples_per_shard, max_side) if built else sorted(folder.glob("*.tar"))
@@ -288,11 +306,7 @@ def main(model, pretrained, device, batch_size, input_, shards, samples_per_shar
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "commit": _commit(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(bundle.device),
-                    "gpu": torch.cuda.get_device_name(0) if bundle.device.type == "cuda" else None,
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "decode_threads": runtime.decode_threads(), "precision": runtime.precision()
-                    if bundle.device.type == "cuda" else "fp32"},
+        "machine": machine(bundle),
         "model": model, "pretrained": pretrained if not pretrained.startswith(str(work)) else "seeded random",
         "image_size": bundle.image_size, "batch_size": batch_size,
         "input": {"shards": len(paths), "good_samples": good, "built_from_photos": built,
@@ -309,13 +323,26 @@ def main(model, pretrained, device, batch_size, input_, shards, samples_per_shar
         result["rss"] = rss_over_shards(spec, paths, rss_shards, work / "rss")
     if queue_overhead_shards:
         result["queue_overhead"] = queue_overhead(spec, work, queue_overhead_shards, device)
-    text = json.dumps(result, indent=2)
-    print(text)
+    save(result, out, label or model)
+
+
+def machine(bundle: ModelBundle) -> dict[str, Any]:
+    """Where a result was measured."""
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(bundle.device),
+            "gpu": torch.cuda.get_device_name(0) if bundle.device.type == "cuda" else None,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "decode_threads": runtime.decode_threads(),
+            "precision": runtime.precision() if bundle.device.type == "cuda" else "fp32"}
+
+
+def save(result: dict[str, Any], out: str | None, label: str) -> None:
+    """Print the result; with ``out``, merge it into that file under ``label`` (one file per machine)."""
+    print(json.dumps(result, indent=2))
     if out:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         results = json.loads(path.read_text()) if path.exists() else {}
-        results[label or model] = result
+        results[label] = result
         path.write_text(json.dumps(results, indent=2) + "\n")
 
 
