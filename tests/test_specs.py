@@ -81,3 +81,17 @@ def test_a_spec_from_before_modalities_is_a_pairs_job():
     text_only = spec(modality="text")
     assert JobSpec.from_dict(json.loads(json.dumps(text_only.to_dict()))) == text_only
     assert text_only.marker_fields()["modality"] == "text"
+
+
+def test_a_schedule_entry_may_embed_one_modality(tmp_path):
+    from clipbatch.orchestration.schedule import ScheduleError, dataset_spec, load_schedule
+
+    entry = 'name = "photos"\ninput = "/in"\noutput = "/out"\nmodel = "clipbatch-tiny"\ncron = "0 2 * * *"\n'
+    # given an embed entry with a modality, and a score entry (the default kind) with one
+    (tmp_path / "ok.toml").write_text(f'[[dataset]]\n{entry}kind = "embed"\nmodality = "image"\n')
+    (tmp_path / "bad.toml").write_text(f'[[dataset]]\n{entry}modality = "text"\n')
+    # then the first is an image-only embed job, the second is refused naming the dataset and the option
+    (dataset,) = load_schedule(tmp_path / "ok.toml")
+    assert (dataset_spec(dataset).kind, dataset_spec(dataset).modality) == ("embed", "image")
+    with pytest.raises(ScheduleError, match="dataset photos: --modality: a score job"):
+        load_schedule(tmp_path / "bad.toml")
