@@ -11,6 +11,7 @@ KINDS = ("embed", "score")
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "folder", "manifest")
 # What an embed job embeds: image-caption pairs (both towers, clip_score), images only, or captions only.
 MODALITIES = ("pairs", "image", "text")
+JSON_FIELD_PREFIX = "json:"  # --caption-col json:FIELD on tars: the caption is a field of the json sidecar
 # Batch sizes the worker picks for a job that gives none, by its device: a CUDA worker starts
 # at the larger one and halves it on out-of-memory (workers/compute.py BatchLimit).
 DEFAULT_BATCH_SIZE = 256
@@ -142,6 +143,9 @@ class JobSpec:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise SpecError(name, f"{value!r} is not a column name")
+        caption = self.caption_col or ""
+        if caption.startswith(JSON_FIELD_PREFIX) and not caption[len(JSON_FIELD_PREFIX):].strip():
+            raise SpecError("caption_col", "json: names a field of the json sidecar, e.g. json:caption")
         n = self.samples_per_shard
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise SpecError("samples_per_shard", f"{n!r} must be a positive integer")

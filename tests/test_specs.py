@@ -41,6 +41,7 @@ def spec(**overrides) -> JobSpec:
         ({"key_col": 3}, "--key-col"),
         ({"samples_per_shard": 0}, "--samples-per-shard"),
         ({"modality": "video"}, "--modality"),
+        ({"caption_col": "json: "}, "--caption-col"),
         ({"kind": "score", "modality": "image"}, "--modality"),
     ],
 )

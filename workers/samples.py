@@ -40,12 +40,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipbatch.core.manifests import RawStream
+from clipbatch.core.specs import JSON_FIELD_PREFIX
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
 META_EXT = "json"
 TRUNCATED_KEY = "__shard__"
-JSON_FIELD_PREFIX = "json:"  # --caption-col json:FIELD: the caption is a field of the json sidecar
 # Set deliberately: an image whose header claims more pixels is refused before decoding.
 MAX_IMAGE_PIXELS = int(os.environ.get("CLIPBATCH_MAX_IMAGE_PIXELS", 100_000_000))
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
