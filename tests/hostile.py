@@ -68,6 +68,8 @@ def hostile_samples() -> list[tuple[str, dict[str, bytes], str | None]]:
         ("exif_rotated", {"jpg": _exif_rotated(), "txt": cap}, None),
         ("one_pixel", {"png": _encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), "txt": cap}, None),
         ("bomb", {"png": _png_bomb(), "txt": cap}, "image (png) refused: decompression bomb"),
+        # 150 M pixels: past the limit, short of Pillow's own error at twice it (it only warns there)
+        ("bomb_150mpx", {"png": _png_bomb(15000, 10000), "txt": cap}, "image (png) refused: decompression bomb: header"),
         ("no_caption", {"jpg": good_jpeg}, "no caption member"),
         ("caption_no_image", {"txt": cap}, "no image member"),
         ("bad_utf8", {"jpg": good_jpeg, "txt": b"caf\xe9 \xff"}, "caption is not valid UTF-8"),
