@@ -260,13 +260,10 @@ def main(model, pretrained, device, batch_size, input_, shards, samples_per_shar
     if pretrained is None:
         pretrained = str(save_seeded_checkpoint(model, work / f"{model}-seed0.pt", seed=0))
     if modalities:
-        spec = ModelSpec(model, pretrained)
-        found = compare_modalities(spec, work, shards, samples_per_shard, max_side, batch_size, rounds,
-                                   lambda line: print(line, file=sys.stderr))
-        bundle = runtime.model_for(spec)
-        save({"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "machine": machine(bundle), "model": model,
-              "pretrained": pretrained if not pretrained.startswith(str(work)) else "seeded random",
-              "batch_size": batch_size, "rounds": rounds, **found}, out, label or f"{model}-modalities")
+        found = compare_modalities(ModelSpec(model, pretrained), work, shards, samples_per_shard, max_side, batch_size,
+                                   rounds, lambda line: print(line, file=sys.stderr))
+        save({**header(model, pretrained, work, batch_size), "rounds": rounds, **found}, out,
+             label or f"{model}-modalities")
         return
     folder = Path(input_) if input_ else work / "in"
     built = not any(folder.glob("*.tar"))
@@ -304,11 +301,7 @@ def main(model, pretrained, device, batch_size, input_, shards, samples_per_shar
     med = {k: round(statistics.median(v), 2) for k, v in runs.items() if v}
     a, b, c = med["model"], med["decode_threads"], med["task"]
     result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": _commit(),
-        "machine": machine(bundle),
-        "model": model, "pretrained": pretrained if not pretrained.startswith(str(work)) else "seeded random",
-        "image_size": bundle.image_size, "batch_size": batch_size,
+        **header(model, pretrained, work, batch_size),
         "input": {"shards": len(paths), "good_samples": good, "built_from_photos": built,
                   "max_side": max_side if built else None},
         "rounds": rounds,
@@ -324,6 +317,14 @@ def main(model, pretrained, device, batch_size, input_, shards, samples_per_shar
     if queue_overhead_shards:
         result["queue_overhead"] = queue_overhead(spec, work, queue_overhead_shards, device)
     save(result, out, label or model)
+
+
+def header(model: str, pretrained: str, work: Path, batch_size: int) -> dict[str, Any]:
+    """What every result starts with: when, which code, where, which model and batch."""
+    bundle = runtime.model_for(ModelSpec(model, pretrained))
+    return {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "machine": machine(bundle), "model": model,
+            "pretrained": pretrained if not pretrained.startswith(str(work)) else "seeded random",
+            "image_size": bundle.image_size, "batch_size": batch_size}
 
 
 def machine(bundle: ModelBundle) -> dict[str, Any]:
