@@ -79,6 +79,21 @@ def is_finished(storage: Storage, marker: dict[str, Any]) -> bool:
     return not any(storage.exists(layout.staged(marker["attempt"], n)) for n in marker["files"])
 
 
+def committed_twice(markers: dict[int, dict[str, Any]]) -> dict[str, list[int]]:
+    """Inputs committed at more than one index (plans that overlapped), with their indices in order."""
+    by_input: dict[str, list[int]] = {}
+    for index, marker in sorted(markers.items()):
+        by_input.setdefault(marker["input"], []).append(index)
+    return {uri: indices for uri, indices in by_input.items() if len(indices) > 1}
+
+
+def retire(storage: Storage, marker: dict[str, Any]) -> None:
+    """Remove a commit: its files first, then its marker (a crash between leaves a marker whose
+    files are gone, which the next check reports and the next retire finishes)."""
+    _parallel(storage.delete, marker["files"])
+    storage.delete(layout.marker(marker["index"]))
+
+
 def staged_attempts(storage: Storage) -> dict[str, list[tuple[str, float]]]:
     """Every attempt with files under ``_tmp/``: attempt -> [(key, modified)] (one LIST)."""
     found: dict[str, list[tuple[str, float]]] = {}

@@ -83,11 +83,10 @@ def run_shard(
     clock = [time.perf_counter()]
     jobs = job_store()
     status = jobs.get(shard.job_id)
-    if _cancelled(jobs, shard, status):
-        log.info("shard skipped job=%s shard=%d reason=cancelled", shard.job_id, shard.index)
-        return {"outcome": "cancelled"}
-    if status is None:
-        log.warning("job %s has no Redis record; shard %d still commits to storage", shard.job_id, shard.index)
+    stopped = _stopped(status)
+    if stopped:
+        log.info("shard skipped job=%s shard=%d reason=%s", shard.job_id, shard.index, stopped)
+        return {"outcome": stopped}
     storage = open_storage(shard.job.output)
     marker = commit.read_marker(storage, shard.index)
     attempt = result = None
@@ -98,19 +97,19 @@ def run_shard(
             commit.finish(storage, marker)
         outcome = "already_committed"
     else:
-        if status is not None:
-            deliveries = jobs.count_delivery(shard.job_id, shard.index)
-            if deliveries > SETTINGS.max_deliveries:
-                return _give_up(jobs, shard, deliveries)
+        deliveries = jobs.count_delivery(shard.job_id, shard.index)
+        if deliveries > SETTINGS.max_deliveries:
+            return _give_up(jobs, shard, deliveries)
         jobs.set_state(shard.job_id, JobState.RUNNING)
         attempt = uuid.uuid4().hex
         log.info("shard start job=%s shard=%d attempt=%s input=%s", shard.job_id, shard.index, attempt, shard.input)
         clock.append(time.perf_counter())
         result = compute(shard, attempt)
         clock.append(time.perf_counter())
-        if _cancelled(jobs, shard):  # cancelled while computing: its output's lease may be another job's now
-            log.info("shard dropped job=%s shard=%d reason=cancelled", shard.job_id, shard.index)
-            return {"outcome": "cancelled"}
+        stopped = _stopped(jobs.get(shard.job_id))  # while computing: the output may be another job's now
+        if stopped:
+            log.info("shard dropped job=%s shard=%d reason=%s", shard.job_id, shard.index, stopped)
+            return {"outcome": stopped}
         won, marker = commit.commit(storage, shard.index, attempt, result.files, _marker_record(shard, result))
         commit.check_input(marker, shard.index, shard.input)
         outcome = "committed" if won else "lost_race"
@@ -126,9 +125,14 @@ def run_shard(
             "seconds": timings["seconds"]}
 
 
-def _cancelled(jobs: JobStore, shard: ShardSpec, status: dict[str, Any] | None = None) -> bool:
-    status = status if status is not None else jobs.get(shard.job_id)
-    return status is not None and status["state"] == JobState.CANCELLED.value
+def _stopped(status: dict[str, Any] | None) -> str | None:
+    """Why a shard must not run or commit: its job was cancelled, or its record is gone (Redis lost
+    its state, or it expired). Either way its output's lease is free, and a job submitted since
+    may have planned the output anew: a commit now could put an old input version, or an input
+    the new plan placed elsewhere, at this index. A resubmit recomputes what is dropped here."""
+    if status is None:
+        return "job_unknown"
+    return "cancelled" if status["state"] == JobState.CANCELLED.value else None
 
 
 def _marker_record(shard: ShardSpec, result: Any) -> dict[str, Any]:
