@@ -194,3 +194,21 @@ def test_a_folder_of_photos_without_captions(worker, checkpoint, tmp_path):
     assert "problem" not in status
     assert np.load(tmp_path / "out" / "img_emb" / "img_emb_0.npy").shape[0] == 4
     assert not (tmp_path / "out" / "text_emb").exists()
+
+
+def test_the_quick_start_embeds_a_folder_of_photos_with_run(redis_url, checkpoint, tmp_path):
+    # given a folder of photos and no services (README's quick start)
+    (tmp_path / "photos").mkdir()
+    for i, data in enumerate(photos(3, seed=11)):
+        (tmp_path / "photos" / f"IMG_{i:04d}.jpg").write_bytes(data)
+
+    # when embedded image-only on the embedded default
+    result = run_cli("run", "embed", "--input", str(tmp_path / "photos"), "--modality", "image", "--output",
+                     str(tmp_path / "photo-emb"), "--model", "clipbatch-tiny", "--pretrained", str(checkpoint), "--json",
+                     env=service_env(redis_url))
+
+    # then every photo is embedded
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = json.loads(result.stdout)
+    assert (status["state"], status["samples_done"], status["samples_failed"]) == ("succeeded", 3, 0)
+    assert np.load(tmp_path / "photo-emb" / "img_emb" / "img_emb_0.npy").shape[0] == 3
