@@ -147,9 +147,9 @@ def _check_markers(spec: JobSpec, markers: dict[int, dict[str, Any]]) -> set[int
         theirs = marker.get("modality", "pairs")
         if theirs != spec.modality:
             option = "modality" if spec.kind == "embed" else "output"
-            raise SpecError(option, f"{spec.output} holds {MODALITY_WORDS[theirs]} (shard {index}, --modality {theirs});"
-                                     f" this {spec.kind} job makes {MODALITY_WORDS[spec.modality]}: use a separate "
-                                     "output per modality")
+            raise SpecError(option, f"{spec.output} holds {MODALITY_WORDS[theirs]} (shard {index}, --modality "
+                                    f"{theirs}); this {spec.kind} job makes {MODALITY_WORDS[spec.modality]}: use a "
+                                    "separate output per modality")
         raise SpecError(
             "output",
             f"{spec.output} holds results of another model (shard {index}: {marker.get('model')}, "

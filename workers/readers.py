@@ -7,7 +7,8 @@ caption is empty, becomes a RawSample carrying the reason, and the shard still c
 anything else one row makes its conversion raise. What a row must have follows the job's
 modality: a text-only job never reads (or fetches) an image, an image-only job needs no caption.
 The member caps of workers/samples.py hold here too: an image, caption or json over its cap is
-an error row, and a file or URI is read no further than its cap allows. A manifest range is read up to its last row and no further.
+an error row, and a file or URI is read no further than its cap allows. A manifest range is read
+up to its last row and no further.
 Planning (core/inputs.py) and reading compute a ranged shard's size/ETag with the
 same functions, so the commit marker records exactly what was read.
 """
@@ -27,8 +28,8 @@ from clipbatch.core.inputs import (DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE
 from clipbatch.core.manifests import BAD_ROW, iter_manifest, manifest_is_csv, rows_info
 from clipbatch.core.storage import ObjectInfo, Storage, join, open_storage, split
 from clipbatch.core.specs import JobSpec
-from clipbatch.workers.samples import (CAPTION_EXT, META_EXT, Members, RawSample, describe, iter_raw_samples, member_cap,
-                                      over_cap)
+from clipbatch.workers.samples import (CAPTION_EXT, META_EXT, Members, RawSample, describe, iter_raw_samples,
+                                      member_cap, over_cap)
 
 # Images named by path/URI are fetched this many at a time, in order (S3 latency hides behind threads).
 FETCH_THREADS = 16
