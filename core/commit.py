@@ -24,14 +24,22 @@ class CommitError(RuntimeError):
 
 
 class IndexConflict(CommitError):
-    """The shard's index holds another input's commit: two plans disagreed (never skip on it)."""
+    """The shard's index holds another input's commit, or another version of this input's: two plans
+    disagreed, or a stale attempt committed after a replan (never count it as this job's)."""
 
 
-def check_input(marker: dict[str, Any], index: int, input_uri: str) -> None:
-    """A marker found at ``index`` must be for ``input_uri``; counting another input's commit loses a shard."""
+def check_input(marker: dict[str, Any], index: int, input_uri: str, versions: tuple[str | None, ...] = ()) -> None:
+    """A marker found at ``index`` must be for ``input_uri`` and, when ``versions`` are given, of one
+    of them (the version the plan saw, or the one this attempt read): counting another input's or
+    another version's commit loses samples. A resubmit replans the index from the input as it is."""
     if marker.get("input") != input_uri:
         raise IndexConflict(f"shard {index} of the output holds {marker.get('input')!r}, not {input_uri!r} "
                             "(two jobs planned this output at once); resubmit: the plan gives each input its index")
+    known = [v for v in versions if v]
+    if known and marker.get("input_etag") not in known:
+        raise IndexConflict(f"shard {index} of the output holds version {marker.get('input_etag')!r} of "
+                            f"{input_uri!r}, not the planned {known[0]!r} (a stale attempt committed after a replan); "
+                            "resubmit: the plan supersedes it")
 
 
 def read_marker(storage: Storage, index: int) -> dict[str, Any] | None:

@@ -286,10 +286,15 @@ class ShardSpec:
     index: int
     input: str
     job: JobSpec | TrainShardsSpec | FinetuneSpec
+    # The input's version (ETag or range digest) the plan saw; a commit found at the index must
+    # be of it. None where the plan has no versions (training shards, fine-tune steps).
+    input_etag: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "index": self.index, "input": self.input, "job": self.job.to_dict()}
+        return {"job_id": self.job_id, "index": self.index, "input": self.input, "job": self.job.to_dict(),
+                "input_etag": self.input_etag}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardSpec:
-        return cls(data["job_id"], int(data["index"]), data["input"], job_from_dict(data["job"]))
+        return cls(data["job_id"], int(data["index"]), data["input"], job_from_dict(data["job"]),
+                   data.get("input_etag"))

@@ -95,7 +95,7 @@ class Client:
         self.ping()
         with self._leased(absolute(spec.output)) as job_id:
             planned = plan(spec)
-            messages = [(i, planned.shards[i]) for i in planned.todo]
+            messages = [(i, planned.shards[i], planned.versions.get(i)) for i in planned.todo]
             return self._launch(job_id, planned.spec, EMBED_SHARD, len(planned.shards), planned.committed,
                                 messages, len(planned.rescored))
 
@@ -147,7 +147,7 @@ class Client:
         self.leases.hold(output)
 
     def _launch(self, job_id: str, spec: JobSpec | TrainShardsSpec | FinetuneSpec, task: str, total: int,
-                committed: dict[int, dict[str, Any]], messages: list[tuple[int, str]], rescored: int = 0) -> Job:
+                committed: dict[int, dict[str, Any]], messages: list[tuple], rescored: int = 0) -> Job:
         """Write the job record, then one message per (index, input).
 
         A job with nothing to run gets one finalise message instead: a worker ends it (writes
@@ -155,8 +155,8 @@ class Client:
         """
         self.jobs.create(job_id, spec.to_dict(), total, committed, rescored)
         with self.app.producer_or_acquire() as producer:
-            for index, uri in messages:
-                message = ShardSpec(job_id, index, uri, spec).to_dict()
+            for index, uri, *version in messages:
+                message = ShardSpec(job_id, index, uri, spec, *version).to_dict()
                 self.app.send_task(task, args=[message], queue=spec.queue, producer=producer)
             if not messages:
                 self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue, producer=producer)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class Plan:
     committed: dict[int, dict[str, Any]]  # index -> marker, for shards with nothing to do
     todo: list[int]  # indices to enqueue
     rescored: list[int]  # indices whose input changed since their commit (their markers were dropped)
+    versions: dict[int, str] = field(default_factory=dict)  # index -> the input's ETag the plan saw
 
 
 def absolute(uri: str) -> str:
@@ -170,15 +171,15 @@ def plan(spec: JobSpec) -> Plan:
     markers = commit.list_markers(storage)
     empty_elsewhere = _check_markers(spec, markers)
     unfinished = commit.unfinished(markers, commit.staged_attempts(storage))
+    for indices in commit.committed_twice(markers).values():  # left by overlapping plans: keep the first
+        for index in indices[1:]:
+            commit.retire(storage, markers.pop(index))
     superseded = _superseded(storage)
     by_input = {m["input"]: (i, None) for i, m in superseded.items() if i not in markers}
     by_input.update({m["input"]: (i, m) for i, m in markers.items()})
-    if len(by_input) < len(markers) + len({i for i in superseded if i not in markers}):
-        twice = sorted(i for i, m in markers.items() if by_input[m["input"]][0] != i)
-        raise SpecError("output", f"{spec.output} holds one input at two shard indices ({twice}), left by "
-                                  "overlapping jobs of an older clipbatch; delete those markers and their files")
     taken = {i for i, _ in by_input.values()}
     shards: dict[int, str] = {}
+    versions: dict[int, str] = {}
     committed: dict[int, dict[str, Any]] = {}
     todo: list[int] = []
     rescored: list[int] = []
@@ -203,4 +204,5 @@ def plan(spec: JobSpec) -> Plan:
             todo.append(index)
         taken.add(index)
         shards[index] = shard.uri
-    return Plan(spec, shards, committed, todo, rescored)
+        versions[index] = shard.etag
+    return Plan(spec, shards, committed, todo, rescored, versions)

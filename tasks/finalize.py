@@ -73,6 +73,9 @@ def _incomplete(jobs: JobStore, job_id: str, storage: Storage, markers: dict[int
     problems = {i: "counted as committed, but storage holds no marker" for i in sorted(done - set(markers))}
     for index, names in commit.missing_files(storage, markers).items():
         problems[index] = f"committed, but files are missing: {', '.join(names)}"
+    for uri, indices in commit.committed_twice(markers).items():
+        for index in indices[1:]:
+            problems[index] = f"{uri} is committed at shard {indices[0]} too (a resubmit keeps one)"
     return problems
 
 

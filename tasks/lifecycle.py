@@ -92,7 +92,7 @@ def run_shard(
     attempt = result = None
     if marker is not None:
         clock += [time.perf_counter()] * 2
-        commit.check_input(marker, shard.index, shard.input)
+        commit.check_input(marker, shard.index, shard.input, (shard.input_etag,))
         if not commit.is_finished(storage, marker):
             commit.finish(storage, marker)
         outcome = "already_committed"
@@ -111,7 +111,7 @@ def run_shard(
             log.info("shard dropped job=%s shard=%d reason=%s", shard.job_id, shard.index, stopped)
             return {"outcome": stopped}
         won, marker = commit.commit(storage, shard.index, attempt, result.files, _marker_record(shard, result))
-        commit.check_input(marker, shard.index, shard.input)
+        commit.check_input(marker, shard.index, shard.input, (shard.input_etag, result.input_etag))
         outcome = "committed" if won else "lost_race"
     clock.append(time.perf_counter())
     timings = _timings(*clock)

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import redis
 
 from clipbatch.core import commit, layout
 from clipbatch.core.storage import open_storage
@@ -129,7 +130,8 @@ def test_a_rerun_that_writes_less_leaves_no_stale_files(setup, checkpoint, start
 
     # when: the input changes so that every sample is now an error, and the job is rerun
     keys = {"a": shard(inputs, "a", 0, 1, corrupt=3)}
-    assert wait_json(env, submit(env, inputs, out, checkpoint, queue).stdout.strip())["state"] == "succeeded"
+    rerun = wait_json(env, submit(env, inputs, out, checkpoint, queue).stdout.strip())
+    assert rerun["state"] == "failed" and "0 of 3 embedded" in rerun["problem"]  # it embedded nothing
 
     # then: the old embeddings and metadata are gone; the errors file holds the new samples
     assert not (out / "img_emb" / "img_emb_0.npy").exists() and not (out / "metadata" / "metadata_0.parquet").exists()
@@ -201,3 +203,31 @@ def test_a_store_that_ignores_conditional_writes_is_refused_at_submit(redis_url,
     # then: refused, naming --output and why
     assert result.returncode == 2 and "--output:" in result.stderr and "conditional writes" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_stale_attempts_commit_is_never_counted_and_a_resubmit_replaces_it(setup, redis_url, checkpoint,
+                                                                              start_worker):
+    # given: a queued job, then a commit of an older version of its input at its index (an attempt of
+    # a job whose Redis record was lost, committing after this job's plan superseded it)
+    inputs, out, queue, env = setup
+    keys = {"a": shard(inputs, "a", 2, 1)}
+    job = submit(env, inputs, out, checkpoint, queue).stdout.strip()
+    spec = json.loads(redis.Redis.from_url(redis_url).hget(f"clipbatch:job:{job}", "spec"))
+    stale = {"index": 0, "attempt": "stale", "input": str(inputs / "a.tar"), "input_etag": "an-old-version",
+             "input_size": 1, "files": [], "samples_ok": 0, "samples_failed": 0, "kind": "embed",
+             "fingerprint": spec["fingerprint"], "model": spec["model"]}
+    open_storage(str(out)).write(layout.marker(0), json.dumps(stale).encode())
+
+    # when: a worker runs the job
+    start_worker(queue, env)
+    status = wait_json(env, job)
+
+    # then: the job fails naming the stale version, instead of counting samples it never wrote
+    assert status["state"] == "failed" and "an-old-version" in status["failures"]["0"]
+
+    # when: it is resubmitted
+    again = wait_json(env, submit(env, inputs, out, checkpoint, queue).stdout.strip())
+
+    # then: the plan superseded the stale commit and the output holds the input as it is
+    assert again["state"] == "succeeded"
+    check_output(str(out), uris(inputs, keys))
