@@ -30,7 +30,7 @@ from clipbatch.core.specs import DEFAULT_SAMPLES_PER_INPUT_SHARD, JobSpec, SpecE
 TAR_SUFFIX = ".tar"
 PARQUET_SUFFIX = ".parquet"
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the same order as workers/samples.py
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image extensions, in the order a sample's member is picked
 CAPTION_EXT = "txt"
 DEFAULT_IMAGE_COL = "image"
 DEFAULT_CAPTION_COL = "caption"

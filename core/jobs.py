@@ -200,6 +200,10 @@ class JobStore:
         """Move a job that is not finished yet; 'running' only from 'queued'."""
         return bool(self._state(keys=[keys.job(job_id)], args=[state.value, time.time()]))
 
+    def done_indices(self, job_id: str) -> set[int]:
+        """The shard indices counted as committed."""
+        return {int(i) for i in self.r.smembers(keys.job_done(job_id))}
+
     def claim_finalize(self, job_id: str, lease_s: int) -> bool:
         """Claim the right to finalise the job for ``lease_s`` seconds; False while another holds it."""
         return bool(self.r.set(keys.job_finalizing(job_id), "1", nx=True, ex=lease_s))

@@ -22,6 +22,10 @@ LOSS_PNG = f"{REPORT_DIR}/loss.png"
 SIZES = "sizes.json"
 SELECTION_STATS = "stats.json"
 FINAL_CHECKPOINT = "checkpoints/final.pt"
+PROBE_DIR = "_probe"  # submit's writability and conditional-put probes
+SUPERSEDED_DIR = "_superseded"  # markers of shards being rescored, so their index survives a crash mid-plan
+SELECTION_DIR = "_selection"  # a training-shards job's plan and its per-shard selections
+SELECTION_PLAN = f"{SELECTION_DIR}/plan.json"
 
 
 def marker(index: int) -> str:
@@ -52,6 +56,14 @@ def embed_files(index: int) -> dict[str, str]:
 
 def stats(index: int) -> str:
     return f"stats/{index}.json"
+
+
+def superseded(index: int) -> str:
+    return f"{SUPERSEDED_DIR}/{index:05d}.json"
+
+
+def selection(index: int) -> str:
+    return f"{SELECTION_DIR}/{index:05d}.parquet"
 
 
 def training_shard(index: int) -> str:

@@ -24,8 +24,6 @@ from clipbatch.core.scores import merge, quantile
 from clipbatch.core.storage import Storage, join, open_storage
 from clipbatch.core.specs import SpecError, TrainShardsSpec
 
-SELECTION_DIR = "_selection"
-PLAN_FILE = f"{SELECTION_DIR}/plan.json"
 DEDUP_BLOCK = 4096
 
 
@@ -33,10 +31,6 @@ DEDUP_BLOCK = 4096
 class TrainPlan:
     selections: list[str]  # URI of each output shard's selection file
     summary: dict[str, Any]
-
-
-def selection_key(index: int) -> str:
-    return f"{SELECTION_DIR}/{index:05d}.parquet"
 
 
 def _scored_rows(source: Storage, markers: dict[int, dict]) -> pa.Table:
@@ -121,15 +115,15 @@ def plan_train_shards(spec: TrainShardsSpec, output: Storage) -> TrainPlan:
     for j, start in enumerate(starts):
         buf = io.BytesIO()
         pq.write_table(table.slice(start, spec.samples_per_shard), buf)
-        output.write(selection_key(j), buf.getvalue())
-        selections.append(join(output.uri, selection_key(j)))
-    output.write(PLAN_FILE, json.dumps(summary, indent=2, sort_keys=True).encode())
+        output.write(layout.selection(j), buf.getvalue())
+        selections.append(join(output.uri, layout.selection(j)))
+    output.write(layout.SELECTION_PLAN, json.dumps(summary, indent=2, sort_keys=True).encode())
     return TrainPlan(selections, summary)
 
 
 def _check_same_plan(output: Storage, summary: dict[str, Any]) -> None:
     try:
-        previous = json.loads(output.read(PLAN_FILE))
+        previous = json.loads(output.read(layout.SELECTION_PLAN))
     except FileNotFoundError:
         return
     if previous != summary and commit.list_markers(output):
@@ -138,7 +132,7 @@ def _check_same_plan(output: Storage, summary: dict[str, Any]) -> None:
 
 def finish_train_shards(output: Storage) -> None:
     """At the end of the job: ``sizes.json`` (what open_clip reads) and ``stats.json``."""
-    summary = json.loads(output.read(PLAN_FILE))
+    summary = json.loads(output.read(layout.SELECTION_PLAN))
     output.write(layout.SIZES, json.dumps(summary["sizes"], indent=2, sort_keys=True).encode())
     stats = {k: v for k, v in summary.items() if k != "sizes"}
     output.write(layout.SELECTION_STATS, json.dumps(stats, indent=2, sort_keys=True).encode())

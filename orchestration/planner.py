@@ -23,12 +23,9 @@ from clipbatch.orchestration.models import check_model, fingerprint
 from clipbatch.core.storage import FILE_SCHEME, Storage, StorageError, is_s3, open_storage
 from clipbatch.core.specs import JobSpec, ModelSpec, SpecError
 
-PROBE_DIR = "_probe"
 EMBED_KINDS = ("embed", "score")  # one output may take both: the same files, scores always written
 MODALITY_WORDS = {"pairs": "pair embeddings and scores", "image": "image-only embeddings",
                   "text": "text-only embeddings"}
-# Markers of shards being rescored move here first, so their index survives a crash mid-plan.
-SUPERSEDED_DIR = "_superseded"
 
 
 @dataclass
@@ -90,7 +87,7 @@ def _check_checkpoint_bytes(path: str) -> None:
 def _writable(spec: JobSpec) -> Storage:
     try:
         storage = open_storage(spec.output)
-        probe = f"{PROBE_DIR}/{uuid.uuid4().hex}"
+        probe = f"{layout.PROBE_DIR}/{uuid.uuid4().hex}"
         storage.write(probe, b"")
         storage.delete(probe)
         honoured = commit.honours_conditional_puts(storage, probe)
@@ -120,7 +117,7 @@ def own_markers(storage: Storage, kind: str, inputs: list[str]) -> dict[int, dic
 
 def _superseded(storage: Storage) -> dict[int, dict[str, Any]]:
     found = {}
-    for key in storage.list(SUPERSEDED_DIR + "/"):
+    for key in storage.list(layout.SUPERSEDED_DIR + "/"):
         found[int(key.rsplit("/", 1)[1].split(".")[0])] = json.loads(storage.read(key))
     return found
 
@@ -195,7 +192,7 @@ def plan(spec: JobSpec) -> Plan:
                     committed[index] = marker
             else:
                 if marker is not None:
-                    storage.write(f"{SUPERSEDED_DIR}/{index:05d}.json", json.dumps(marker).encode())
+                    storage.write(layout.superseded(index), json.dumps(marker).encode())
                     storage.delete(layout.marker(index))
                 rescored.append(index)
                 todo.append(index)

@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any
 
-from clipbatch.core import commit, keys, layout
+from clipbatch.core import commit, layout
 from clipbatch.core.broker import FINALIZE_JOB
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.keys import JobState
@@ -69,7 +69,7 @@ def _incomplete(jobs: JobStore, job_id: str, storage: Storage, markers: dict[int
     and markers whose files are not all in place. A job with any of these has not succeeded."""
     if kind == "finetune":  # a chain: each step resumes from the last one's checkpoint, checked then
         return {}
-    done = {int(i) for i in jobs.r.smembers(keys.job_done(job_id))}
+    done = jobs.done_indices(job_id)
     problems = {i: "counted as committed, but storage holds no marker" for i in sorted(done - set(markers))}
     for index, names in commit.missing_files(storage, markers).items():
         problems[index] = f"committed, but files are missing: {', '.join(names)}"

@@ -39,11 +39,10 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from clipbatch.core.inputs import CAPTION_EXT, IMAGE_EXTS
 from clipbatch.core.manifests import RawStream
 from clipbatch.core.specs import JSON_FIELD_PREFIX
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-CAPTION_EXT = "txt"
 META_EXT = "json"
 TRUNCATED_KEY = "__shard__"
 # Set deliberately: an image whose header claims more pixels is refused before decoding.
