@@ -87,10 +87,8 @@ def _check_checkpoint_bytes(path: str) -> None:
 def _writable(spec: JobSpec) -> Storage:
     try:
         storage = open_storage(spec.output)
-        probe = f"{layout.PROBE_DIR}/{uuid.uuid4().hex}"
-        storage.write(probe, b"")
-        storage.delete(probe)
-        honoured = commit.honours_conditional_puts(storage, probe)
+        # two exclusive creates of one key: the first proves the output writable, the second must be refused
+        honoured = commit.honours_conditional_puts(storage, f"{layout.PROBE_DIR}/{uuid.uuid4().hex}")
     except (StorageError, OSError) as exc:
         raise SpecError("output", f"{spec.output!r} is not writable: {exc}") from None
     if not honoured:
