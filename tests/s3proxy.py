@@ -1,22 +1,39 @@
 """A fault-injecting HTTP proxy for an S3 endpoint: a fraction of requests get 500 / 503
 SlowDown or a dropped connection, half of them after the real request already landed; named
-request headers can be dropped (a store that ignores If-None-Match, say)."""
+request headers can be dropped (a store that ignores If-None-Match, say). With fault_rate=0 it
+is a request counter: ``counts`` tallies every request by kind (GET, HEAD, LIST, PUT, COPY,
+DELETE, POST); ``writes()`` sums the kinds that change the store; ``reset()`` starts over."""
 from __future__ import annotations
 
 import http.client
 import random
 import threading
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
 INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
             b"<Message>We encountered an internal error. Please try again.</Message></Error>")
+WRITE_KINDS = ("PUT", "COPY", "DELETE", "POST")
 _HOP = ("connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade")
 
 
+def request_kind(method: str, path: str, headers) -> str:
+    """The S3 operation a request is: LIST for a bucket-level GET, COPY for a PUT with a copy
+    source, else the HTTP method (POST covers multi-object delete and multipart calls)."""
+    if method == "PUT" and headers.get("x-amz-copy-source"):
+        return "COPY"
+    if method == "GET":
+        bucket_path = path.split("?", 1)[0].strip("/")
+        if "/" not in bucket_path or "list-type=" in path:
+            return "LIST"
+    return method
+
+
 class FaultyS3Proxy:
-    """Forwards to ``upstream`` (host, port); counts the faults it injected."""
+    """Forwards to ``upstream`` (host, port); counts the faults it injected and every request
+    by kind (``counts``)."""
 
     def __init__(self, upstream: tuple[str, int], fault_rate: float, seed: int = 0,
                  drop_headers: tuple[str, ...] = ()) -> None:
@@ -24,6 +41,7 @@ class FaultyS3Proxy:
         self.rng, self.lock = random.Random(seed), threading.Lock()
         self.faults = {"500": 0, "503": 0, "drop": 0, "after_landing": 0}
         self.requests = 0
+        self.counts: Counter[str] = Counter()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,7 +64,7 @@ class FaultyS3Proxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                fault, after = proxy._draw()
+                fault, after = proxy._draw(request_kind(self.command, self.path, self.headers))
                 if fault and not after:
                     return self._fail(fault)
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
@@ -89,9 +107,10 @@ class FaultyS3Proxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def _draw(self) -> tuple[str | None, bool]:
+    def _draw(self, kind: str) -> tuple[str | None, bool]:
         with self.lock:
             self.requests += 1
+            self.counts[kind] += 1
             if self.rng.random() >= self.fault_rate:
                 return None, False
             fault = self.rng.choice(["500", "503", "drop"])
@@ -99,6 +118,22 @@ class FaultyS3Proxy:
             self.faults[fault] += 1
             self.faults["after_landing"] += after
             return fault, after
+
+    def writes(self) -> int:
+        """Requests that change the store: PUT, COPY, DELETE and POST."""
+        with self.lock:
+            return sum(self.counts[k] for k in WRITE_KINDS)
+
+    def snapshot(self) -> Counter[str]:
+        """A copy of the counts by kind, safe to keep while requests go on."""
+        with self.lock:
+            return Counter(self.counts)
+
+    def reset(self) -> None:
+        """Zero the request counts (``requests`` and ``counts``); fault tallies stay."""
+        with self.lock:
+            self.requests = 0
+            self.counts.clear()
 
     def __enter__(self) -> FaultyS3Proxy:
         self.thread.start()
