@@ -82,8 +82,10 @@ def test_parquet_bytes_column_in_row_group_ranges(tmp_path):
     assert [s.uri for s in plan(str(tmp_path / "data.parquet"))[1]] == [str(tmp_path / "data.parquet")]
 
 
-def test_parquet_in_s3_with_relative_local_and_s3_paths(bucket, tmp_path):
-    # given: a parquet file in S3 naming images relative to it, by s3:// URI, by local path, and a missing one
+def test_parquet_in_s3_with_relative_local_and_s3_paths(bucket, tmp_path, monkeypatch):
+    # given: a parquet file in S3 naming images relative to it, by s3:// URI, by local path, and a missing one,
+    # with the operator allowing the other prefix and the local folder as extra input roots
+    monkeypatch.setenv("CLIPBATCH_INPUT_ROOTS", f"s3://{bucket}/elsewhere/,{tmp_path}")
     s3 = boto3.client("s3")
     images = photos(3)
     s3.put_object(Bucket=bucket, Key="p/imgs/0.jpg", Body=images[0])
@@ -103,7 +105,8 @@ def test_parquet_in_s3_with_relative_local_and_s3_paths(bucket, tmp_path):
     assert [s.uri for s in shards] == [f"s3://{bucket}/p/data.parquet"]
     assert errors["k0"] is None and errors["k1"] is None and errors["k2"] is None
     assert errors["k3"].startswith(f"image unreadable: s3://{bucket}/p/imgs/gone.jpg: FileNotFoundError")
-    assert errors["k4"].startswith("image unreadable: https://example.com/x.jpg: StorageError")
+    assert errors["k4"] == "input refused: 'https://example.com/x.jpg' has an unsupported scheme " \
+        "(use a path relative to the input, or s3://)"
 
 
 def test_folder_and_manifest_in_s3(bucket):

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import PurePosixPath
 from typing import Any, Callable, ContextManager, Iterable, Iterator
 
-from clipbatch.core.inputs import (DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE_EXTS, FolderSample, files_info,
-                                  folder_samples, open_seekable, parse_range)
+from clipbatch.core.inputs import (DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE_EXTS, FolderSample, InputRefused,
+                                  confine, files_info, folder_samples, open_confined, open_seekable, parse_range)
 from clipbatch.core.manifests import BAD_ROW, iter_manifest, manifest_is_csv, rows_info
-from clipbatch.core.storage import ObjectInfo, Storage, join, open_storage, split
+from clipbatch.core.storage import ObjectInfo, Storage, is_s3, join, open_storage, split
 from clipbatch.core.specs import JobSpec
 from clipbatch.workers.samples import (CAPTION_EXT, META_EXT, Members, RawSample, describe, iter_raw_samples,
                                       member_cap, over_cap)
@@ -157,7 +156,9 @@ def _folder(uri: str, job: JobSpec) -> Source:
             if too_large:
                 return RawSample(sample.key, error=too_large)
             try:
-                members[ext] = read_capped(storage, rel, ext)
+                members[ext] = read_capped(storage, rel, ext, root=storage.uri)
+            except InputRefused as exc:
+                return RawSample(sample.key, error=f"input refused: {rel!r} {exc}")
             except MemberTooLarge as exc:  # grown since planning
                 return RawSample(sample.key, error=str(exc))
             except Exception as exc:  # gone since planning, unreadable: this sample's error only
@@ -223,9 +224,11 @@ def _row_sample(key: str, row: dict[str, Any], cols: Columns, base_dir: str) -> 
 def _row_image(image: Any, cols: Columns, base_dir: str) -> tuple[str, bytes] | str:
     """(extension, bytes) of a row's image, given or read from its path/URI; or the reason it cannot be had."""
     if isinstance(image, str):
-        uri = resolve(image, base_dir)
         try:
-            data = read_uri(uri)
+            uri, root = confine(image, base_dir)
+            data = read_uri(uri, root)
+        except InputRefused as exc:  # the rule broken, with the row's own value, not where a link leads
+            return f"input refused: {image!r} {exc}"
         except MemberTooLarge as exc:
             return str(exc)
         except Exception as exc:  # missing file, no such key, no access: this sample's error only
@@ -238,31 +241,26 @@ def _row_image(image: Any, cols: Columns, base_dir: str) -> tuple[str, bytes] | 
     return (ext if ext in IMAGE_EXTS else sniff_ext(data)), data
 
 
-def resolve(path: str, base_dir: str) -> str:
-    """An image path of a row: s3:// and absolute paths as they are, relative ones under ``base_dir``."""
-    if "://" in path or os.path.isabs(path):
-        return path  # a scheme other than s3:// or file:// is refused per sample by open_storage
-    return join(base_dir, path)
-
-
-def read_uri(uri: str) -> bytes:
-    """An image named by a row, read no further than the member cap (ValueError past it)."""
+def read_uri(uri: str, root: str) -> bytes:
+    """An image named by a row (confined under ``root``), read no further than the member cap."""
     parent, name = split(uri)
-    return read_capped(open_storage(parent), name, uri.rpartition(".")[2].lower())
+    return read_capped(open_storage(parent), name, uri.rpartition(".")[2].lower(), root=root)
 
 
 class MemberTooLarge(ValueError):
     """A file over its member cap; its message is the sample's error reason."""
 
 
-def read_capped(storage: Storage, name: str, ext: str) -> bytes:
+def read_capped(storage: Storage, name: str, ext: str, root: str) -> bytes:
     """A file's bytes, read in chunks to at most one byte past the cap for ``ext`` (MemberTooLarge past it).
 
+    A local file is opened confined under ``root`` (open_confined: no symlink out, regular files only).
     Chunks, not one ``read(cap + 1)``: a file object allocates the whole size asked for up front.
     """
     var, cap = member_cap(ext)
     chunks, total = [], 0
-    with storage.open_read(name) as stream:
+    local = not is_s3(storage.uri)
+    with (open_confined(join(storage.uri, name), root) if local else storage.open_read(name)) as stream:
         while chunk := stream.read(min(READ_CHUNK, cap + 1 - total)):
             chunks.append(chunk)
             total += len(chunk)
