@@ -49,6 +49,7 @@ _REASON_PATTERNS = (
     ("image_column_invalid", re.compile(r"column .* holds\b")),
     ("member_too_large", re.compile(r"member too large\b")),
     ("sample_undecodable", re.compile(r"sample undecodable\b")),
+    ("input_refused", re.compile(r"input refused\b")),
 )
 REASON_CATEGORIES = tuple(name for name, _ in _REASON_PATTERNS) + (UNRECORDED_REASON, OTHER_REASON)
 

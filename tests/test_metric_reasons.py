@@ -31,6 +31,7 @@ KNOWN = {
     "column 'image' holds int, not image bytes or a path": "image_column_invalid",
     "member too large": "member_too_large",
     "sample undecodable": "sample_undecodable",
+    "input refused": "input_refused",
     UNRECORDED_REASON: UNRECORDED_REASON,
 }
 HOSTILE = ["image (x\u202e\u0000) undecodable weird", "manifest line 99999999999 is", "manifest line x", "", ":" * 50, "z" * 5000,
