@@ -5,6 +5,9 @@ An embed/score output (what embedding-reader and autofaiss read)::
     img_emb/img_emb_{i}.npy  text_emb/text_emb_{i}.npy  metadata/metadata_{i}.parquet
     errors/errors_{i}.parquet  stats/{i}.json  _commits/{i:05d}.json  _job.json  report/...
 
+``{i:05d}`` pads to five digits and grows past them (``_commits/123456.json``); whatever reads
+these names parses the digits (``marker_index``) and orders by number, never by the name.
+
 A training-shards output: ``{j:05d}.tar``, ``sizes.json``, ``stats.json``. A fine-tune output:
 ``checkpoints/step_{k:05d}.pt``, ``checkpoints/final.pt``, ``metrics/step_{k:05d}.json``.
 Attempts stage their files under ``_tmp/{attempt}/`` until their marker wins (core/commit.py).
@@ -26,6 +29,7 @@ PROBE_DIR = "_probe"  # submit's writability and conditional-put probes
 SUPERSEDED_DIR = "_superseded"  # markers of shards being rescored, so their index survives a crash mid-plan
 SELECTION_DIR = "_selection"  # a training-shards job's plan and its per-shard selections
 SELECTION_PLAN = f"{SELECTION_DIR}/plan.json"
+MARKER_INDEX = "_index/markers.jsonl.gz"  # a checked cache of the markers, so a plan need not read each (core/index.py)
 
 
 def marker(index: int) -> str:
@@ -34,9 +38,20 @@ def marker(index: int) -> str:
 
 def marker_index(key: str) -> int | None:
     """The shard index a marker key names, or None for a key that is not a marker."""
+    return _index_in(MARKER_DIR, key)
+
+
+def superseded_index(key: str) -> int | None:
+    """The shard index a superseded marker's key names, or None for any other key."""
+    return _index_in(SUPERSEDED_DIR, key)
+
+
+def _index_in(folder: str, key: str) -> int | None:
+    """``{folder}/{i}.json`` -> i, for any number of digits (five or more as written: past 99,999 too)."""
     name = key.rsplit("/", 1)[-1]
     stem = name.removesuffix(".json")
-    return int(stem) if key.startswith(MARKER_DIR + "/") and name.endswith(".json") and stem.isdigit() else None
+    return int(stem) if key.startswith(folder + "/") and name.endswith(".json") and stem.isascii() \
+        and stem.isdigit() else None
 
 
 def staged(attempt: str, name: str) -> str:

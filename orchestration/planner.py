@@ -7,6 +7,9 @@ index is free, else the next index past the end. On a fresh output index ``i`` i
 commit (size or ETag) is planned again; an output holding another model's results, or another
 modality's (pairs, image-only, text-only), is refused. A shard of another model or modality that
 embedded nothing (every sample an error row) holds no results to mix with: it is planned again.
+
+The output's markers are read through their index (core/index.py): a plan over C committed and D
+new or changed shards costs a few requests, the LISTs' pages and O(D) GETs, not a GET per marker.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from clipbatch.core import commit, layout
+from clipbatch.core.index import refresh as indexed_markers
 from clipbatch.core.inputs import InputError, plan_inputs
 from clipbatch.orchestration.models import check_model, fingerprint
 from clipbatch.core.storage import FILE_SCHEME, Storage, StorageError, is_s3, open_storage
@@ -104,7 +108,7 @@ def own_markers(storage: Storage, kind: str, inputs: list[str]) -> dict[int, dic
     An output that holds another kind of job's results, or another plan's, is refused: counting
     those markers as this job's would report shards done that this job never wrote.
     """
-    markers = commit.list_markers(storage)
+    markers = indexed_markers(storage)  # under the output's lease: the index may be written
     for index, marker in sorted(markers.items()):
         theirs = marker.get("kind", kind)  # markers written before kinds were recorded
         if theirs != kind or index >= len(inputs) or marker.get("input") != inputs[index]:
@@ -113,10 +117,14 @@ def own_markers(storage: Storage, kind: str, inputs: list[str]) -> dict[int, dic
     return markers
 
 
-def _superseded(storage: Storage) -> dict[int, dict[str, Any]]:
+def _superseded(storage: Storage, markers: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The superseded markers of indices that hold no marker now (a plan that rescored them crashed
+    before their new commit): one LIST, and a GET only for those, not for every shard ever rescored."""
     found = {}
     for key in storage.list(layout.SUPERSEDED_DIR + "/"):
-        found[int(key.rsplit("/", 1)[1].split(".")[0])] = json.loads(storage.read(key))
+        i = layout.superseded_index(key)
+        if i is not None and i not in markers:
+            found[i] = json.loads(storage.read(key))
     return found
 
 
@@ -163,13 +171,13 @@ def plan(spec: JobSpec) -> Plan:
         raise SpecError("input", str(exc)) from None
     spec = replace(spec, input_format=input_format)  # workers get the resolved format
     storage = _writable(spec)
-    markers = commit.list_markers(storage)
+    markers = indexed_markers(storage)  # under the output's lease: the index may be written
     empty_elsewhere = _check_markers(spec, markers)
     unfinished = commit.unfinished(markers, commit.staged_attempts(storage))
     for indices in commit.committed_twice(markers).values():  # left by overlapping plans: keep the first
         for index in indices[1:]:
             commit.retire(storage, markers.pop(index))
-    superseded = _superseded(storage)
+    superseded = _superseded(storage, markers)
     by_input = {m["input"]: (i, None) for i, m in superseded.items() if i not in markers}
     by_input.update({m["input"]: (i, m) for i, m in markers.items()})
     taken = {i for i, _ in by_input.values()}
