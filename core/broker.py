@@ -6,9 +6,14 @@ flight per process. Nothing here imports a task, so publishing needs neither tor
 """
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any
 
-from clipbatch.core.config import DEFAULT_QUEUE, Settings
+from celery import Celery
+from celery.app.amqp import AMQP
+from celery.signals import after_setup_logger
+from celery.utils.saferepr import saferepr
+
+from clipbatch.core.config import DEFAULT_QUEUE, RedactingFilter, Settings, redact
 
 EMBED_SHARD = "clipbatch.embed_shard"
 TRAIN_SHARD = "clipbatch.write_train_shard"
@@ -16,10 +21,31 @@ FINETUNE_STEP = "clipbatch.finetune_step"
 FINALIZE_JOB = "clipbatch.finalize_job"
 
 
+class RedactingAMQP(AMQP):
+    """Messages whose ``argsrepr``/``kwargsrepr`` (what Flower, events and logs show of a task's
+    arguments) have URL passwords and credential query parameters masked; the body is unchanged."""
+
+    def as_task_v2(self, task_id: str, name: str, args: Any = None, kwargs: Any = None, *rest: Any,
+                   argsrepr: str | None = None, kwargsrepr: str | None = None, **options: Any) -> Any:
+        levels = self.app.conf.task_repr_maxlevels
+        argsrepr = redact(argsrepr if argsrepr is not None else saferepr(args, self.argsrepr_maxsize, maxlevels=levels))
+        kwargsrepr = redact(kwargsrepr if kwargsrepr is not None
+                            else saferepr(kwargs, self.kwargsrepr_maxsize, maxlevels=levels))
+        return super().as_task_v2(task_id, name, args, kwargs, *rest, argsrepr=argsrepr, kwargsrepr=kwargsrepr,
+                                  **options)
+
+
+@after_setup_logger.connect(weak=False, dispatch_uid="clipbatch.redact_logs")
+def _redact_logs(logger: Any = None, **_: Any) -> None:
+    """Every handler of a worker's root logger redacts what it writes (a URL password never reaches a log)."""
+    for handler in getattr(logger, "handlers", ()):
+        handler.addFilter(RedactingFilter())
+
+
 def make_app(settings: Settings | None = None, include: tuple[str, ...] = ()) -> Celery:
     """Build the Celery app; the producer and every worker must use the same settings."""
     settings = settings or Settings.from_env()
-    app = Celery("clipbatch", broker=settings.broker_url, include=list(include))
+    app = Celery("clipbatch", broker=settings.broker_url, include=list(include), amqp=RedactingAMQP)
     vt = settings.visibility_timeout_s
     transport = {
         "visibility_timeout": vt,

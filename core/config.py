@@ -1,6 +1,7 @@
 """Settings read from the environment, shared by the producer and the workers."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -29,9 +30,29 @@ def _int_env(name: str, default: int) -> int:
     return value
 
 
-def redact(url: str) -> str:
-    """``redis://user:secret@host`` -> ``redis://user:***@host``: safe to print or log."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+# A URL's password runs to the last '@' before its host (as URL parsers read it, so an '@' inside a
+# password is masked too); a query parameter whose name says it is a credential is masked as well.
+_USERINFO = re.compile(r"""(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/?#@\s'"]*:)[^\s'"]*@""")
+_CREDENTIAL_PARAM = re.compile(
+    r"""(?i)(?P<head>[?&;](?:[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|signature|"""
+    r"""credential)[\w.-]*|auth|sig|pass|key)=)[^&#\s'"]*""")
+
+
+def redact(text: str) -> str:
+    """Every URL in ``text`` with its password and credential query parameters as ``***``: safe to
+    print, log or record. ``redis://u:p@ss@h/0?password=x`` -> ``redis://u:***@h/0?password=***``."""
+    return _CREDENTIAL_PARAM.sub(r"\g<head>***", _USERINFO.sub(r"\g<head>***@", text))
+
+
+class RedactingFilter(logging.Filter):
+    """A log filter that redacts each record's formatted message (installed on the worker's handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 @dataclass(frozen=True)

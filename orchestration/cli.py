@@ -33,7 +33,7 @@ class UserError(click.ClickException):
     exit_code = EXIT_USAGE
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
+        click.echo(f"error: {redact(self.message)}", err=True)
 
 
 class ServiceError(click.ClickException):
@@ -42,7 +42,7 @@ class ServiceError(click.ClickException):
     exit_code = EXIT_FAILED
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
+        click.echo(f"error: {redact(self.message)}", err=True)
 
 
 class Group(click.Group):

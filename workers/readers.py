@@ -22,6 +22,7 @@ from itertools import islice
 from pathlib import PurePosixPath
 from typing import Any, Callable, ContextManager, Iterable, Iterator
 
+from clipbatch.core.config import redact
 from clipbatch.core.inputs import (DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE_EXTS, FolderSample, InputRefused,
                                   confine, files_info, folder_samples, open_confined, open_seekable, parse_range)
 from clipbatch.core.manifests import BAD_ROW, iter_manifest, manifest_is_csv, rows_info
@@ -228,7 +229,7 @@ def _row_image(image: Any, cols: Columns, base_dir: str) -> tuple[str, bytes] | 
             uri, root = confine(image, base_dir)
             data = read_uri(uri, root)
         except InputRefused as exc:  # the rule broken, with the row's own value, not where a link leads
-            return f"input refused: {image!r} {exc}"
+            return f"input refused: {redact(image)!r} {exc}"
         except MemberTooLarge as exc:
             return str(exc)
         except Exception as exc:  # missing file, no such key, no access: this sample's error only

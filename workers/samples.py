@@ -39,6 +39,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from clipbatch.core.config import redact
 from clipbatch.core.inputs import CAPTION_EXT, IMAGE_EXTS
 from clipbatch.core.manifests import RawStream
 from clipbatch.core.specs import JSON_FIELD_PREFIX
@@ -106,8 +107,9 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def describe(exc: BaseException) -> str:
-    """``Type: message`` of an exception, without memory addresses (reasons must be reproducible)."""
-    return _ADDRESS.sub("", f"{type(exc).__name__}: {exc}")
+    """``Type: message`` of an exception, without memory addresses (reasons must be reproducible) or
+    credentials (a URL's password or credential query parameters: reasons are stored and shown)."""
+    return redact(_ADDRESS.sub("", f"{type(exc).__name__}: {exc}"))
 
 
 def member_cap(ext: str) -> tuple[str, int]:
