@@ -1,15 +1,24 @@
 """Exactly-once shard output on at-least-once delivery.
 
-An attempt writes its files under ``_tmp/{attempt}/``, then tries to create the shard's
-marker ``_commits/{index}.json`` with a conditional put (If-None-Match: * on S3, an
-exclusive link locally). The marker names the winning attempt. Only then are the winner's
-files copied to their final names, so a late or concurrent attempt, whose bytes may differ,
-never overwrites the winner. Anyone who finds a marker whose files are not all in place
-finishes the move (idempotent); losers delete their own temporaries.
+An attempt stages its files under ``_tmp/{attempt}/``, then tries to create the shard's marker
+``_commits/{index}.json`` with a conditional put (If-None-Match: * on S3, an exclusive link
+locally). The marker names the winning attempt. Only then are the winner's files written to
+their final names, so a late or concurrent attempt, whose bytes may differ, never overwrites the
+winner. Anyone who finds a marker whose temporaries are still there finishes the move with the
+winner's staged bytes (idempotent); losers delete their own temporaries.
+
+Staging is one object, a tar of every file (``_tmp/{attempt}/_bundle.tar``): the winner writes
+its files from memory and deletes the bundle, 3 + n writes for n files. Commits over
+``BUNDLE_MAX_BYTES``, and attempts staged by older versions, stage each file on its own and
+move it with a server-side copy (1 + 3n writes). The marker says which (``staging``).
 """
 from __future__ import annotations
 
+import io
 import json
+import os
+import tarfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -17,6 +26,9 @@ from clipbatch.core import layout
 from clipbatch.core.storage import Storage
 
 _IO_THREADS = 8
+BUNDLE_MAX_BYTES = 256 << 20  # above this a commit stages file by file: a bundle is held in memory twice
+STAGING_BUNDLE, STAGING_FILES = "bundle", "files"
+_TAR_BLOCK = 512
 
 
 class CommitError(RuntimeError):
@@ -53,23 +65,90 @@ def list_markers(storage: Storage) -> dict[int, dict[str, Any]]:
     """Every committed shard of an output, by index (one LIST plus parallel GETs)."""
     found = (layout.marker_index(k) for k in storage.list(layout.MARKER_DIR + "/"))
     indices = [i for i in found if i is not None]
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
-        markers = list(pool.map(lambda i: read_marker(storage, i), indices))
+    markers = _parallel(lambda i: read_marker(storage, i), indices)
     return {i: m for i, m in zip(indices, markers) if m is not None}
 
 
-def _parallel(fn, items) -> None:
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None  # one per process: a forked child starts its own
+
+
+def _reset_after_fork() -> None:
+    global _pool_lock, _pool
+    _pool_lock, _pool = threading.Lock(), None  # the parent's threads do not exist in the child
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The process's pool for storage I/O, started once: a pool per call started threads per call."""
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="clipbatch-io")
+    return _pool
+
+
+def _parallel(fn, items) -> list:
+    """``fn`` over ``items`` on the process's I/O pool; the results in order, the first error raised.
+    ``fn`` must not itself wait on the pool (the pool is shared and bounded)."""
     items = list(items)
-    if items:
-        with ThreadPoolExecutor(min(_IO_THREADS, len(items))) as pool:
-            list(pool.map(fn, items))
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    return list(_executor().map(fn, items))
+
+
+def pack(files: dict[str, bytes]) -> bytes:
+    """One tar of ``files``, byte-for-byte the same for the same files (sorted, no times, no owners)."""
+    parts: list[bytes] = []
+    for name in sorted(files):
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(files[name]), 0o644, 0
+        parts += [info.tobuf(tarfile.PAX_FORMAT), files[name], b"\0" * (-len(files[name]) % _TAR_BLOCK)]
+    return b"".join([*parts, b"\0" * (2 * _TAR_BLOCK)])
+
+
+def unpack(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def _staged_keys(marker: dict[str, Any]) -> list[str]:
+    """Where the marker's attempt staged its files."""
+    attempt = marker["attempt"]
+    if marker.get("staging") == STAGING_BUNDLE:
+        return [layout.bundle(attempt)]
+    return [layout.staged(attempt, name) for name in marker["files"]]
 
 
 def finish(storage: Storage, marker: dict[str, Any]) -> None:
-    """Drop the files the marker retires, move its attempt's files into their final names, then drop
-    the temporaries (so a marker with no temporaries left is finished)."""
-    attempt = marker["attempt"]
+    """Drop the files the marker retires, put its attempt's files at their final names, then drop
+    the temporaries (so a marker with no temporaries left is finished). Only the bytes the marker's
+    attempt staged are written, so finishing is idempotent whoever does it."""
+    _finish(storage, marker, None)
+
+
+def _finish(storage: Storage, marker: dict[str, Any], files: dict[str, bytes] | None) -> None:
+    """``files``: the winner's own bytes, when the winner finishes (no need to read them back)."""
     _parallel(storage.delete, marker.get("retired", []))
+    if marker.get("staging") != STAGING_BUNDLE:
+        return _finish_by_copy(storage, marker)
+    key = layout.bundle(marker["attempt"])
+    if files is None:
+        try:
+            files = unpack(storage.read(key))
+        except FileNotFoundError:
+            return  # the bundle goes only after every file is in place: done
+    if sorted(files) != marker["files"]:
+        raise CommitError(f"shard {marker['index']}: {key} holds {sorted(files)}, the marker names {marker['files']}")
+    _parallel(lambda name: storage.write(name, files[name]), marker["files"])
+    storage.delete(key)
+
+
+def _finish_by_copy(storage: Storage, marker: dict[str, Any]) -> None:
+    attempt = marker["attempt"]
 
     def move(name: str) -> None:
         try:
@@ -80,11 +159,12 @@ def finish(storage: Storage, marker: dict[str, Any]) -> None:
                 raise CommitError(f"shard {marker['index']}: {name} missing for attempt {attempt}") from None
 
     _parallel(move, marker["files"])
-    _parallel(lambda name: storage.delete(layout.staged(attempt, name)), marker["files"])
+    _parallel(storage.delete, _staged_keys(marker))
 
 
 def is_finished(storage: Storage, marker: dict[str, Any]) -> bool:
-    return not any(storage.exists(layout.staged(marker["attempt"], n)) for n in marker["files"])
+    """No temporaries of the marker's attempt are left (one HEAD for a bundle)."""
+    return not any(_parallel(storage.exists, _staged_keys(marker)))
 
 
 def committed_twice(markers: dict[int, dict[str, Any]]) -> dict[str, list[int]]:
@@ -151,16 +231,21 @@ def commit(
 
     Returns (won, marker): ``marker`` is the winner's, whoever that is.
     """
-    _parallel(lambda item: storage.write(layout.staged(attempt, item[0]), item[1]), files.items())
-    marker = {**record, "index": index, "attempt": attempt, "files": sorted(files)}
+    staging = STAGING_BUNDLE if sum(map(len, files.values())) <= BUNDLE_MAX_BYTES else STAGING_FILES
+    marker = {**record, "index": index, "attempt": attempt, "files": sorted(files), "staging": staging}
+    if staging == STAGING_BUNDLE:
+        storage.write(layout.bundle(attempt), pack(files))
+    else:
+        _parallel(lambda name: storage.write(layout.staged(attempt, name), files[name]), files)
     won = storage.create_exclusive(layout.marker(index), json.dumps(marker, sort_keys=True).encode())
     if not won:
-        marker = read_marker(storage, index)
-        if marker is None:
+        seen = read_marker(storage, index)
+        if seen is None:
             raise CommitError(f"shard {index}: conditional put refused but no marker is readable")
         # A retried PUT whose first try landed is refused too: then the marker is our own.
-        won = marker["attempt"] == attempt
+        won = seen["attempt"] == attempt
         if not won:
-            _parallel(lambda name: storage.delete(layout.staged(attempt, name)), files)
-    finish(storage, marker)
+            _parallel(storage.delete, _staged_keys(marker))
+        marker = seen
+    _finish(storage, marker, files if won else None)
     return won, marker

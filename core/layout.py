@@ -10,12 +10,15 @@ these names parses the digits (``marker_index``) and orders by number, never by 
 
 A training-shards output: ``{j:05d}.tar``, ``sizes.json``, ``stats.json``. A fine-tune output:
 ``checkpoints/step_{k:05d}.pt``, ``checkpoints/final.pt``, ``metrics/step_{k:05d}.json``.
-Attempts stage their files under ``_tmp/{attempt}/`` until their marker wins (core/commit.py).
+Attempts stage their files under ``_tmp/{attempt}/`` until their marker wins (core/commit.py): one
+bundle ``_tmp/{attempt}/_bundle.tar`` holding them all, or (large commits, and attempts of older
+versions) each file at ``_tmp/{attempt}/{name}``.
 """
 from __future__ import annotations
 
 MARKER_DIR = "_commits"
 TMP_DIR = "_tmp"
+BUNDLE = "_bundle.tar"  # an attempt's staged files in one object
 JOB_FILE = "_job.json"
 REPORT_DIR = "report"
 SUMMARY = f"{REPORT_DIR}/summary.json"
@@ -56,6 +59,10 @@ def _index_in(folder: str, key: str) -> int | None:
 
 def staged(attempt: str, name: str) -> str:
     return f"{TMP_DIR}/{attempt}/{name}"
+
+
+def bundle(attempt: str) -> str:
+    return staged(attempt, BUNDLE)
 
 
 def embed_files(index: int) -> dict[str, str]:

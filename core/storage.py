@@ -189,19 +189,50 @@ class LocalStorage:
                 break
 
 
-_clients = threading.local()
+_S3_POOL_CONNECTIONS = 32  # threads of one process share the client: commit I/O, readers, marker reads
+_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_client_lock = threading.Lock()
+_clients: dict[str, object] = {}  # by endpoint (what boto3 reads from the environment)
+
+
+def _reset_after_fork() -> None:
+    global _client_lock, _clients
+    # a fresh lock (the parent's may have been held by another thread) and no clients: a child
+    # must not share its parent's connections
+    _client_lock, _clients = threading.Lock(), {}
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def s3_client():
-    """A boto3 S3 client per process and thread (boto3 sessions are not fork- or thread-safe)."""
-    client = getattr(_clients, "client", None)
-    if client is None or getattr(_clients, "pid", None) != os.getpid():
-        import boto3
-        from botocore.config import Config
+    """The process's boto3 S3 client, built once (one costs ~0.1 s of CPU) and shared by its threads.
 
-        client = boto3.session.Session().client("s3", config=Config(retries=_S3_RETRIES))
-        _clients.client, _clients.pid = client, os.getpid()
+    A client is thread-safe, a session is not: the session lives only while the lock is held. One
+    client per endpoint the environment names (a test may point the process at a proxy); a forked
+    child builds its own.
+    """
+    endpoint = next((os.environ[v] for v in _ENDPOINT_VARS if os.environ.get(v)), "")
+    client = _clients.get(endpoint)
+    if client is None:
+        with _client_lock:
+            client = _clients.get(endpoint)
+            if client is None:
+                client = _clients[endpoint] = _build_s3_client()
     return client
+
+
+def clients_built() -> int:
+    """How many S3 clients this process holds (tests check it stays one per endpoint)."""
+    return len(_clients)
+
+
+def _build_s3_client():
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries=_S3_RETRIES, max_pool_connections=_S3_POOL_CONNECTIONS)
+    return boto3.session.Session().client("s3", config=config)
 
 
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}

@@ -2,14 +2,18 @@
 SlowDown or a dropped connection, half of them after the real request already landed; named
 request headers can be dropped (a store that ignores If-None-Match, say). With fault_rate=0 it
 is a request counter: ``counts`` tallies every request by kind (GET, HEAD, LIST, PUT, COPY,
-DELETE, POST); ``writes()`` sums the kinds that change the store; ``reset()`` starts over."""
+DELETE, POST) and ``calls`` lists (kind, path) in order; ``writes()`` sums the kinds that change
+the store; ``reset()`` starts over. Requests must be path-style (``/bucket/key``), as boto3 sends
+them to a loopback address."""
 from __future__ import annotations
 
 import http.client
 import random
+import sys
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
@@ -17,6 +21,15 @@ INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</
             b"<Message>We encountered an internal error. Please try again.</Message></Error>")
 WRITE_KINDS = ("PUT", "COPY", "DELETE", "POST")
 _HOP = ("connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade")
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away (a worker stopped with connections open) is no error of ours."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def request_kind(method: str, path: str, headers) -> str:
@@ -42,6 +55,7 @@ class FaultyS3Proxy:
         self.faults = {"500": 0, "503": 0, "drop": 0, "after_landing": 0}
         self.requests = 0
         self.counts: Counter[str] = Counter()
+        self.calls: list[tuple[str, str]] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,7 +78,7 @@ class FaultyS3Proxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                fault, after = proxy._draw(request_kind(self.command, self.path, self.headers))
+                fault, after = proxy._draw(request_kind(self.command, self.path, self.headers), self.path)
                 if fault and not after:
                     return self._fail(fault)
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
@@ -102,15 +116,15 @@ class FaultyS3Proxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def _draw(self, kind: str) -> tuple[str | None, bool]:
+    def _draw(self, kind: str, path: str) -> tuple[str | None, bool]:
         with self.lock:
             self.requests += 1
             self.counts[kind] += 1
+            self.calls.append((kind, unquote(path.split("?", 1)[0])))
             if self.rng.random() >= self.fault_rate:
                 return None, False
             fault = self.rng.choice(["500", "503", "drop"])
@@ -130,10 +144,11 @@ class FaultyS3Proxy:
             return Counter(self.counts)
 
     def reset(self) -> None:
-        """Zero the request counts (``requests`` and ``counts``); fault tallies stay."""
+        """Zero the request counts (``requests``, ``counts``, ``calls``); fault tallies stay."""
         with self.lock:
             self.requests = 0
             self.counts.clear()
+            self.calls.clear()
 
     def __enter__(self) -> FaultyS3Proxy:
         self.thread.start()

@@ -1,7 +1,12 @@
 """Exactly-once commits: racing attempts with different bytes leave one consistent set of files."""
 from __future__ import annotations
 
+import io
+import json
+import multiprocessing
+import tarfile
 import threading
+import time
 
 import pytest
 
@@ -50,7 +55,7 @@ def test_rerun_finishes_an_interrupted_move(storage):
     for name, data in files_for("w").items():
         storage.write(layout.staged("attempt-w", name), data)
     marker = {"index": 3, "attempt": "attempt-w", "files": sorted(files_for("w")), "samples_ok": 1}
-    assert storage.create_exclusive(layout.marker(3), __import__("json").dumps(marker).encode())
+    assert storage.create_exclusive(layout.marker(3), json.dumps(marker).encode())
     assert not commit.is_finished(storage, marker)
 
     # when: a later attempt races for the same shard
@@ -76,7 +81,7 @@ def test_a_retried_put_that_had_landed_is_still_our_win(storage):
     marker = {"index": 3, "attempt": "attempt-me", "files": sorted(files), "samples_ok": 1}
     for name, data in files.items():
         storage.write(layout.staged("attempt-me", name), data)
-    storage.create_exclusive(layout.marker(3), __import__("json").dumps(marker).encode())
+    storage.create_exclusive(layout.marker(3), json.dumps(marker).encode())
 
     # when: the same attempt commits
     won, seen = commit.commit(storage, 3, "attempt-me", files, {"samples_ok": 1})
@@ -84,3 +89,88 @@ def test_a_retried_put_that_had_landed_is_still_our_win(storage):
     # then: it is the winner and its files are in place
     assert won and seen["attempt"] == "attempt-me"
     assert storage.read("img_emb/img_emb_3.npy") == b"img-me"
+
+
+def test_a_bundle_is_deterministic_and_a_plain_tar():
+    files = {"b/x.npy": b"\x00" * 700, "a.json": b"{}", "c/long/" + "n" * 120 + ".parquet": b"p"}
+    bundle = commit.pack(files)
+    assert bundle == commit.pack(dict(reversed(files.items())))
+    assert commit.unpack(bundle) == files
+    with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
+        assert tar.getnames() == sorted(files) and {m.mtime for m in tar.getmembers()} == {0}
+
+
+def test_an_attempt_dead_before_its_marker_leaves_only_a_sweepable_bundle(storage):
+    # given: an attempt that staged its bundle and died before racing for the marker
+    storage.write(layout.bundle("attempt-dead"), commit.pack(files_for("dead")))
+
+    # when: the next attempt commits
+    won, marker = commit.commit(storage, 3, "attempt-next", files_for("next"), {"samples_ok": 1})
+
+    # then: it won with its own bytes; the dead attempt's bundle is an orphan the sweep removes
+    assert won and storage.read("stats/3.json") == b"stats-next"
+    staged = commit.staged_attempts(storage)
+    assert list(staged) == ["attempt-dead"] and commit.unfinished({3: marker}, staged) == set()
+    assert commit.sweep_orphans(storage, {3: marker}, older_than=0) == 0  # too young yet
+    assert commit.sweep_orphans(storage, {3: marker}, older_than=time.time() + 60) == 1
+    assert storage.list(layout.TMP_DIR + "/") == []
+
+
+def test_a_winner_dead_before_deleting_its_bundle_is_finished_idempotently(storage):
+    # given: the winner put every file in place and died before deleting its bundle
+    files = files_for("w")
+    storage.write(layout.bundle("attempt-w"), commit.pack(files))
+    marker = {"index": 3, "attempt": "attempt-w", "files": sorted(files), "staging": commit.STAGING_BUNDLE,
+              "samples_ok": 1}
+    assert storage.create_exclusive(layout.marker(3), json.dumps(marker).encode())
+    for name, data in files.items():
+        storage.write(name, data)
+    assert commit.unfinished({3: marker}, commit.staged_attempts(storage)) == {3}
+
+    # when: a redelivery finds the marker unfinished and finishes it (tasks/lifecycle.py), twice
+    assert not commit.is_finished(storage, commit.read_marker(storage, 3))
+    commit.finish(storage, commit.read_marker(storage, 3))
+    commit.finish(storage, commit.read_marker(storage, 3))
+
+    # then: the winner's bytes, nothing staged
+    assert {name: storage.read(name) for name in files} == files
+    assert commit.is_finished(storage, marker) and storage.list(layout.TMP_DIR + "/") == []
+
+
+def test_a_bundle_that_disagrees_with_its_marker_is_refused(storage):
+    storage.write(layout.bundle("attempt-w"), commit.pack({"stats/3.json": b"s"}))
+    marker = {"index": 3, "attempt": "attempt-w", "files": sorted(files_for("w")), "staging": commit.STAGING_BUNDLE}
+    with pytest.raises(commit.CommitError, match="_bundle.tar holds"):
+        commit.finish(storage, marker)
+    assert not storage.exists("stats/3.json")
+
+
+def test_a_commit_over_the_bundle_limit_stages_file_by_file(storage, monkeypatch):
+    # given: a bundle limit smaller than the files
+    monkeypatch.setattr(commit, "BUNDLE_MAX_BYTES", 4)
+
+    # when: two attempts commit one after the other
+    won, marker = commit.commit(storage, 3, "attempt-a", files_for("a"), {"samples_ok": 1})
+    late, seen = commit.commit(storage, 3, "attempt-b", files_for("b"), {"samples_ok": 1})
+
+    # then: the first won with per-file staging, its bytes are in place, nothing is staged
+    assert won and not late and marker["staging"] == seen["staging"] == commit.STAGING_FILES
+    assert {name: storage.read(name) for name in files_for("a")} == files_for("a")
+    assert storage.list(layout.TMP_DIR + "/") == []
+
+
+def test_a_forked_child_commits_on_its_own_io_threads(tmp_path):
+    # given: this process committed (its I/O pool's threads exist here, and would not in a child)
+    storage = open_storage(str(tmp_path / "out"))
+    commit.commit(storage, 0, "parent", files_for("p"), {"samples_ok": 1})
+
+    # when: a forked child commits (a prefork worker's process)
+    with multiprocessing.get_context("fork").Pool(1) as child:
+        won = child.apply_async(_commit_in_child, (str(tmp_path / "out"),)).get(timeout=60)
+
+    # then: it did, with its own pool
+    assert won and open_storage(str(tmp_path / "out")).read("stats/3.json") == b"stats-child"
+
+
+def _commit_in_child(root: str) -> bool:
+    return commit.commit(open_storage(root), 3, "child", files_for("child"), {"samples_ok": 1})[0]

@@ -1,9 +1,12 @@
 """Storage semantics both backends must share, against a real local folder and moto's S3 server."""
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from clipbatch.core.storage import open_storage, split
+from clipbatch.core.storage import clients_built, open_storage, s3_client, split
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -46,3 +49,26 @@ def test_split_names_parent_and_object():
     assert split("s3://b/p/x.tar") == ("s3://b/p", "x.tar")
     assert split("/data/x.tar") == ("/data", "x.tar")
     assert split("x.tar") == (".", "x.tar")
+
+
+def test_one_s3_client_per_process_shared_by_threads_and_rebuilt_after_fork(bucket):
+    # given: the process's client
+    storage = open_storage(f"s3://{bucket}/p")
+    storage.write("x", b"1")
+    mine, held = s3_client(), clients_built()
+
+    # when: many threads use storage at once
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(lambda i: storage.read("x"), range(64))) == [b"1"] * 64
+        seen = set(pool.map(lambda i: id(s3_client()), range(64)))
+
+    # then: they all used the one client, and a forked child builds its own (its parent's connections are not its)
+    assert seen == {id(mine)} and clients_built() == held
+    parent_id = id(mine)
+    with multiprocessing.get_context("fork").Pool(1) as child:
+        assert child.apply(_client_in_child, (parent_id, bucket)) == (True, b"1", 1)
+
+
+def _client_in_child(parent_id: int, bucket: str) -> tuple[bool, bytes, int]:
+    """In a forked child: a new client, that works, and only one."""
+    return id(s3_client()) != parent_id, open_storage(f"s3://{bucket}/p").read("x"), clients_built()
