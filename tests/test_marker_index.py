@@ -25,6 +25,9 @@ import pytest
 
 from clipbatch.core import commit, index, layout
 from clipbatch.core.storage import Storage, open_storage
+from tests import synthetic
+from tests.conftest import run_cli, service_env
+from tests.s3proxy import FaultyS3Proxy
 
 SEEDS = (0, 1, 2)
 STEPS = 70
@@ -232,3 +235,86 @@ def test_a_damaged_index_is_rebuilt_from_the_markers(tmp_path, damage):
     assert index.refresh(storage) == commit.list_markers(storage)
     stored = index.load(storage)
     assert stored is not None and {i: json.loads(raw) for i, (_, raw) in stored.items()} == commit.list_markers(storage)
+
+
+# --- a nightly rerun through the real CLI and a real worker, its requests counted by the proxy ---
+
+COMMITTED = 200
+NOTHING_NEW_GETS = 1  # the index; no marker read when no marker changed since it was written
+
+
+def _submit(env: dict[str, str], fx, queue: str) -> str:
+    done = run_cli("submit", "embed", "--input", fx.input, "--output", fx.output, "--model", synthetic.MODEL,
+                   "--batch-size", "8", "--queue", queue, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.strip()
+
+
+def _wait(env: dict[str, str], job_id: str) -> dict[str, Any]:
+    watched = run_cli("status", job_id, "--watch", "--json", env=env)
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    return json.loads(watched.stdout)
+
+
+def _night(proxy, env_counted: dict[str, str], env: dict[str, str], fx, queue: str) -> tuple[Counter, dict]:
+    """One submit through the counting proxy (the worker talks to the store directly), then its end."""
+    proxy.reset()
+    job_id = _submit(env_counted, fx, queue)
+    counts = proxy.snapshot()
+    return counts, _wait(env, job_id)
+
+
+def _attempts(storage: Storage) -> dict[int, str]:
+    return {i: m["attempt"] for i, m in commit.list_markers(storage).items()}
+
+
+@pytest.mark.integration
+def test_a_nightly_rerun_runs_only_new_and_changed_shards_and_its_plan_reads_no_old_marker(
+        redis_url, s3_endpoint, bucket, tmp_path, start_worker):
+    # given an S3 output of 200 committed shards (built directly), a real worker, and a CLI whose
+    # requests go through a counting proxy (the worker's do not)
+    fx = synthetic.build(str(tmp_path / "in"), f"s3://{bucket}/out", COMMITTED)
+    storage = open_storage(fx.output)
+    queue = f"nightly-{uuid.uuid4().hex[:8]}"
+    env = service_env(redis_url, CLIPBATCH_CACHE_DIR=str(tmp_path / "cache"))
+    start_worker(queue, env)
+    upstream = urlparse(s3_endpoint)
+    with FaultyS3Proxy((upstream.hostname, upstream.port), 0.0) as proxy:
+        counted = {**env, "AWS_ENDPOINT_URL_S3": proxy.url}
+        # the first plan since the upgrade reads every marker once and writes the index
+        first, status = _night(proxy, counted, env, fx, queue)
+        assert status["state"] == "succeeded" and status["shards_skipped"] == COMMITTED, status
+        assert first["GET"] >= COMMITTED and storage.exists(layout.MARKER_INDEX)
+
+        # when a night brings 2 new input shards and rewrites 1 (a new ETag), the rest unchanged
+        before = _attempts(storage)
+        synthetic.add_inputs(fx.input, COMMITTED, 2)
+        open_storage(fx.input).write(synthetic.input_name(7), synthetic.tar_bytes(7) + b"\0" * 512)
+        nightly, status = _night(proxy, counted, env, fx, queue)
+
+        # then exactly the new and the changed shards ran, and every other commit is untouched
+        assert status["state"] == "succeeded", status
+        assert (status["shards_total"], status["shards_skipped"], status["shards_rescored"]) == (COMMITTED + 2,
+                                                                                               COMMITTED - 1, 1)
+        after = _attempts(storage)
+        ran = {i for i in after if after[i] != before.get(i)}
+        assert ran == {7, COMMITTED, COMMITTED + 1}
+        # and its plan read the index, no marker (none changed since the index was written)
+        assert nightly["GET"] == NOTHING_NEW_GETS, nightly
+
+        # when the next night brings nothing: the 3 markers committed since are read, once
+        quiet, _ = _night(proxy, counted, env, fx, queue)
+        assert quiet["GET"] == NOTHING_NEW_GETS + 3, quiet
+        again, _ = _night(proxy, counted, env, fx, queue)
+        assert again["GET"] == NOTHING_NEW_GETS, again
+
+        # and when the committed shards double, a plan with nothing new costs what it did at 200
+        more = synthetic.add_inputs(fx.input, COMMITTED + 2, COMMITTED)
+        synthetic.commit_shards(fx.spec, more)
+        grown, _ = _night(proxy, counted, env, fx, queue)
+        assert grown["GET"] == NOTHING_NEW_GETS + COMMITTED  # O(new markers): the 200 added
+        doubled, status = _night(proxy, counted, env, fx, queue)
+        assert status["shards_skipped"] == 2 * COMMITTED + 2
+        assert doubled == again, (again, doubled)
+    print(f"submit requests by kind: first plan {dict(first)}; nightly {dict(nightly)}; nothing new at "
+          f"{COMMITTED + 2} committed {dict(again)}, at {2 * COMMITTED + 2} {dict(doubled)}")
