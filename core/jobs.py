@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from clipbatch.core import keys
+from clipbatch.core import keys, merged, scores
 from clipbatch.core.keys import JobState
 
 _COUNTERS = ("shards_total", "shards_done", "shards_failed", "shards_skipped", "shards_rescored", "samples_done",
@@ -32,8 +34,11 @@ local function expire_with_job(i, ttl_arg)
 end
 """
 
-# KEYS: job hash, done set, failed hash. ARGV: index, samples ok, samples failed, ttl.
-# Returns {done, failed, total} or -1 when the job record is gone.
+# KEYS: job hash, done set, failed hash, commits hash, merged hash. ARGV: index, samples ok, samples
+# failed, ttl, then (embed/score shards) the commit's record, '1' when its stats are to be merged (the
+# shard was not committed before this job), its histogram's sum and sumsq, then field/count pairs
+# (count, b:<bin>, t:<threshold>, e:<reason>, ok, failed, n). All of it happens once per index, with
+# the counting. Returns {done, failed, total} or -1 when the job record is gone.
 _REPORT_DONE = _EXPIRE_WITH_JOB + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
@@ -42,6 +47,16 @@ if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
   redis.call('HINCRBY', KEYS[1], 'samples_done', ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'samples_failed', ARGV[3])
+  if #ARGV > 4 then
+    redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
+    expire_with_job(4, 4)
+    if ARGV[6] == '1' then
+      redis.call('HINCRBYFLOAT', KEYS[5], 'sum', ARGV[7])
+      redis.call('HINCRBYFLOAT', KEYS[5], 'sumsq', ARGV[8])
+      for i = 9, #ARGV, 2 do redis.call('HINCRBY', KEYS[5], ARGV[i], ARGV[i + 1]) end
+      expire_with_job(5, 4)
+    end
+  end
 end
 return {tonumber(redis.call('HGET', KEYS[1], 'shards_done')),
         tonumber(redis.call('HGET', KEYS[1], 'shards_failed')),
@@ -91,6 +106,41 @@ return n
 """
 
 
+@dataclass(frozen=True)
+class Counted:
+    """One committed embed/score shard as the job's totals take it (``JobStore.report_done``)."""
+
+    record: list[Any]  # merged.shard_record: attempt, files, score bounds, counts
+    stats: dict[str, Any]  # the shard's stats/{i}.json
+    before: bool  # committed before this job (a plan's unfinished move): the saved totals hold it
+
+    def args(self) -> list[Any]:
+        hist = self.stats.get("clip_score") or scores.merge([])
+        pairs: dict[str, int] = {"count": hist["count"], "n": 1}
+        pairs.update({f"b:{b}": c for b, c in hist["bins"].items()})
+        pairs.update({f"t:{t}": c for t, c in hist["at_least"].items()})
+        pairs.update({f"e:{r}": c for r, c in self.stats.get("error_reasons", {}).items()})
+        record = json.dumps({"record": self.record, "before": self.before})
+        flat = [x for kv in pairs.items() for x in kv]
+        return [record, "0" if self.before else "1", repr(float(hist["sum"])), repr(float(hist["sumsq"])), *flat]
+
+
+def _totals(fields: dict[str, str]) -> merged.Totals:
+    """The merged hash back as totals (covers left empty: the commits hash names the shards)."""
+    hist = scores.merge([])
+    hist.update(count=int(fields.get("count", 0)), sum=float(fields.get("sum", 0)), sumsq=float(fields.get("sumsq", 0)))
+    reasons: Counter = Counter()
+    for name, value in fields.items():
+        kind, _, key = name.partition(":")
+        if kind == "b":
+            hist["bins"][key] = int(value)
+        elif kind == "t":
+            hist["at_least"][key] = int(value)
+        elif kind == "e":
+            reasons[key] = int(value)
+    return merged.Totals({}, hist, reasons)
+
+
 class JobStore:
     """Reads and writes job records; each write helper is one round trip."""
 
@@ -125,6 +175,8 @@ class JobStore:
             "shards_rescored": shards_rescored,
             "samples_done": sum(m["samples_ok"] for m in committed.values()),
             "samples_failed": sum(m["samples_failed"] for m in committed.values()),
+            # which commits the plan kept: the job's end checks the saved totals hold exactly these
+            "kept_digest": merged.digest((i, m.get("attempt")) for i, m in committed.items()),
         }
         pipe = self.r.pipeline()
         pipe.hset(keys.job(job_id), mapping=record)
@@ -161,10 +213,28 @@ class JobStore:
         raw = self.r.hget(keys.job(job_id), "spec")
         return json.loads(raw) if raw else None
 
-    def report_done(self, job_id: str, index: int, samples_ok: int, samples_failed: int) -> bool:
-        """Count a committed shard once; True when every shard is now accounted for."""
-        res = self._done(keys=keys.job_keys(job_id)[:3], args=[index, samples_ok, samples_failed, self.ttl_s])
+    def report_done(self, job_id: str, index: int, samples_ok: int, samples_failed: int,
+                    counted: Counted | None = None) -> bool:
+        """Count a committed shard once; True when every shard is now accounted for.
+
+        ``counted`` (embed and score shards): its commit's record, merged into the job's totals in the
+        same script, so a duplicate report never counts twice."""
+        args = [index, samples_ok, samples_failed, self.ttl_s, *(counted.args() if counted else ())]
+        keys_ = [*keys.job_keys(job_id)[:3], keys.job_commits(job_id), keys.job_merged(job_id)]
+        res = self._done(keys=keys_, args=args)
         return res != -1 and res[0] + res[1] == res[2]
+
+    def job_shards(self, job_id: str, status: dict[str, Any]) -> merged.JobShards:
+        """What the job's end needs from Redis: the done set, the shards counted, their merged stats."""
+        pipe = self.r.pipeline()
+        pipe.smembers(keys.job_done(job_id))
+        pipe.hgetall(keys.job_commits(job_id))
+        pipe.hgetall(keys.job_merged(job_id))
+        pipe.hget(keys.job(job_id), "kept_digest")
+        done, commits, fields, kept = pipe.execute()
+        counted = {int(i): json.loads(raw) for i, raw in commits.items()}
+        return merged.JobShards({int(i) for i in done}, counted, _totals(fields), kept,
+                                (status["samples_done"], status["samples_failed"]))
 
     def set_progress(self, job_id: str, step: int, loss: float | None) -> None:
         """A chain job's last committed step and its loss, shown by ``status``."""

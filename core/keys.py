@@ -47,5 +47,16 @@ def job_finalizing(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:finalizing"
 
 
+def job_commits(job_id: str) -> str:
+    """Hash: shard index -> what the job's end needs of its commit (attempt, files, score bounds, counts)."""
+    return f"{PREFIX}:job:{job_id}:commits"
+
+
+def job_merged(job_id: str) -> str:
+    """Hash: the shards counted so far, merged (score histogram fields, sample and error-reason counts)."""
+    return f"{PREFIX}:job:{job_id}:merged"
+
+
 def job_keys(job_id: str) -> list[str]:
-    return [job(job_id), job_done(job_id), job_failed(job_id), job_deliveries(job_id)]
+    return [job(job_id), job_done(job_id), job_failed(job_id), job_deliveries(job_id), job_commits(job_id),
+            job_merged(job_id)]

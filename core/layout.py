@@ -32,6 +32,8 @@ PROBE_DIR = "_probe"  # submit's writability and conditional-put probes
 SUPERSEDED_DIR = "_superseded"  # markers of shards being rescored, so their index survives a crash mid-plan
 SELECTION_DIR = "_selection"  # a training-shards job's plan and its per-shard selections
 SELECTION_PLAN = f"{SELECTION_DIR}/plan.json"
+MERGED_DIR = "_report"  # the whole output's merged shard stats (core/merged.py), and what they replace
+MERGED = f"{MERGED_DIR}/merged.json"
 MARKER_INDEX = "_index/markers.jsonl.gz"  # a checked cache of the markers, so a plan need not read each (core/index.py)
 
 
@@ -82,6 +84,11 @@ def stats(index: int) -> str:
 
 def superseded(index: int) -> str:
     return f"{SUPERSEDED_DIR}/{index:05d}.json"
+
+
+def replaced_stats(index: int) -> str:
+    """The old stats of a shard being rescored, kept by the plan for the job's end to subtract."""
+    return f"{MERGED_DIR}/replaced/{index:05d}.json"
 
 
 def selection(index: int) -> str:

@@ -1,5 +1,8 @@
 """The job report: merged score histograms -> report/summary.json, scores.png and index.html.
 
+The job's end merges incrementally (core/merged.py); ``full_totals`` reads every shard's stats,
+for when the saved totals cannot be trusted.
+
 Every embed/score report also says what was embedded (pairs, images or captions, and how many)
 and the error reasons over the whole output; an image- or text-only output has no scores.
 """
@@ -10,10 +13,11 @@ import io
 import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterable
 
 from clipbatch.core import commit, layout
-from clipbatch.core.scores import THRESHOLDS, merge, summarize
+from clipbatch.core.merged import Totals, from_stats, with_bounds
+from clipbatch.core.scores import THRESHOLDS, summarize
 from clipbatch.core.storage import Storage
 
 SUMMARY = layout.SUMMARY
@@ -32,20 +36,38 @@ def _stats(storage: Storage, index: int) -> dict[str, Any] | None:
         return None
 
 
-def build_report(storage: Storage, job: dict[str, Any]) -> dict[str, Any]:
-    """Merge every committed shard's score histogram in the output and write the report."""
-    markers = commit.list_markers(storage)
+def read_stats(storage: Storage, indices: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """The stats files of these shards, those that exist (parallel GETs)."""
+    indices = list(indices)
     with ThreadPoolExecutor(_IO_THREADS) as pool:
-        stats = [s for s in pool.map(lambda i: _stats(storage, i), markers) if s]
+        found = list(pool.map(lambda i: _stats(storage, i), indices))
+    return {i: s for i, s in zip(indices, found) if s is not None}
+
+
+def full_totals(storage: Storage) -> tuple[dict[int, dict[str, Any]], Totals]:
+    """Every marker of the output, and the totals over every committed shard's stats (reads them all)."""
+    markers = commit.list_markers(storage)
+    return markers, from_stats(markers, read_stats(storage, markers))
+
+
+def keep_replaced_stats(storage: Storage, index: int) -> None:
+    """Before a plan drops shard ``index``'s commit to rescore it: keep its stats for the job's end
+    to take out of the saved totals (core/merged.py). A shard without stats keeps nothing."""
+    try:
+        storage.copy(layout.stats(index), layout.replaced_stats(index))
+    except FileNotFoundError:
+        pass
+
+
+def build_report(storage: Storage, job: dict[str, Any], totals: Totals) -> dict[str, Any]:
+    """Write the report of the whole output from its merged shard stats."""
     spec = job.get("spec") or {}
     modality = spec.get("modality", "pairs")
-    summary = summarize(merge(s["clip_score"] for s in stats if "clip_score" in s))
-    reasons = Counter()
-    for s in stats:
-        reasons.update(s.get("error_reasons", {}))
-    summary.update(job_id=job.get("job_id"), output=storage.uri, shards=len(stats),
+    summary = summarize(with_bounds(totals))
+    reasons = totals.reasons
+    summary.update(job_id=job.get("job_id"), output=storage.uri, shards=len(totals.covers),
                    model=spec.get("model", {}).get("name"), modality=modality,
-                   embedded={EMBEDDED[modality]: sum(s.get("samples_ok", 0) for s in stats)},
+                   embedded={EMBEDDED[modality]: totals.samples()[0]},
                    errors=sum(reasons.values()), error_reasons=dict(reasons.most_common()))
     storage.write(SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode())
     if summary["count"]:

@@ -48,6 +48,29 @@ def merge(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def subtract(merged: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """``merged`` without ``part`` (a histogram merged into it before). min and max cannot be taken back:
+    they come back None, for the caller to set from what it knows of the remaining parts."""
+    out = {"count": merged["count"] - part["count"], "sum": merged["sum"] - part["sum"],
+           "sumsq": merged["sumsq"] - part["sumsq"], "min": None, "max": None,
+           "bins": dict(merged["bins"]), "at_least": dict(merged["at_least"])}
+    for b, c in part["bins"].items():
+        left = out["bins"].get(b, 0) - c
+        if left:
+            out["bins"][b] = left
+        else:
+            out["bins"].pop(b, None)
+    for t, c in part["at_least"].items():
+        out["at_least"][t] = out["at_least"].get(t, 0) - c
+    return out
+
+
+def consistent(merged: dict[str, Any]) -> bool:
+    """No negative counts, and the bins add up to the count (what a subtraction must leave)."""
+    counts = [*merged["bins"].values(), *merged["at_least"].values()]
+    return merged["count"] >= 0 and min(counts, default=0) >= 0 and sum(merged["bins"].values()) == merged["count"]
+
+
 def _dense(merged: dict[str, Any]) -> np.ndarray:
     dense = np.zeros(BINS, dtype=np.int64)
     for b, c in merged["bins"].items():

@@ -23,6 +23,7 @@ from typing import Any
 from clipbatch.core import commit, layout
 from clipbatch.core.index import refresh as indexed_markers
 from clipbatch.core.inputs import InputError, plan_inputs
+from clipbatch.core.report import keep_replaced_stats
 from clipbatch.orchestration.models import check_model, fingerprint
 from clipbatch.core.storage import FILE_SCHEME, Storage, StorageError, is_s3, open_storage
 from clipbatch.core.specs import JobSpec, ModelSpec, SpecError
@@ -199,6 +200,7 @@ def plan(spec: JobSpec) -> Plan:
             else:
                 if marker is not None:
                     storage.write(layout.superseded(index), json.dumps(marker).encode())
+                    keep_replaced_stats(storage, index)  # the job's end takes them out of the report
                     storage.delete(layout.marker(index))
                 rescored.append(index)
                 todo.append(index)

@@ -6,6 +6,11 @@ Redis lease first, so two processes never write the same job's files at once; a 
 that dies mid-way leaves its message unacked, and the redelivery (after the visibility
 timeout, by which time the lease has lapsed) finishes the job. ``status`` never writes.
 
+An embed or score job's end does not grow with its output: each shard's stats were merged into the
+job's Redis totals as it was counted (``report_committed``), and the end adds them to the totals the
+last job's end saved (core/merged.py), checked against one LIST of the output. When those do not
+add up (none saved, Redis lost, a failed shard, anything else) it reads every marker and stats file.
+
 An embed or score job in which every sample is an error row ends ``failed`` with a ``problem``
 line (how many, the commonest reasons, a hint), not ``succeeded``: it embedded nothing.
 """
@@ -14,20 +19,37 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from clipbatch.core import commit, layout
+from clipbatch.core import commit, layout, merged
 from clipbatch.core.broker import FINALIZE_JOB
-from clipbatch.core.jobs import JobStore
+from clipbatch.core.jobs import Counted, JobStore
 from clipbatch.core.keys import JobState
 from clipbatch.core.leases import OutputLeases
-from clipbatch.core.report import build_report, finish_finetune, nothing_embedded
+from clipbatch.core.report import build_report, finish_finetune, full_totals, nothing_embedded
 from clipbatch.core.selection import finish_train_shards
+from clipbatch.core.specs import ShardSpec
 from clipbatch.core.storage import Storage, open_storage
 from clipbatch.tasks.app import app
 from clipbatch.tasks.context import SETTINGS, job_store
 
 log = logging.getLogger("clipbatch.finalize")
+
+
+EMBED_KINDS = ("embed", "score")
+
+
+@dataclass
+class _End:
+    """What a job's end found: storage problems (index -> what), the commits no orphan sweep may touch
+    (index -> marker, the attempt at least), the inputs of the markers it read, and the report."""
+
+    problems: dict[int, str]
+    named: dict[int, dict[str, Any]]
+    inputs: dict[int, str] = field(default_factory=dict)
+    summary: dict[str, Any] | None = None
+    how: str = "full"
 
 
 def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:
@@ -39,28 +61,136 @@ def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:
     if not jobs.claim_finalize(job_id, max(1, SETTINGS.visibility_timeout_s // 2)):
         return status
     storage = open_storage(status["output"])
-    markers = commit.list_markers(storage)
-    problems = _incomplete(jobs, job_id, storage, markers, status["kind"])
-    final = JobState.FAILED if status["shards_failed"] or problems else JobState.SUCCEEDED
-    record = {"spec": jobs.spec(job_id), **status, "state": final.value, "finished_at": time.time()}
-    record["failures"] = {**record["failures"], **problems}
-    if status["kind"] == "shards":
-        finish_train_shards(storage)
-    elif status["kind"] == "finetune":
-        finish_finetune(storage, record)
-    else:
-        empty = nothing_embedded(status["samples_done"], status["samples_failed"], build_report(storage, record))
+    record = {"spec": jobs.spec(job_id), **status, "finished_at": time.time()}
+    end = _end_embed(jobs, storage, record) if status["kind"] in EMBED_KINDS else _end_other(jobs, storage, record)
+    final = JobState.FAILED if status["shards_failed"] or end.problems else JobState.SUCCEEDED
+    record.update(state=final.value, failures={**record["failures"], **end.problems})
+    if end.summary is not None:
+        empty = nothing_embedded(status["samples_done"], status["samples_failed"], end.summary)
         if empty and final is JobState.SUCCEEDED:
             final, record["state"], record["problem"] = JobState.FAILED, JobState.FAILED.value, empty
             jobs.set_problem(job_id, empty)
     storage.write(layout.JOB_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
-    for index, problem in problems.items():
-        jobs.dead_letter(job_id, index, markers.get(index, {}).get("input", ""), problem)
-    swept = commit.sweep_orphans(storage, markers, time.time() - SETTINGS.visibility_timeout_s)
+    for index, problem in end.problems.items():
+        jobs.dead_letter(job_id, index, end.inputs.get(index, ""), problem)
+    swept = commit.sweep_orphans(storage, end.named, time.time() - SETTINGS.visibility_timeout_s)
     jobs.set_state(job_id, final)
     OutputLeases(jobs.r, jobs.ttl_s).release(status["output"], job_id)
-    log.info("job finalized job=%s state=%s incomplete=%d orphans_swept=%d", job_id, final.value, len(problems), swept)
+    log.info("job finalized job=%s state=%s incomplete=%d orphans_swept=%d merged=%s", job_id, final.value,
+             len(end.problems), swept, end.how)
     return jobs.get(job_id)
+
+
+def _end_other(jobs: JobStore, storage: Storage, record: dict[str, Any]) -> _End:
+    """A training-shards or fine-tune job's end (no score report to merge)."""
+    markers = commit.list_markers(storage)
+    end = _End(_incomplete(jobs, record["job_id"], storage, markers, record["kind"]), markers)
+    if record["kind"] == "shards":
+        finish_train_shards(storage)
+    else:
+        finish_finetune(storage, record)
+    return end
+
+
+def _end_embed(jobs: JobStore, storage: Storage, record: dict[str, Any]) -> _End:
+    """An embed or score job's end: the saved totals advanced by this job's shards (a bounded number of
+    requests), or, when they cannot be trusted, every marker and stats file read as before."""
+    job = jobs.job_shards(record["job_id"], record)
+    try:
+        totals, replaced = _advance(storage, record, job)
+        end = _End({}, {i: {"attempt": c[merged.ATTEMPT]} for i, c in totals.covers.items()}, how="bounded")
+    except merged.Stale as why:
+        log.warning("job end merges every shard's stats job=%s reason=%s", record["job_id"], why)
+        markers, totals = full_totals(storage)
+        end = _End(_incomplete(jobs, record["job_id"], storage, markers, record["kind"]), markers,
+                   {i: m["input"] for i, m in markers.items()})
+        replaced = [layout.replaced_stats(i) for i in _replaced_kept(storage)]
+    end.summary = build_report(storage, record, totals)
+    if end.problems:  # the next job's end must not trust totals over an output found incomplete
+        _delete(storage, [layout.MERGED])
+    else:
+        merged.save(storage, totals)
+        _delete(storage, replaced)
+    return end
+
+
+def _advance(storage: Storage, record: dict[str, Any], job: merged.JobShards) -> tuple[merged.Totals, list[str]]:
+    """Saved totals − the rescored shards' old stats + this job's, checked against one LIST of the output."""
+    if record["shards_failed"]:
+        raise merged.Stale("the job has failed shards")
+    saved = _saved(storage, job)
+    kept = {i: layout.replaced_stats(i) for i in merged.replaced(saved, job.counted)}
+    old = {i: _json(storage, key) for i, key in kept.items()}
+    modality = (record.get("spec") or {}).get("modality", "pairs")
+    totals = merged.advance(saved, job, {i: s for i, s in old.items() if s is not None}, modality)
+    _check_listing(totals, set(storage.list("")))
+    return totals, list(kept.values())
+
+
+def _saved(storage: Storage, job: merged.JobShards) -> merged.Totals:
+    """The totals the last job's end saved; none at all for a job that kept no commit from before it
+    (a fresh output: the LIST then proves there are no others)."""
+    try:
+        return merged.load(storage)
+    except merged.Stale:
+        if job.done == set(job.counted) and not any(rec["before"] for rec in job.counted.values()):
+            return merged.Totals()
+        raise
+
+
+def _check_listing(totals: merged.Totals, present: set[str]) -> None:
+    """Storage holds exactly the markers the totals cover, and each one's files: else ``Stale`` (the
+    full check then names what is wrong)."""
+    listed = {i for i in map(layout.marker_index, present) if i is not None}
+    if listed != set(totals.covers):
+        raise merged.Stale(f"{len(listed ^ set(totals.covers))} markers differ from the shards the totals cover")
+    for index, cover in totals.covers.items():
+        if cover[merged.FILES] < 0 or not set(merged.mask_files(index, cover[merged.FILES])) <= present:
+            raise merged.Stale(f"shard {index}: files are not all in place")
+
+
+def report_committed(jobs: JobStore, shard: ShardSpec, marker: dict[str, Any], result: Any,
+                     storage: Storage) -> bool:
+    """Count a committed shard once (``JobStore.report_done``); an embed or score shard's stats go into
+    the job's totals in the same step. True when every shard of the job is now accounted for."""
+    counted = _counted(shard, marker, result, storage) if shard.job.kind in EMBED_KINDS else None
+    return jobs.report_done(shard.job_id, shard.index, marker["samples_ok"], marker["samples_failed"], counted)
+
+
+def _counted(shard: ShardSpec, marker: dict[str, Any], result: Any, storage: Storage) -> Counted:
+    """The committed attempt's stats: this attempt's own bytes when it won, else (a lost race, a
+    redelivery that found the marker) one GET of ``stats/{i}.json``."""
+    name = layout.stats(shard.index)
+    stats = json.loads(result.files[name]) if result is not None and name in result.files else None
+    if stats is None or stats.get("attempt") != marker["attempt"]:
+        stats = _json(storage, name)
+        if stats is None or stats.get("attempt") != marker["attempt"]:
+            raise commit.CommitError(f"shard {shard.index}: committed, but files are missing: {name} "
+                                     f"of attempt {marker['attempt']}")
+    return Counted(merged.shard_record(marker, stats), stats, marker.get("job_id") != shard.job_id)
+
+
+def _json(storage: Storage, key: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read(key))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        log.warning("unreadable %s in %s", key, storage.uri)
+        return None
+
+
+def _replaced_kept(storage: Storage) -> list[int]:
+    keys = storage.list(layout.MERGED_DIR + "/replaced/")
+    return [int(k.rsplit("/", 1)[1].split(".")[0]) for k in keys if k.endswith(".json")]
+
+
+def _delete(storage: Storage, keys: list[str]) -> None:
+    for key in keys:
+        try:
+            storage.delete(key)
+        except FileNotFoundError:
+            pass
 
 
 def _incomplete(jobs: JobStore, job_id: str, storage: Storage, markers: dict[int, dict[str, Any]],

@@ -21,7 +21,7 @@ from clipbatch.core.specs import ShardSpec, SpecError
 from clipbatch.core.storage import PERMANENT_ERRORS, open_storage
 from clipbatch.tasks.app import app
 from clipbatch.tasks.context import SETTINGS, job_store
-from clipbatch.tasks.finalize import finalize
+from clipbatch.tasks.finalize import finalize, report_committed
 from clipbatch.workers.writers import UnreadableOutput
 
 log = logging.getLogger("clipbatch.shard")
@@ -119,7 +119,7 @@ def run_shard(
     shard_finished.send(sender=None, shard=shard, outcome=outcome, result=result, marker=marker, timings=timings)
     if after_commit is not None:
         after_commit(jobs, shard, marker)
-    if jobs.report_done(shard.job_id, shard.index, marker["samples_ok"], marker["samples_failed"]):
+    if report_committed(jobs, shard, marker, result, storage):
         finalize(jobs, shard.job_id)
     return {"outcome": outcome, "attempt": attempt, "committed_attempt": marker["attempt"],
             "seconds": timings["seconds"]}
