@@ -1,0 +1,557 @@
+"""Control-plane cost curves: what planning, submitting, ending and committing a job cost as the
+output grows to 10^5 shards (issue 16). No model runs: the outputs are synthetic (tests/synthetic.py).
+
+    .venv/bin/python bench/scale.py --sizes 1000,10000,100000 --backends local,s3 --s3-max 10000 \\
+        --out bench/results/<date>-scale.json
+
+For each backend (a local folder; the moto server started here, behind tests/s3proxy.py's counting
+proxy) and each size C it builds a committed output of C shards, then, with a Redis started here:
+  fresh    submit all C inputs to an empty output: seconds, peak RSS, Redis bytes per queued message;
+  topup    resubmit with 1 new shard, then run its message through the real task (the model replaced
+           by the synthetic compute): the last shard's commit and the job's end, requests and seconds;
+  nightly  resubmit with 1% (and --fractions) new shards: storage requests by kind, seconds, RSS;
+  commit   core/commit.commit of one shard's files, --commits times: seconds and writes per shard.
+Each submit runs in its own process (``Client().submit``, then the job is cancelled and its queue
+emptied): its peak RSS is that process's ru_maxrss. Local storage calls are counted per call of
+the storage interface (a listing is one call); S3 requests are counted at the proxy (a listing is
+one request per 1,000 keys). The table and the log-log slopes (numpy polyfit on logs) of each cost
+against C, and of the nightly costs against new shards at the largest C, are printed and saved.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+# For tests/ (ahead of site-packages' own "tests"), behind PYTHONPATH: that may point clipbatch at another tree.
+sys.path.insert(1 + len([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), str(ROOT))
+
+QUEUE = "scale-bench"
+BUCKET = "scale-bench"
+LOCAL_KINDS = {"read": "GET", "open_read": "GET", "write": "PUT", "create_exclusive": "PUT", "exists": "HEAD",
+               "info": "HEAD", "list": "LIST", "list_info": "LIST", "copy": "COPY", "delete": "DELETE"}
+WRITE_KINDS = ("PUT", "COPY", "DELETE", "POST")
+
+
+class LocalCalls:
+    """Counts calls of the local storage interface by S3 kind; a call made inside another is not counted."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.lock, self.depth = threading.Lock(), threading.local()
+
+    def install(self) -> LocalCalls:
+        from clipbatch.core.storage import LocalStorage
+
+        for name, kind in LOCAL_KINDS.items():
+            setattr(LocalStorage, name, self._counted(getattr(LocalStorage, name), kind))
+        return self
+
+    def _counted(self, fn: Callable, kind: str) -> Callable:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            depth = getattr(self.depth, "n", 0)
+            if depth == 0:
+                with self.lock:
+                    self.counts[kind] += 1
+            self.depth.n = depth + 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth.n = depth
+
+        return counted
+
+    def snapshot(self) -> Counter[str]:
+        with self.lock:
+            return Counter(self.counts)
+
+
+class Meter:
+    """Storage requests so far: the proxy's counts (S3, read over HTTP) or this process's local calls."""
+
+    def __init__(self, counts_url: str | None) -> None:
+        self.counts_url = counts_url
+        self.local = LocalCalls().install()
+
+    def counts(self) -> Counter[str]:
+        if self.counts_url is None:
+            return self.local.snapshot()
+        from urllib.request import urlopen
+
+        with urlopen(self.counts_url, timeout=30) as answer:
+            return Counter(json.loads(answer.read()))
+
+    @contextmanager
+    def span(self, into: dict[str, Any]) -> Iterator[None]:
+        """Record the block's ``seconds`` and ``requests`` by kind into ``into``."""
+        before, start = self.counts(), time.perf_counter()
+        try:
+            yield
+        finally:
+            into.update(seconds=time.perf_counter() - start, requests=_delta(self.counts(), before))
+
+
+def _delta(after: Counter[str], before: Counter[str]) -> dict[str, int]:
+    kinds = {k: after[k] - before[k] for k in after if after[k] - before[k]}
+    return {**dict(sorted(kinds.items())), "total": sum(kinds.values()),
+            "writes": sum(kinds.get(k, 0) for k in WRITE_KINDS)}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM): ru_maxrss would include the forking parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_submit(args: dict[str, Any], meter: Meter) -> dict[str, Any]:
+    """Plan, record and enqueue, as ``clipbatch submit`` does."""
+    from clipbatch.core.specs import JobSpec, ModelSpec
+    from clipbatch.orchestration import Client
+
+    got: dict[str, Any] = {}
+    with meter.span(got):
+        job = Client().submit(JobSpec(args["input"], args["output"], ModelSpec(args["model"]), queue=QUEUE))
+    return {"job_id": job.job_id, **got}
+
+
+def child_drain(args: dict[str, Any], meter: Meter) -> dict[str, Any]:
+    """Run every queued message through the worker's real task, the model replaced by the synthetic
+    compute; the job's end (``finalize``, inline or as its own message) is timed and counted apart."""
+    import base64
+
+    import redis
+
+    from tests import synthetic
+    tasks = _real_tasks(synthetic.compute)
+    r, ends, got, ran = redis.Redis.from_url(os.environ["CLIPBATCH_BROKER_URL"]), [], {}, 0
+    with _timed_finalize(meter, ends), meter.span(got):
+        while (raw := r.rpop(QUEUE)) is not None:
+            envelope = json.loads(raw)
+            args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+            tasks[envelope["headers"]["task"]](*args, **kwargs)
+            ran += 1
+    end = ends[-1] if ends else {"seconds": None, "requests": {}}
+    return {"messages": ran, **got, "finalize_s": end["seconds"], "finalize_requests": end["requests"],
+            "finalize_calls": len(ends)}
+
+
+def _real_tasks(compute: Callable) -> Any:
+    """The worker's task registry, with the embed task's model call replaced by ``compute``."""
+    import clipbatch.tasks.embed as embed_task
+    import clipbatch.tasks.finalize  # noqa: F401 (registers the finalise task)
+    from clipbatch.tasks.app import app
+
+    embed_task.compute_embeddings = compute
+    return app.tasks
+
+
+@contextmanager
+def _timed_finalize(meter: Meter, ends: list[dict[str, Any]]) -> Iterator[None]:
+    """Wrap the job's end where the worker calls it, recording its seconds and storage requests."""
+    import clipbatch.tasks.finalize as finalize_module
+    import clipbatch.tasks.lifecycle as lifecycle
+
+    original = finalize_module.finalize
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        ends.append({})
+        with meter.span(ends[-1]):
+            return original(*args, **kwargs)
+
+    patched = [m for m in (finalize_module, lifecycle) if getattr(m, "finalize", None) is original]
+    for module in patched:
+        module.finalize = timed
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.finalize = original
+
+
+def child_commit(args: dict[str, Any], meter: Meter) -> dict[str, Any]:
+    """Commit ``count`` shards' files with core/commit.commit, one after another, into a scratch output."""
+    import uuid
+
+    from clipbatch.core import commit
+    from clipbatch.core.storage import open_storage
+    from tests import synthetic
+
+    output, count = args["output"], args["count"]
+    storage, spec = open_storage(output), synthetic.job_spec(output, output)
+    seconds, got = [], {}
+    with meter.span(got):
+        for index in range(count):
+            attempt, uri = uuid.uuid4().hex, f"{output}/input-{index}.tar"
+            files = synthetic.shard_files(index, uri, "bench", attempt)
+            record = synthetic.marker(spec, index, uri, 1, "etag", "bench", attempt, list(files))
+            start = time.perf_counter()
+            won, _ = commit.commit(storage, index, attempt, files,
+                                   {k: v for k, v in record.items() if k not in ("index", "attempt", "files")})
+            seconds.append(time.perf_counter() - start)
+            if not won:
+                raise RuntimeError(f"commit of scratch shard {index} lost its race")
+    requests = got["requests"]
+    return {"shards": count, "commit_s": sum(seconds) / count, "commit_s_min": min(seconds),
+            "writes_per_shard": requests["writes"] / count, "requests_per_shard": requests["total"] / count,
+            "requests": requests}
+
+
+CHILDREN = {"submit": child_submit, "drain": child_drain, "commit": child_commit}
+
+
+def child(args: dict[str, Any]) -> None:
+    """In a process of its own: run one step, print its figures and the process's peak RSS as JSON."""
+    meter = Meter(args.get("counts_url"))
+    got = CHILDREN[args["op"]](args, meter)
+    print(json.dumps({**got, "peak_rss_mb": peak_rss_mb()}))
+
+
+class Bench:
+    """The parent's side of one run: Redis, the S3 proxy's counts, and the steps run as children."""
+
+    def __init__(self, redis_url: str, workdir: Path) -> None:
+        import redis
+
+        self.redis_url, self.workdir = redis_url, workdir
+        self.r = redis.Redis.from_url(redis_url)
+        self.counts_url: str | None = None  # the S3 proxy's counts; None: count local storage calls
+        self.moto: str | None = None  # the moto server's own URL: fixtures are built past the proxy
+
+    def step(self, op: str, **args: Any) -> dict[str, Any]:
+        """Run one step in its own process, so its peak RSS and CPU are its own."""
+        args = json.dumps({"op": op, "counts_url": self.counts_url, **args})
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, __file__, "--child", args], capture_output=True, text=True,
+                              env={**os.environ, "CLIPBATCH_BROKER_URL": self.redis_url})
+        if done.returncode:
+            raise RuntimeError(f"{op} failed:\n{done.stderr[-3000:]}")
+        return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall_s": time.perf_counter() - started}
+
+    def submit(self, fixture_input: str, output: str) -> dict[str, Any]:
+        """One submit; its figures plus Redis growth per queued message and per planned shard."""
+        from tests.synthetic import MODEL
+
+        memory = self._memory()
+        got = self.step("submit", input=fixture_input, output=output, model=MODEL)
+        grown, queued = self._memory() - memory, self.r.llen(QUEUE)
+        status = self._job(got["job_id"])
+        if "shards_total" not in status:
+            raise RuntimeError(f"no job record in Redis after submit {got}: {status}")
+        planned = int(status["shards_total"]) - int(status.get("shards_skipped", 0))
+        return {**got, "queued_messages": queued, "planned": planned, "redis_bytes": grown,
+                "redis_bytes_per_queued": grown / queued if queued else None,
+                "redis_bytes_per_planned": grown / planned if planned else None}
+
+    def _memory(self) -> int:
+        return int(self.r.info("memory")["used_memory"])
+
+    def _job(self, job_id: str) -> dict[str, str]:
+        from clipbatch.core import keys
+
+        return {k.decode(): v.decode() for k, v in self.r.hgetall(keys.job(job_id)).items()}
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel the job (its lease goes with it), then drop everything it left in Redis."""
+        from clipbatch.core.config import Settings
+        from clipbatch.orchestration import Client
+
+        Client(Settings.from_env()).job(job_id).cancel()
+        self.r.flushdb()
+
+
+def measure_size(bench: Bench, backend: str, size: int, fractions: list[float], commits: int) -> dict[str, Any]:
+    """Every figure at one output size on one backend (the docstring's fresh, topup, nightly, commit)."""
+    from tests import synthetic
+
+    root = f"s3://{BUCKET}/c{size}" if backend == "s3" else str(bench.workdir / f"c{size}")
+    start = time.perf_counter()
+    fixture = synthetic.build(f"{root}/in", f"{root}/out", size, endpoint=bench.moto)
+    result: dict[str, Any] = {"backend": backend, "shards": size, "build_s": time.perf_counter() - start}
+    _say(f"{backend} {size}: built in {result['build_s']:.0f} s")
+    result["fresh"] = bench.submit(fixture.input, f"{root}/fresh")
+    bench.cancel(result["fresh"]["job_id"])
+    synthetic.add_inputs(fixture.input, size, 1, endpoint=bench.moto)
+    result["topup"] = bench.submit(fixture.input, fixture.output)
+    result["topup_run"] = bench.step("drain")
+    bench.r.flushdb()
+    result["nightly"], added = [], 0
+    for fraction in sorted(fractions):
+        new = max(1, math.ceil(size * fraction))
+        synthetic.add_inputs(fixture.input, size + 1 + added, new - added, endpoint=bench.moto)
+        added = new
+        got = bench.submit(fixture.input, fixture.output)
+        bench.cancel(got["job_id"])
+        result["nightly"].append({"fraction": fraction, "new": new, **got})
+        _say(f"{backend} {size}: nightly {new} new: {got['requests']['total']} requests, {got['seconds']:.1f} s")
+    result["commit"] = bench.step("commit", output=f"{root}/commit", count=commits)
+    return result
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(up: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not up():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not start in {timeout_s} s")
+        time.sleep(0.1)
+
+
+@contextmanager
+def redis_server(port: int) -> Iterator[str]:
+    """A private redis-server on loopback, no persistence; stopped at the end."""
+    import redis
+
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        _wait(up, f"redis-server on port {port}")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def serve_proxy(upstream_port: int) -> None:
+    """In a process of its own (so the measured processes do not share its interpreter): the counting
+    proxy in front of moto, and a loopback endpoint that answers its counts by kind as JSON."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.s3proxy import FaultyS3Proxy
+
+    with FaultyS3Proxy(("127.0.0.1", upstream_port), fault_rate=0.0) as proxy:
+        class Counts(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                body = json.dumps(proxy.snapshot()).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Counts)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        print(json.dumps({"url": proxy.url, "counts_url": f"http://127.0.0.1:{server.server_address[1]}/"}),
+              flush=True)
+        sys.stdin.read()  # until the bench closes our stdin
+
+
+def _listening(port: int) -> Callable[[], bool]:
+    import socket
+
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    return up
+
+
+@contextmanager
+def s3_behind_proxy(bench: Bench) -> Iterator[None]:
+    """moto's server on a free port with the counting proxy in front; boto3 here and in every step
+    talks to the proxy, the fixture builders to moto directly."""
+    import boto3
+
+    port = _free_port()
+    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proxy = subprocess.Popen([sys.executable, __file__, "--serve-proxy", str(port)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    saved = dict(os.environ)
+    try:
+        _wait(_listening(port), "moto_server")
+        urls = json.loads(proxy.stdout.readline())
+        os.environ.update(AWS_ENDPOINT_URL_S3=urls["url"], AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_DEFAULT_REGION="us-east-1")
+        bench.counts_url, bench.moto = urls["counts_url"], f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=bench.moto).create_bucket(Bucket=BUCKET)
+        yield
+    finally:
+        bench.counts_url = bench.moto = None
+        os.environ.clear()
+        os.environ.update(saved)
+        for proc in (proxy, moto):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+# (name, how to read it from one size's result): the costs whose curves the bench reports
+METRICS: dict[str, Callable[[dict[str, Any]], float | None]] = {
+    "nightly_requests": lambda r: r["nightly"][0]["requests"]["total"],
+    "nightly_s": lambda r: r["nightly"][0]["seconds"],
+    "nightly_rss_mb": lambda r: r["nightly"][0]["peak_rss_mb"],
+    "topup_requests": lambda r: r["topup"]["requests"]["total"],
+    "fresh_submit_s": lambda r: r["fresh"]["seconds"],
+    "fresh_rss_mb": lambda r: r["fresh"]["peak_rss_mb"],
+    "redis_bytes_per_planned": lambda r: r["fresh"]["redis_bytes_per_planned"],
+    "redis_bytes_per_queued": lambda r: r["fresh"]["redis_bytes_per_queued"],
+    "finalize_s": lambda r: r["topup_run"]["finalize_s"],
+    "finalize_requests": lambda r: r["topup_run"]["finalize_requests"].get("total"),
+    "commit_s": lambda r: r["commit"]["commit_s"],
+    "commit_writes_per_shard": lambda r: r["commit"]["writes_per_shard"],
+}
+
+
+def slope(xs: list[float], ys: list[float | None]) -> float | None:
+    """The log-log slope (numpy polyfit, degree 1) over the points with a positive value."""
+    import numpy as np
+
+    points = [(x, y) for x, y in zip(xs, ys) if y is not None and y > 0 and x > 0]
+    if len(points) < 2:
+        return None
+    return float(np.polyfit(np.log([p[0] for p in points]), np.log([p[1] for p in points]), 1)[0])
+
+
+def curves(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per backend: each metric's slope against shard count, and the nightly costs' slopes against
+    new shards at the largest size (the top-up's 1 new shard, then each --fractions point)."""
+    out: dict[str, Any] = {}
+    for backend in sorted({r["backend"] for r in results}):
+        rows = sorted((r for r in results if r["backend"] == backend), key=lambda r: r["shards"])
+        sizes = [r["shards"] for r in rows]
+        by_size = {name: slope(sizes, [read(r) for r in rows]) for name, read in METRICS.items()}
+        last = rows[-1]
+        points = [(1, last["topup"])] + [(n["new"], n) for n in last["nightly"]]
+        news = [p[0] for p in points]
+        by_new = {"at_shards": last["shards"], "new": news,
+                  "requests": slope(news, [p[1]["requests"]["total"] for p in points]),
+                  "seconds": slope(news, [p[1]["seconds"] for p in points])}
+        out[backend] = {"against_shards": by_size, "against_new_shards": by_new}
+    return out
+
+
+COLUMNS = (("backend", "{backend}"), ("shards", "{shards}"), ("new", "{new}"), ("nightly req", "{nightly_requests}"),
+           ("nightly s", "{nightly_s:.2f}"), ("+1 req", "{topup_requests}"), ("fresh s", "{fresh_submit_s:.1f}"),
+           ("B/shard", "{redis_bytes_per_planned:.0f}"), ("end s", "{finalize_s:.2f}"),
+           ("end req", "{finalize_requests}"), ("commit s", "{commit_s:.3f}"),
+           ("writes", "{commit_writes_per_shard:.0f}"), ("RSS MB", "{rss:.0f}"))
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """One row per backend and size, in markdown (docs/scaling.md takes it as it is)."""
+    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in results:
+        values = {name: read(r) for name, read in METRICS.items()}
+        values.update(backend=r["backend"], shards=f"{r['shards']:,}", new=r["nightly"][0]["new"],
+                      rss=max(r["fresh"]["peak_rss_mb"], r["nightly"][0]["peak_rss_mb"]))
+        cells = []
+        for _, fmt in COLUMNS:
+            try:
+                cells.append(fmt.format(**values))
+            except (TypeError, ValueError):  # a figure the run did not produce
+                cells.append("-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _git(code_commit: str | None) -> dict[str, Any]:
+    """The commit measured: this checkout's (and whether its code has uncommitted changes), or the one
+    given for a tree PYTHONPATH points at (clean, e.g. a ``git archive`` of it)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    import clipbatch.core
+
+    code = str(Path(clipbatch.core.__file__).parent)
+    if code_commit:
+        return {"git_commit": git("rev-parse", code_commit), "git_dirty": False, "code": code}
+    dirty = git("status", "--porcelain", "--", "core", "orchestration", "tasks", "workers", "clipbatch")
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(dirty), "code": code}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    fractions = [float(f) for f in args.fractions.split(",")]
+    skipped, results = [], []
+    workdir = Path(tempfile.mkdtemp(prefix="clipbatch-scale-", dir=args.workdir))
+    with redis_server(args.redis_port or _free_port()) as redis_url:
+        os.environ["CLIPBATCH_BROKER_URL"] = redis_url
+        bench = Bench(redis_url, workdir)
+        for backend in args.backends.split(","):
+            wanted = [n for n in sizes if backend != "s3" or n <= args.s3_max]
+            skipped += [f"{backend} {n}: above --s3-max {args.s3_max}" for n in sizes if n not in wanted]
+            with s3_behind_proxy(bench) if backend == "s3" else _nothing():
+                for size in wanted:
+                    results.append(measure_size(bench, backend, size, fractions, args.commits))
+                    _say(table(results[-1:]))
+                    subprocess.run(["rm", "-rf", str(workdir / f"c{size}")])
+    subprocess.run(["rm", "-rf", str(workdir)])
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), **_git(args.code_commit), "cpus": os.cpu_count(), "label": args.label,
+            "args": vars(args), "skipped": skipped, "results": results, "curves": curves(results),
+            "table": table(results)}
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000,10000,100000", help="committed shard counts, comma-separated")
+    parser.add_argument("--backends", default="local,s3", help="local, s3, or both")
+    parser.add_argument("--s3-max", type=int, default=10_000, help="skip larger sizes on S3 (moto takes ~300 PUT/s)")
+    parser.add_argument("--fractions", default="0.01", help="nightly new-shard fractions, e.g. 0.01,0.1")
+    parser.add_argument("--commits", type=int, default=5, help="shards committed for the commit figures")
+    parser.add_argument("--redis-port", type=int, default=0, help="port of the redis-server started here (0: free)")
+    parser.add_argument("--workdir", default=None, help="where local outputs are built (default: the temp dir)")
+    parser.add_argument("--code-commit", default=None, help="the commit measured, when PYTHONPATH points the "
+                        "clipbatch package at an archive of it (default: this checkout's HEAD)")
+    parser.add_argument("--label", default="", help="a note kept in the JSON (e.g. baseline)")
+    parser.add_argument("--out", default=None, help="write the JSON here (bench/results/<date>-scale.json)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-proxy", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+    if args.serve_proxy:
+        return serve_proxy(args.serve_proxy)
+    report = run(args)
+    print(report["table"])
+    print(json.dumps(report["curves"], indent=2))
+    if report["skipped"]:
+        print("skipped: " + "; ".join(report["skipped"]))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
