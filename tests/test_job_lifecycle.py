@@ -108,3 +108,41 @@ def test_status_only_reads_and_a_worker_ends_the_job(redis_url, photo_shards, ch
     watched = run_cli("status", job_id, "--watch", "--json", env=env)
     assert json.loads(watched.stdout)["state"] == "succeeded", watched.stderr
     assert json.loads((out / "_job.json").read_text())["job_id"] == job_id
+
+
+def test_the_report_over_skipped_rescored_and_new_shards_is_the_full_merge(redis_url, checkpoint, tmp_path,
+                                                                          start_worker):
+    from clipbatch.core import merged
+    from clipbatch.core.report import SUMMARY, full_totals
+    from clipbatch.core.scores import summarize
+    from clipbatch.core.storage import open_storage
+    from tests.invariant import check_output
+    from tests.test_overlap_and_reruns import shard
+
+    # given: an output a first job ended over three shards (with error rows), and a worker
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    keys = {name: shard(inputs, name, 4, seed, corrupt=1) for seed, name in enumerate(("a", "b", "c"))}
+    queue = f"merge-{uuid.uuid4().hex[:8]}"
+    env = service_env(redis_url)
+    worker = start_worker(queue, env)
+    assert json.loads(run_cli("status", submit(env, str(inputs), str(out), checkpoint, queue), "--watch", "--json",
+                              env=env).stdout)["state"] == "succeeded"
+
+    # when: b changes, d is new, a and c are unchanged, and the job runs again
+    keys["b"] = shard(inputs, "b", 6, 7, corrupt=2)
+    keys["d"] = shard(inputs, "d", 3, 8)
+    job_id = submit(env, str(inputs), str(out), checkpoint, queue)
+    status = json.loads(run_cli("status", job_id, "--watch", "--json", env=env).stdout)
+
+    # then: skipped 2, rescored 1; its end merged only its own shards, and the report is the full merge
+    assert (status["state"], status["shards_skipped"], status["shards_rescored"]) == ("succeeded", 2, 1)
+    assert f"job finalized job={job_id} state=succeeded incomplete=0 orphans_swept=0 merged=bounded" in worker.log()
+    storage = open_storage(str(out))
+    got, (_, totals) = json.loads(storage.read(SUMMARY)), full_totals(storage)
+    want = summarize(merged.with_bounds(totals))
+    for key in ("count", "min", "max", "quantiles", "fraction_kept", "histogram"):
+        assert got[key] == want[key], key
+    assert got["mean"] == pytest.approx(want["mean"], rel=1e-12)
+    assert (got["shards"], got["embedded"], got["error_reasons"]) == (4, {"pairs": 17}, dict(totals.reasons))
+    assert sum(got["error_reasons"].values()) == 4
+    check_output(str(out), {str(inputs / f"{name}.tar"): k for name, k in keys.items()})

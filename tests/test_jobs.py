@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import redis
 
-from clipbatch.core import keys
-from clipbatch.core.jobs import JobStore
+from clipbatch.core import keys, merged
+from clipbatch.core.jobs import Counted, JobStore
+from clipbatch.core.scores import histogram
 from clipbatch.core.keys import DEAD_LETTERS_MAX, JobState
 
 
@@ -69,7 +71,11 @@ def test_every_key_of_a_job_that_ran_expires(redis_url):
     # given: a job whose shards were delivered, counted, failed, dead-lettered and finalised
     store, job_id = new_job(redis_url, total=3)
     store.count_delivery(job_id, 0)
-    store.report_done(job_id, 0, 5, 1)
+    stats = {"attempt": "a0", "samples_ok": 5, "samples_failed": 1, "error_reasons": {"no caption member": 1},
+             "clip_score": histogram(np.linspace(0.1, 0.3, 5))}
+    record = merged.shard_record({"index": 0, "attempt": "a0", "files": ["stats/0.json"], "samples_ok": 5,
+                                  "samples_failed": 1}, stats)
+    store.report_done(job_id, 0, 5, 1, Counted(record, stats, before=False))
     store.dead_letter(job_id, 1, "/in/1.tar", "poison")
     store.set_progress(job_id, 3, 0.5)
     store.claim_finalize(job_id, lease_s=30)
@@ -81,7 +87,8 @@ def test_every_key_of_a_job_that_ran_expires(redis_url):
     store.report_done(job_id, 2, 5, 0)
 
     # then: every key it owned carried a TTL, and the late writes left no key without one
-    assert {keys.job_done(job_id), keys.job_failed(job_id), keys.job_deliveries(job_id)} <= set(ttls)
+    assert {keys.job_done(job_id), keys.job_failed(job_id), keys.job_deliveries(job_id), keys.job_commits(job_id),
+            keys.job_merged(job_id)} <= set(ttls)
     assert all(ttl > 0 for ttl in ttls.values()), ttls
     assert all(ttl > 0 for ttl in job_key_ttls(store, job_id).values()), job_key_ttls(store, job_id)
 
