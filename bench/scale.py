@@ -7,6 +7,8 @@ output grows to 10^5 shards (issue 16). No model runs: the outputs are synthetic
 For each backend (a local folder; the moto server started here, behind tests/s3proxy.py's counting
 proxy) and each size C it builds a committed output of C shards, then, with a Redis started here:
   fresh    submit all C inputs to an empty output: seconds, peak RSS, Redis bytes per queued message;
+  settle   resubmit with nothing new and run its end: the first plan and end on an output this code
+           has not ended before (an index or saved totals are built here, if the code keeps them);
   topup    resubmit with 1 new shard, then run its message through the real task (the model replaced
            by the synthetic compute): the last shard's commit and the job's end, requests and seconds;
   nightly  resubmit with 1% (and --fractions) new shards: storage requests by kind, seconds, RSS;
@@ -274,7 +276,7 @@ class Bench:
 
 
 def measure_size(bench: Bench, backend: str, size: int, fractions: list[float], commits: int) -> dict[str, Any]:
-    """Every figure at one output size on one backend (the docstring's fresh, topup, nightly, commit)."""
+    """Every figure at one output size on one backend (the docstring's steps)."""
     from tests import synthetic
 
     root = f"s3://{BUCKET}/c{size}" if backend == "s3" else str(bench.workdir / f"c{size}")
@@ -284,6 +286,9 @@ def measure_size(bench: Bench, backend: str, size: int, fractions: list[float], 
     _say(f"{backend} {size}: built in {result['build_s']:.0f} s")
     result["fresh"] = bench.submit(fixture.input, f"{root}/fresh")
     bench.cancel(result["fresh"]["job_id"])
+    result["settle"] = bench.submit(fixture.input, fixture.output)
+    result["settle_run"] = bench.step("drain")
+    bench.r.flushdb()
     synthetic.add_inputs(fixture.input, size, 1, endpoint=bench.moto)
     result["topup"] = bench.submit(fixture.input, fixture.output)
     result["topup_run"] = bench.step("drain")
@@ -323,14 +328,19 @@ def _wait(up: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
 
 @contextmanager
 def redis_server(port: int) -> Iterator[str]:
-    """A private redis-server on loopback, no persistence; stopped at the end."""
+    """A private redis-server on loopback, no persistence; stopped at the end. A port already in use is
+    refused: the bench flushes its Redis between steps, so it must never talk to someone else's."""
     import redis
 
+    if _listening(port)():
+        raise SystemExit(f"port {port} is in use: give --redis-port a free one (the bench flushes its Redis)")
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
     client = redis.Redis(port=port)
 
     def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server on port {port} exited ({proc.returncode})")
         try:
             return bool(client.ping())
         except redis.ConnectionError:
@@ -422,6 +432,8 @@ METRICS: dict[str, Callable[[dict[str, Any]], float | None]] = {
     "fresh_rss_mb": lambda r: r["fresh"]["peak_rss_mb"],
     "redis_bytes_per_planned": lambda r: r["fresh"]["redis_bytes_per_planned"],
     "redis_bytes_per_queued": lambda r: r["fresh"]["redis_bytes_per_queued"],
+    "settle_requests": lambda r: r["settle"]["requests"]["total"],
+    "settle_end_requests": lambda r: r["settle_run"]["finalize_requests"].get("total"),
     "finalize_s": lambda r: r["topup_run"]["finalize_s"],
     "finalize_requests": lambda r: r["topup_run"]["finalize_requests"].get("total"),
     "commit_s": lambda r: r["commit"]["commit_s"],
@@ -460,7 +472,7 @@ def curves(results: list[dict[str, Any]]) -> dict[str, Any]:
 COLUMNS = (("backend", "{backend}"), ("shards", "{shards}"), ("new", "{new}"), ("nightly req", "{nightly_requests}"),
            ("nightly s", "{nightly_s:.2f}"), ("+1 req", "{topup_requests}"), ("fresh s", "{fresh_submit_s:.1f}"),
            ("B/shard", "{redis_bytes_per_planned:.0f}"), ("end s", "{finalize_s:.2f}"),
-           ("end req", "{finalize_requests}"), ("commit s", "{commit_s:.3f}"),
+           ("end req", "{finalize_requests}"), ("1st end req", "{settle_end_requests}"), ("commit s", "{commit_s:.3f}"),
            ("writes", "{commit_writes_per_shard:.0f}"), ("RSS MB", "{rss:.0f}"))
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import boto3
 import numpy as np
 
 from clipbatch.core import layout
@@ -36,6 +37,7 @@ MODEL = "clipbatch-tiny"  # the project's tiny config: a worker could run these 
 SAMPLES = 2  # samples per synthetic shard (one image, captioned twice under two keys)
 DIM = 8  # embedding width of the synthetic arrays
 S3_THREADS = 16  # requests in flight to S3; a folder is written from one thread (it is CPU-bound here)
+COMMITTED_AGO_NS = 3600 * 10**9  # a folder's files are dated an hour back: committed before, not just now
 _CHUNK = 500  # shards per task of a builder's pool
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 
@@ -134,14 +136,18 @@ def compute(shard: Any, attempt: str) -> ShardOutput:
 
 
 class _Writer:
-    """Writes keys under one root: plain files in a folder, or put_object on one shared S3 client."""
+    """Writes keys under one root: plain files in a folder, or put_object on one shared S3 client
+    (boto3's environment's endpoint, or ``endpoint``: a builder may bypass a counting proxy)."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, endpoint: str | None = None) -> None:
         self.storage = open_storage(uri)
         self.s3 = is_s3(uri)
-        self.client = s3_client() if self.s3 else None  # a client is thread-safe; build it once
+        self.client = None  # a client is thread-safe: one for every thread
+        if self.s3:
+            self.client = boto3.client("s3", endpoint_url=endpoint) if endpoint else s3_client()
         self.root = None if self.s3 else str(self.storage.root)
         self.threads = S3_THREADS if self.s3 else 1
+        self.mtime_ns = time.time_ns() - COMMITTED_AGO_NS
 
     def put(self, key: str, data: bytes) -> str:
         """Write one object; return the ETag the input listing will report for it."""
@@ -156,6 +162,7 @@ class _Writer:
             fd = os.open(path, _CREATE, 0o644)
         try:
             os.write(fd, data)
+            os.utime(fd, ns=(self.mtime_ns, self.mtime_ns))
             st = os.fstat(fd)
         finally:
             os.close(fd)
@@ -171,9 +178,10 @@ def _run(fn: Callable[[range], None], start: int, count: int, threads: int) -> N
         list(pool.map(fn, [range(s, min(s + step, start + count)) for s in range(start, start + count, step)]))
 
 
-def add_inputs(input: str, start: int, count: int, threads: int | None = None) -> dict[int, tuple[str, int, str]]:
+def add_inputs(input: str, start: int, count: int, threads: int | None = None,
+               endpoint: str | None = None) -> dict[int, tuple[str, int, str]]:
     """Write input tars ``start..start+count-1``; returns index -> (uri, size, etag) as the listing sees it."""
-    writer, uri = _Writer(input), open_storage(input).uri
+    writer, uri = _Writer(input, endpoint), open_storage(input).uri
     threads = threads or writer.threads
     found: dict[int, tuple[str, int, str]] = {}
 
@@ -186,9 +194,10 @@ def add_inputs(input: str, start: int, count: int, threads: int | None = None) -
     return found
 
 
-def commit_shards(spec: JobSpec, inputs: dict[int, tuple[str, int, str]], threads: int | None = None) -> None:
+def commit_shards(spec: JobSpec, inputs: dict[int, tuple[str, int, str]], threads: int | None = None,
+                  endpoint: str | None = None) -> None:
     """Write the finished commit of each input (contiguous indices): its files in place, then its marker."""
-    writer, job_id = _Writer(spec.output), uuid.uuid4().hex[:16]
+    writer, job_id = _Writer(spec.output, endpoint), uuid.uuid4().hex[:16]
     threads = threads or writer.threads
 
     def write(indices: range) -> None:
@@ -205,7 +214,7 @@ def commit_shards(spec: JobSpec, inputs: dict[int, tuple[str, int, str]], thread
         _run(write, min(inputs), len(inputs), threads)
 
 
-def build(input: str, output: str, shards: int, threads: int | None = None) -> Fixture:
+def build(input: str, output: str, shards: int, threads: int | None = None, endpoint: str | None = None) -> Fixture:
     """A committed output of ``shards`` input tars, as a finished embed job over ``input`` leaves it."""
     if not is_s3(input):
         Path(input).mkdir(parents=True, exist_ok=True)
@@ -213,5 +222,5 @@ def build(input: str, output: str, shards: int, threads: int | None = None) -> F
         for folder in ("img_emb", "text_emb", "metadata", "errors", "stats", layout.MARKER_DIR):
             (Path(output) / folder).mkdir(parents=True, exist_ok=True)
     spec = job_spec(input, output)
-    commit_shards(spec, add_inputs(input, 0, shards, threads), threads)
+    commit_shards(spec, add_inputs(input, 0, shards, threads, endpoint), threads, endpoint)
     return Fixture(spec, input, output, shards)
