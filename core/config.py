@@ -15,6 +15,12 @@ DEFAULT_MAX_RETRIES = 2
 # Starts of one shard (redeliveries after lost workers included) before it is dead-lettered.
 DEFAULT_MAX_DELIVERIES = 5
 DEFAULT_JOB_TTL_S = 30 * 24 * 3600
+# A job keeps at most this many of its shard messages in the broker; the rest wait in its pending
+# list (core/feed.py). Keep it above the number of workers (KEDA: maxReplicaCount x listLength).
+DEFAULT_QUEUE_WINDOW = 1_000
+# A submit that has not finished enqueueing after this long is presumed dead: the next submit on
+# its output cancels it and takes the output over.
+DEFAULT_SUBMIT_STALE_S = 600
 
 
 def _int_env(name: str, default: int) -> int:
@@ -64,6 +70,8 @@ class Settings:
     max_retries: int
     job_ttl_s: int
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    queue_window: int = DEFAULT_QUEUE_WINDOW
+    submit_stale_s: int = DEFAULT_SUBMIT_STALE_S
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -73,4 +81,6 @@ class Settings:
             max_retries=_int_env("CLIPBATCH_MAX_RETRIES", DEFAULT_MAX_RETRIES),
             job_ttl_s=_int_env("CLIPBATCH_JOB_TTL", DEFAULT_JOB_TTL_S),
             max_deliveries=_int_env("CLIPBATCH_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES),
+            queue_window=_int_env("CLIPBATCH_QUEUE_WINDOW", DEFAULT_QUEUE_WINDOW),
+            submit_stale_s=_int_env("CLIPBATCH_SUBMIT_STALE_S", DEFAULT_SUBMIT_STALE_S),
         )

@@ -283,3 +283,17 @@ class JobStore:
 
     def list_ids(self, limit: int = 50) -> list[str]:
         return list(self.r.zrevrange(keys.JOBS_INDEX, 0, limit - 1))
+
+    def mark_submitting(self, job_id: str) -> None:
+        """The producer is enqueueing the job's messages (its window, then its pending list)."""
+        self.r.hset(keys.job(job_id), "submitting", time.time())
+
+    def mark_submitted(self, job_id: str) -> None:
+        """The producer enqueued everything: the submit is whole."""
+        self.r.hdel(keys.job(job_id), "submitting")
+
+    def submit_unfinished_for(self, job_id: str) -> float | None:
+        """Seconds a job's submit has been enqueueing, None once it finished (or with no record).
+        A submit killed half-way leaves a record that stays here."""
+        started = self.r.hget(keys.job(job_id), "submitting")
+        return None if started is None else time.time() - float(started)

@@ -280,6 +280,10 @@ class ShardSpec:
 
     A folder, manifest or row-group shard carries its range in ``input`` as a fragment
     (``data.jsonl#rows=0-10000``, see core/inputs.py): that string is its identity.
+
+    On the wire a message carries the shard's identity only, ``[job_id, index, input, version]``
+    (:meth:`message`); the job's spec is stored once, in its Redis record, and a worker looks it
+    up by job id (:meth:`from_message`). ``to_dict`` is the older form that carried the whole spec.
     """
 
     job_id: str
@@ -298,3 +302,12 @@ class ShardSpec:
     def from_dict(cls, data: dict[str, Any]) -> ShardSpec:
         return cls(data["job_id"], int(data["index"]), data["input"], job_from_dict(data["job"]),
                    data.get("input_etag"))
+
+    def message(self) -> list[Any]:
+        """The message's arguments: the shard's identity, not its job's spec."""
+        return [self.job_id, self.index, self.input, self.input_etag]
+
+    @classmethod
+    def from_message(cls, args: list[Any], job: JobSpec | TrainShardsSpec | FinetuneSpec) -> ShardSpec:
+        job_id, index, uri, *version = args
+        return cls(job_id, int(index), uri, job, version[0] if version else None)

@@ -104,8 +104,11 @@ def submit() -> None:
 def _submit(spec, wait: bool, as_json: bool) -> None:
     """Submit any job; print its id, or wait and print its final status."""
     from clipbatch.orchestration.client import Client
+    from clipbatch.orchestration.progress import submitting
 
-    job = Client().submit(spec)
+    client = Client()
+    with submitting(client, live=not as_json and sys.stderr.isatty()):
+        job = client.submit(spec)
     status = job.wait(progress=not as_json) if wait else job.status()
     if as_json or wait:
         _print_status(status, as_json)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import redis
 
+from clipbatch.core import feed
 from clipbatch.core.config import Settings, redact
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.keys import JobState
@@ -26,7 +27,13 @@ from clipbatch.core.leases import OutputLeases
 from clipbatch.core.selection import plan_train_shards
 from clipbatch.core.storage import open_storage
 from clipbatch.core.broker import EMBED_SHARD, FINALIZE_JOB, FINETUNE_STEP, TRAIN_SHARD, make_app
-from clipbatch.core.specs import FinetuneSpec, JobSpec, ModelSpec, ShardSpec, SpecError, TrainShardsSpec
+from clipbatch.core.specs import FinetuneSpec, JobSpec, ModelSpec, SpecError, TrainShardsSpec
+
+# Called while a submit enqueues: (shards enqueued so far, shards to enqueue).
+SubmitProgress = Callable[[int, int], None]
+
+_PUBLISH_BATCH = 500  # messages between progress updates
+
 
 class BrokerUnavailable(RuntimeError):
     """Redis does not answer at the configured URL."""
@@ -44,7 +51,9 @@ class Client:
         self.redis = redis.Redis.from_url(self.settings.broker_url, decode_responses=True)
         self.jobs = JobStore(self.redis, self.settings.job_ttl_s)
         self.leases = OutputLeases(self.redis, self.settings.job_ttl_s)
+        self.feed = feed.Feed(self.redis, self.settings.job_ttl_s)
         self.app = make_app(self.settings)
+        self.progress: SubmitProgress | None = None  # set by the CLI to draw the submit's progress
 
     def ping(self) -> None:
         try:
@@ -135,6 +144,8 @@ class Client:
         """A new job id holding ``output``'s lease (core/leases.py); given back if the submit fails."""
         job_id = uuid.uuid4().hex[:16]
         holder = self.leases.acquire(output, job_id)
+        if holder is not None and self._submit_died(holder):
+            holder = self.leases.acquire(output, job_id)
         if holder is not None:
             state = (self.jobs.get(holder) or {"state": "planning"})["state"]
             raise SpecError("output", f"{output} is in use by job {holder} ({state}); one job per output at a "
@@ -142,24 +153,53 @@ class Client:
         try:
             yield job_id
         except BaseException:
+            # A submit stopped half-way (Ctrl-C, an error while enqueueing): what it enqueued must
+            # not run beside the next submit's plan, so the job is cancelled before the lease goes.
+            if self.jobs.get(job_id) is not None:
+                self.job(job_id).cancel()
             self.leases.release(output, job_id)
             raise
         self.leases.hold(output)
 
+    def _submit_died(self, holder: str) -> bool:
+        """Cancel ``holder`` if its submit started enqueueing longer ago than CLIPBATCH_SUBMIT_STALE_S
+        and never finished (its process was killed): the next submit replans and completes the work."""
+        age = self.jobs.submit_unfinished_for(holder)
+        if age is None or age < self.settings.submit_stale_s:
+            return False
+        return self.job(holder).cancel()
+
     def _launch(self, job_id: str, spec: JobSpec | TrainShardsSpec | FinetuneSpec, task: str, total: int,
                 committed: dict[int, dict[str, Any]], messages: list[tuple], rescored: int = 0) -> Job:
-        """Write the job record, then one message per (index, input).
+        """Write the job record, then its messages: the first CLIPBATCH_QUEUE_WINDOW go to the broker,
+        the rest to the job's pending list, which finished shards draw their successors from
+        (core/feed.py). A message carries the shard's identity (job id, index, input, version); the
+        spec is stored once, in the record.
 
         A job with nothing to run gets one finalise message instead: a worker ends it (writes
         ``_job.json`` and the report), so the producer never writes to the output.
         """
         self.jobs.create(job_id, spec.to_dict(), total, committed, rescored)
+        self.jobs.mark_submitting(job_id)
+        entries = [(index, uri, version[0] if version else None) for index, uri, *version in messages]
+        window = self.settings.queue_window
+        done = 0
+
+        def advance(count: int) -> None:
+            nonlocal done
+            done += count
+            if self.progress is not None:
+                self.progress(done, len(entries))
+
+        self.feed.load(job_id, entries[window:], advance)  # before the window: a fast shard may ask for its successor
         with self.app.producer_or_acquire() as producer:
-            for index, uri, *version in messages:
-                message = ShardSpec(job_id, index, uri, spec, *version).to_dict()
-                self.app.send_task(task, args=[message], queue=spec.queue, producer=producer)
-            if not messages:
+            for start in range(0, min(window, len(entries)), _PUBLISH_BATCH):
+                for entry in entries[start:min(window, start + _PUBLISH_BATCH)]:
+                    self.app.send_task(task, args=[job_id, *entry], queue=spec.queue, producer=producer)
+                advance(min(window, start + _PUBLISH_BATCH) - start)
+            if not entries:
                 self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue, producer=producer)
+        self.jobs.mark_submitted(job_id)
         return Job(self, job_id)
 
     def job(self, job_id: str) -> Job:
@@ -191,7 +231,8 @@ class Job:
         return status
 
     def cancel(self) -> bool:
-        """Stop a job: queued shards are skipped by the workers; committed outputs stay valid.
+        """Stop a job: its pending shards are dropped and its queued messages removed from the
+        broker (so queue-length autoscaling stops counting them); committed outputs stay valid.
 
         Its output's lease goes with it; a shard already running checks for the cancel again
         just before it commits, and drops its work if it finds one.
@@ -199,6 +240,8 @@ class Job:
         status = self.status()
         moved = self.client.jobs.set_state(self.job_id, JobState.CANCELLED)
         if moved:
+            self.client.feed.drop(self.job_id)
+            feed.purge(self.client.redis, status["queue"], self.job_id)
             self.client.leases.release(status["output"], self.job_id)
         return moved
 

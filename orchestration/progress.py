@@ -1,9 +1,11 @@
-"""Watch a job until it ends: a live rich progress bar for people, plain polling otherwise."""
+"""Watch a job until it ends, or a submit while it enqueues: a live rich progress bar for people,
+plain polling otherwise."""
 from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -11,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from clipbatch.core.keys import JobState
 
 if TYPE_CHECKING:
-    from clipbatch.orchestration.client import Job
+    from clipbatch.orchestration.client import Client, Job
 
 POLL_S = 0.5
 
@@ -44,3 +46,17 @@ def watch(
                 check()
             time.sleep(POLL_S)
             status = job.status()
+
+
+@contextmanager
+def submitting(client: Client, live: bool) -> Iterator[None]:
+    """Draw a bar on stderr while ``client`` enqueues a job (planned shards -> broker and pending list)."""
+    columns = (TextColumn("submitting"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=Console(file=sys.stderr), disable=not live, transient=True) as bar:
+        task = bar.add_task("submit", total=None)
+        client.progress = lambda done, total: bar.update(task, completed=done, total=total)
+        try:
+            yield
+        finally:
+            client.progress = None

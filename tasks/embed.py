@@ -5,11 +5,10 @@ from typing import Any
 
 from clipbatch.core.broker import EMBED_SHARD
 from clipbatch.tasks.app import app
-from clipbatch.tasks.lifecycle import ShardTask, run_shard
-from clipbatch.core.specs import ShardSpec
+from clipbatch.tasks.lifecycle import ShardTask, run_message
 from clipbatch.workers.embed import embed_shard as compute_embeddings
 
 
 @app.task(name=EMBED_SHARD, base=ShardTask, bind=True)
-def embed_shard(self: ShardTask, message: dict[str, Any]) -> dict[str, Any]:
-    return run_shard(ShardSpec.from_dict(message), compute_embeddings)
+def embed_shard(self: ShardTask, *message: Any) -> dict[str, Any]:
+    return run_message(list(message), compute_embeddings)

@@ -6,7 +6,7 @@ from typing import Any
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.broker import FINETUNE_STEP
 from clipbatch.tasks.app import app
-from clipbatch.tasks.lifecycle import ShardTask, run_shard
+from clipbatch.tasks.lifecycle import ShardTask, run_message
 from clipbatch.core.specs import ShardSpec
 from clipbatch.workers.finetune import train_step
 
@@ -17,10 +17,10 @@ def enqueue_next(jobs: JobStore, shard: ShardSpec, marker: dict[str, Any]) -> No
     jobs.set_progress(shard.job_id, marker["step"], marker["loss"])
     following = shard.index + 1
     if following < spec.steps:
-        message = ShardSpec(shard.job_id, following, spec.shards[following % len(spec.shards)], spec).to_dict()
-        app.send_task(FINETUNE_STEP, args=[message], queue=spec.queue)
+        message = ShardSpec(shard.job_id, following, spec.shards[following % len(spec.shards)], spec).message()
+        app.send_task(FINETUNE_STEP, args=message, queue=spec.queue)
 
 
 @app.task(name=FINETUNE_STEP, base=ShardTask, bind=True)
-def finetune_step(self: ShardTask, message: dict[str, Any]) -> dict[str, Any]:
-    return run_shard(ShardSpec.from_dict(message), train_step, after_commit=enqueue_next)
+def finetune_step(self: ShardTask, *message: Any) -> dict[str, Any]:
+    return run_message(list(message), train_step, after_commit=enqueue_next)

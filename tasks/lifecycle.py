@@ -1,7 +1,8 @@
 """The life of one shard message, the same for every kind of shard task.
 
-skip if the job was cancelled -> skip (and finish the move) if the marker exists ->
-compute -> commit (conditional marker) -> count once in Redis -> finalize if last.
+decode (look the job's spec up by id) -> skip if the job was cancelled -> skip (and finish the
+move) if the marker exists -> compute -> commit (conditional marker) -> publish a successor from
+the job's pending list (core/feed.py) -> count once in Redis -> finalize if last.
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from celery import Task
 from celery.utils.dispatch import Signal
 
 from clipbatch.core import commit
-from clipbatch.core.broker import FINALIZE_JOB
+from clipbatch.core.broker import EMBED_SHARD, FINALIZE_JOB, TRAIN_SHARD
+from clipbatch.core.feed import Feed
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.keys import JobState
 from clipbatch.core.specs import ShardSpec, SpecError
 from clipbatch.core.storage import PERMANENT_ERRORS, open_storage
 from clipbatch.tasks.app import app
-from clipbatch.tasks.context import SETTINGS, job_store
+from clipbatch.tasks.context import SETTINGS, job_spec, job_store
 from clipbatch.tasks.finalize import finalize, report_committed
 from clipbatch.workers.writers import UnreadableOutput
 
@@ -44,15 +46,50 @@ class ShardTask(Task):
     max_retries = SETTINGS.max_retries
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: ANN001 (Celery's signature)
-        shard = ShardSpec.from_dict(args[0])
+        shard = decode(job_store(), list(args))
+        if shard is None:
+            return
         reason = f"{type(exc).__name__}: {exc}"
         log.error("shard failed job=%s shard=%d input=%s reason=%s", shard.job_id, shard.index, shard.input, reason)
         _dead_letter(job_store(), shard, reason)
 
 
+# The task that runs a shard of each kind of job fed from a pending list (a fine-tune is a chain).
+_SHARD_TASKS = {"embed": EMBED_SHARD, "score": EMBED_SHARD, "shards": TRAIN_SHARD}
+
+
+def decode(jobs: JobStore, args: list[Any]) -> ShardSpec | None:
+    """A shard message's arguments -> its ShardSpec, the spec looked up by job id; None when the
+    job's record is gone. A one-dict message is an older producer's, which carried the whole spec."""
+    if len(args) == 1 and isinstance(args[0], dict):
+        return ShardSpec.from_dict(args[0])
+    spec = job_spec(jobs, args[0])
+    return None if spec is None else ShardSpec.from_message(args, spec)
+
+
+def run_message(args: list[Any], compute: Callable[[ShardSpec, str], Any],
+                after_commit: Callable[[JobStore, ShardSpec, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run one shard message (see :func:`run_shard`); a message of a job Redis no longer knows is dropped."""
+    shard = decode(job_store(), args)
+    if shard is None:
+        log.info("shard skipped job=%s shard=%s reason=job_unknown", args[0], args[1] if len(args) > 1 else "?")
+        return {"outcome": "job_unknown"}
+    return run_shard(shard, compute, after_commit)
+
+
+def publish_successor(jobs: JobStore, shard: ShardSpec) -> None:
+    """Keep the job's queue window full: publish the pending entry this shard takes (the same one
+    if this shard's message is redelivered: a duplicate the commit protocol absorbs)."""
+    task = _SHARD_TASKS.get(shard.job.kind)
+    entry = Feed(jobs.r, jobs.ttl_s).successor(shard.job_id, shard.index) if task else None
+    if entry is not None:
+        app.send_task(task, args=[shard.job_id, *entry], queue=shard.job.queue)
+
+
 def _dead_letter(jobs: JobStore, shard: ShardSpec, reason: str) -> None:
     """Record the shard as failed; the job's end, if this was its last shard, goes out as a message
     (``on_failure`` runs after the message is settled, so an inline finalise would have no redelivery)."""
+    publish_successor(jobs, shard)
     if jobs.dead_letter(shard.job_id, shard.index, shard.input, reason):
         app.send_task(FINALIZE_JOB, args=[shard.job_id], queue=shard.job.queue)
 
@@ -119,6 +156,7 @@ def run_shard(
     shard_finished.send(sender=None, shard=shard, outcome=outcome, result=result, marker=marker, timings=timings)
     if after_commit is not None:
         after_commit(jobs, shard, marker)
+    publish_successor(jobs, shard)
     if report_committed(jobs, shard, marker, result, storage):
         finalize(jobs, shard.job_id)
     return {"outcome": outcome, "attempt": attempt, "committed_attempt": marker["attempt"],

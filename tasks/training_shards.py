@@ -5,11 +5,10 @@ from typing import Any
 
 from clipbatch.core.broker import TRAIN_SHARD
 from clipbatch.tasks.app import app
-from clipbatch.tasks.lifecycle import ShardTask, run_shard
-from clipbatch.core.specs import ShardSpec
+from clipbatch.tasks.lifecycle import ShardTask, run_message
 from clipbatch.workers.training_shards import write_train_shard
 
 
 @app.task(name=TRAIN_SHARD, base=ShardTask, bind=True)
-def train_shard(self: ShardTask, message: dict[str, Any]) -> dict[str, Any]:
-    return run_shard(ShardSpec.from_dict(message), write_train_shard)
+def train_shard(self: ShardTask, *message: Any) -> dict[str, Any]:
+    return run_message(list(message), write_train_shard)

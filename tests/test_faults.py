@@ -201,14 +201,17 @@ def test_sigterm_finishes_the_running_shard_and_loses_nothing(redis_url, big_sha
 
 def test_cancel_a_running_job(redis_url, big_shards, checkpoint, tmp_path, start_worker):
     # given: a running job
-    client, job_id, worker, out, _, _ = started_job("cancel", redis_url, big_shards, checkpoint, tmp_path, start_worker)
+    client, job_id, worker, out, queue, _ = started_job("cancel", redis_url, big_shards, checkpoint, tmp_path,
+                                                        start_worker)
 
     # when: it is cancelled mid-shard
     assert client.job(job_id).cancel()
-    wait_for(lambda: worker.log().count("reason=cancelled") == 3, 120, "the queued shards to be skipped")
+    wait_for(lambda: worker.log().count("reason=cancelled") == 1, 120, "the running shard to drop its work")
 
-    # then: state cancelled; queued shards never ran; the running shard, cancelled before its
-    # commit, dropped its work (its output's lease is free for the next job: it must not commit)
+    # then: state cancelled; its queued messages left the broker's list (what KEDA counts) and
+    # never ran; the running shard, cancelled before its commit, dropped its work (its output's
+    # lease is free for the next job: it must not commit)
     assert client.job(job_id).status()["state"] == "cancelled"
+    assert client.redis.llen(queue) == 0
     assert worker.log().count("shard start") == 1 and worker.log().count("shard dropped") == 1
     assert not list((out / "_commits").glob("*.json")) and not (out / "_tmp").exists()
