@@ -157,16 +157,19 @@ def report_committed(jobs: JobStore, shard: ShardSpec, marker: dict[str, Any], r
     return jobs.report_done(shard.job_id, shard.index, marker["samples_ok"], marker["samples_failed"], counted)
 
 
-def _counted(shard: ShardSpec, marker: dict[str, Any], result: Any, storage: Storage) -> Counted:
+def _counted(shard: ShardSpec, marker: dict[str, Any], result: Any, storage: Storage) -> Counted | None:
     """The committed attempt's stats: this attempt's own bytes when it won, else (a lost race, a
-    redelivery that found the marker) one GET of ``stats/{i}.json``."""
+    redelivery that found the marker) one GET of ``stats/{i}.json``. None when that file is missing
+    or another attempt's: the shard is counted without them, and the job's end, finding its totals
+    short, reads every marker and file and fails the job naming what is missing."""
     name = layout.stats(shard.index)
     stats = json.loads(result.files[name]) if result is not None and name in result.files else None
     if stats is None or stats.get("attempt") != marker["attempt"]:
         stats = _json(storage, name)
         if stats is None or stats.get("attempt") != marker["attempt"]:
-            raise commit.CommitError(f"shard {shard.index}: committed, but files are missing: {name} "
-                                     f"of attempt {marker['attempt']}")
+            log.warning("shard counted without its stats job=%s shard=%d: %s is missing or not of attempt %s",
+                        shard.job_id, shard.index, name, marker["attempt"])
+            return None
     return Counted(merged.shard_record(marker, stats), stats, marker.get("job_id") != shard.job_id)
 
 

@@ -223,3 +223,21 @@ def test_a_committed_shard_whose_files_went_missing_still_fails_the_job(jobs, tm
     failures = json.loads(storage.read(layout.JOB_FILE))["failures"]
     assert status["state"] == "failed" and "files are missing: stats/2.json" in failures["2"]
     assert not storage.exists(layout.MERGED)
+
+
+def test_a_shard_counted_without_its_stats_sends_the_end_to_the_full_check(jobs, tmp_path, caplog):
+    # given: a job whose shard 1 was counted by a redelivery that found its stats file gone
+    storage = open_storage(str(tmp_path / "out"))
+    markers = committed_output(storage, 4, seed=10)
+    job_id = uuid.uuid4().hex
+    jobs.create(job_id, spec(storage.uri), 4, {i: m for i, m in markers.items() if i != 1})
+    storage.delete(layout.stats(1))
+    jobs.report_done(job_id, 1, markers[1]["samples_ok"], markers[1]["samples_failed"], None)
+
+    # when: the job ends
+    with caplog.at_level(logging.INFO, "clipbatch.finalize"):
+        status = finalize(jobs, job_id)
+
+    # then: the totals did not add up, the full check named the missing file, the job failed
+    assert "merges every shard's stats" in caplog.text and status["state"] == "failed"
+    assert "stats/1.json" in json.loads(storage.read(layout.JOB_FILE))["failures"]["1"]
