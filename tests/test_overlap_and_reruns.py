@@ -140,15 +140,15 @@ def test_a_rerun_that_writes_less_leaves_no_stale_files(setup, checkpoint, start
 
 def test_a_half_done_commit_is_finished_by_a_resubmit_and_missing_files_fail_the_job(setup, checkpoint,
                                                                                       start_worker):
-    # given: a finished output, then one shard's move into place undone (its files back in _tmp/)
+    # given: a finished output, then one shard's move into place undone (its files back in its staged bundle)
     inputs, out, queue, env = setup
     keys = {"a": shard(inputs, "a", 3, 1), "b": shard(inputs, "b", 3, 2)}
     start_worker(queue, env)
     assert wait_json(env, submit(env, inputs, out, checkpoint, queue).stdout.strip())["state"] == "succeeded"
     storage = open_storage(str(out))
     marker = commit.read_marker(storage, 1)
+    storage.write(layout.bundle(marker["attempt"]), commit.pack({name: storage.read(name) for name in marker["files"]}))
     for name in marker["files"]:
-        storage.write(layout.staged(marker["attempt"], name), storage.read(name))
         storage.delete(name)
 
     # when: the job is resubmitted (as after Redis lost its state)
