@@ -121,7 +121,7 @@ def test_a_worker_builds_one_client_and_commits_in_few_writes(redis_url, s3_endp
         env = service_env(redis_url, AWS_ENDPOINT_URL_S3=proxy.url)
         worker = start_worker(queue, env)
         client = Client(Settings(redis_url, 3600, 2, 3600))
-        clients, writes, seconds = {}, {}, {}
+        clients, writes, seconds, kinds = {}, {}, {}, {}
         # when: a small and a larger job run on the one worker
         for shards in JOB_SHARDS:
             proxy.reset()
@@ -130,14 +130,16 @@ def test_a_worker_builds_one_client_and_commits_in_few_writes(redis_url, s3_endp
             job = client.submit(spec)
             assert job.wait(timeout_s=300)["state"] == "succeeded"
             writes[shards], clients[shards] = proxy.writes(), worker.log().count(CLIENT_BUILT)
+            kinds[shards] = proxy.snapshot()
             seconds[shards] = commit_seconds(worker.log(), job.job_id)
         worker.stop()
 
     # then: the second job built no client (the first built the process's one), and a shard costs few writes
     (small, large) = JOB_SHARDS
     per_shard = (writes[large] - writes[small]) / (large - small)
+    by_kind = {k: (kinds[large][k] - kinds[small][k]) / (large - small) for k in kinds[large]}
     print(f"commit_s per shard: {seconds}; writes per job: {writes}; per shard: {per_shard:.1f}; "
-          f"'{CLIENT_BUILT}' lines after each job: {clients}")
+          f"requests per shard by kind: {by_kind}; '{CLIENT_BUILT}' lines after each job: {clients}")
     assert len(seconds[large]) == large
     assert clients[large] == clients[small] >= 1
     assert per_shard <= WRITES_PER_SHARD
