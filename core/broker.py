@@ -14,6 +14,7 @@ from celery.signals import after_setup_logger
 from celery.utils.saferepr import saferepr
 
 from clipbatch.core.config import DEFAULT_QUEUE, RedactingFilter, Settings, redact
+from clipbatch.core.signing import Signing, enable as enable_signing
 
 EMBED_SHARD = "clipbatch.embed_shard"
 TRAIN_SHARD = "clipbatch.write_train_shard"
@@ -75,5 +76,8 @@ def make_app(settings: Settings | None = None, include: tuple[str, ...] = ()) ->
         worker_send_task_events=True,
         task_send_sent_event=True,
     )
+    signing = Signing.from_env()
+    if signing is not None:  # opt-in: core/signing.py
+        enable_signing(app, signing)
     return app
 
