@@ -8,6 +8,8 @@ import uuid
 import pytest
 import redis
 
+from clipbatch.core.broker import EMBED_SHARD, make_app
+from clipbatch.core.config import Settings
 from tests.conftest import run_cli, service_env, wait_for
 
 pytestmark = pytest.mark.integration
@@ -57,11 +59,16 @@ def test_cancel_skips_queued_shards(redis_url, photo_shards, checkpoint, tmp_pat
     env = service_env(redis_url)
     job_id = submit(env, str(folder), str(tmp_path / "out"), checkpoint, queue)
 
-    # when: it is cancelled, then a worker drains the queue
+    # when: it is cancelled; then a message of it that escaped the purge (a producer's late
+    # duplicate, say) reaches a worker
     cancelled = run_cli("cancel", job_id, env=env)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    r = redis.Redis.from_url(redis_url)
+    assert r.llen(queue) == 0  # its queued messages left the list KEDA counts
+    app = make_app(Settings(**{**Settings.from_env().__dict__, "broker_url": redis_url}))
+    app.send_task(EMBED_SHARD, args=[job_id, 0, str(sorted(folder.glob("*.tar"))[0]), None], queue=queue)
     worker = start_worker(queue, env)
-    wait_for(lambda: worker.log().count("reason=cancelled") == 3, 120, "the worker to skip three shards")
+    wait_for(lambda: worker.log().count("reason=cancelled") == 1, 120, "the worker to skip the late message")
 
     # then: the state is cancelled (exit 1), and nothing was computed or committed
     status = run_cli("status", job_id, "--json", env=env)
