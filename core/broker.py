@@ -20,6 +20,7 @@ EMBED_SHARD = "clipbatch.embed_shard"
 TRAIN_SHARD = "clipbatch.write_train_shard"
 FINETUNE_STEP = "clipbatch.finetune_step"
 FINALIZE_JOB = "clipbatch.finalize_job"
+CURATE_STAGE = "clipbatch.curate_stage"  # a clusters, assign or dedup task of a training-shards job
 
 
 class RedactingAMQP(AMQP):

@@ -8,7 +8,8 @@ An embed/score output (what embedding-reader and autofaiss read)::
 ``{i:05d}`` pads to five digits and grows past them (``_commits/123456.json``); whatever reads
 these names parses the digits (``marker_index``) and orders by number, never by the name.
 
-A training-shards output: ``{j:05d}.tar``, ``sizes.json``, ``stats.json``. A fine-tune output:
+A training-shards output: ``{j:05d}.tar``, ``sizes.json``, ``stats.json``, and its stages' files
+under ``_curation/`` (plan, centroids, per-cluster partitions, keep lists, per-tar write plans). A fine-tune output:
 ``checkpoints/step_{k:05d}.pt``, ``checkpoints/final.pt``, ``metrics/step_{k:05d}.json``.
 Attempts stage their files under ``_tmp/{attempt}/`` until their marker wins (core/commit.py): one
 bundle ``_tmp/{attempt}/_bundle.tar`` holding them all, or (large commits, and attempts of older
@@ -30,11 +31,15 @@ SELECTION_STATS = "stats.json"
 FINAL_CHECKPOINT = "checkpoints/final.pt"
 PROBE_DIR = "_probe"  # submit's writability and conditional-put probes
 SUPERSEDED_DIR = "_superseded"  # markers of shards being rescored, so their index survives a crash mid-plan
-SELECTION_DIR = "_selection"  # a training-shards job's plan and its per-shard selections
+SELECTION_DIR = "_selection"  # a training-shards job's summary (sizes, per-stage counts), written by its write plan
 SELECTION_PLAN = f"{SELECTION_DIR}/plan.json"
 MERGED_DIR = "_report"  # the whole output's merged shard stats (core/merged.py), and what they replace
 MERGED = f"{MERGED_DIR}/merged.json"
 MARKER_INDEX = "_index/markers.jsonl.gz"  # a checked cache of the markers, so a plan need not read each (core/index.py)
+CURATION_DIR = "_curation"  # a training-shards job's stages: plan, centroids, partitions, keep lists (core/curation.py)
+CURATION_PLAN = f"{CURATION_DIR}/plan.json"
+CURATION_PARTS = f"{CURATION_DIR}/parts.json"  # the scored shards the assign stage reads, in task order
+CENTROIDS = f"{CURATION_DIR}/clusters/centroids.npy"
 
 
 def marker(index: int) -> str:
@@ -91,8 +96,23 @@ def replaced_stats(index: int) -> str:
     return f"{MERGED_DIR}/replaced/{index:05d}.json"
 
 
-def selection(index: int) -> str:
-    return f"{SELECTION_DIR}/{index:05d}.parquet"
+def assigned_dir(cluster: int) -> str:
+    return f"{CURATION_DIR}/assign/{cluster:05d}/"
+
+
+def assigned(cluster: int, part: int) -> str:
+    """The assign stage's rows of scored shard ``part`` that fall in ``cluster`` (listed per cluster)."""
+    return f"{assigned_dir(cluster)}{part:05d}.npy"
+
+
+def kept(cluster: int, part: int) -> str:
+    """The dedup stage's keep list: the rows of scored shard ``part`` that ``cluster`` keeps."""
+    return f"{CURATION_DIR}/dedup/{cluster:05d}/{part:05d}.npy"
+
+
+def write_plan(index: int) -> str:
+    """What training shard ``index`` holds: per scored shard, a range of its kept rows."""
+    return f"{CURATION_DIR}/write/{index:05d}.json"
 
 
 def training_shard(index: int) -> str:

@@ -1,64 +1,33 @@
-"""Plan a training-shards job: select pairs of a scored output, drop near-duplicates, and cut
-the result into output shards (one selection file per shard task).
+"""The exact single-machine curation: the reference the worker stages (core/curation.py) are
+measured against, and the end of a training-shards job (``sizes.json``, ``stats.json``).
 
 Selection by ``--min-score``, or by ``--top-fraction`` whose threshold is read off the merged
-score histogram (no global sort). Near-duplicate removal is exact and greedy in descending
-score order: a pair is dropped when its image embedding has cosine >= ``--dedup-cosine`` with
-a pair already kept. It runs on the producer in blocks of ``DEDUP_BLOCK`` rows, O(N x kept)
-time and O(kept x dim) memory: fine up to a few million pairs on one machine; beyond that, an
-approximate index (autofaiss) per bucket of a coarse quantiser would replace it.
+score histogram (no global sort). Near-duplicate removal is exact and greedy in descending score
+order (ties by source order): a pair is dropped when its image embedding has cosine >=
+``--dedup-cosine`` with a pair already kept; with ``--dedup-exact`` a pair whose image hash a
+better pair has goes first. O(N x kept) time, O(N x dim) memory: the reference, not the way a
+large output is curated. The dedup stage runs the same ``near_duplicates`` within each cluster.
 """
 from __future__ import annotations
 
 import io
 import json
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipbatch.core import commit, layout
 from clipbatch.core.scores import merge, quantile
-from clipbatch.core.storage import Storage, join, open_storage
-from clipbatch.core.specs import SpecError, TrainShardsSpec
+from clipbatch.core.storage import Storage, open_storage
+from clipbatch.core.specs import TrainShardsSpec
 
 DEDUP_BLOCK = 4096
 
 
-@dataclass
-class TrainPlan:
-    selections: list[str]  # URI of each output shard's selection file
-    summary: dict[str, Any]
-
-
-def _scored_rows(source: Storage, markers: dict[int, dict]) -> pa.Table:
-    tables = []
-    for i in sorted(markers):
-        if not markers[i]["samples_ok"]:  # a shard with no embedded pair has no metadata file
-            continue
-        table = pq.read_table(io.BytesIO(source.read(layout.embed_files(i)["metadata"])))
-        if "clip_score" not in table.column_names:
-            raise SpecError("scored", f"{source.uri} has no clip_score column; run a score job on it first")
-        table = table.select(["key", "shard", "clip_score"])
-        tables.append(table.append_column("part", pa.array(np.full(len(table), i, np.int64)))
-                      .append_column("row", pa.array(np.arange(len(table), dtype=np.int64))))
-    if not tables:
-        raise SpecError("scored", f"{source.uri} holds no embedded pairs (every sample was an error)")
-    return pa.concat_tables(tables)
-
-
-def _threshold(spec: TrainShardsSpec, source: Storage, markers: dict[int, dict]) -> float:
-    if spec.min_score is not None:
-        return float(spec.min_score)
-    stats = [json.loads(source.read(layout.stats(i))) for i in sorted(markers)]
-    return quantile(merge(s["clip_score"] for s in stats), 1.0 - spec.top_fraction)
-
-
 def near_duplicates(embeddings: np.ndarray, cosine: float, block: int = DEDUP_BLOCK) -> np.ndarray:
     """Greedy exact dedup in the given order: True for rows too close to an earlier kept row."""
-    emb = embeddings.astype(np.float32)
+    emb = np.array(embeddings, dtype=np.float32)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     dropped = np.zeros(len(emb), dtype=bool)
     kept = np.empty((0, emb.shape[1]), np.float32)
@@ -77,62 +46,67 @@ def near_duplicates(embeddings: np.ndarray, cosine: float, block: int = DEDUP_BL
     return dropped
 
 
-def plan_train_shards(spec: TrainShardsSpec, output: Storage) -> TrainPlan:
-    """Select and dedup, write one selection file per output shard plus ``_selection/plan.json``."""
+@dataclass
+class Reference:
+    """The exact curation of a scored output: every selected row and what became of it."""
+
+    threshold: float
+    part: np.ndarray  # selected rows' scored shard, in dedup order (descending score)
+    row: np.ndarray
+    embeddings: np.ndarray
+    exact: np.ndarray  # dropped: same image hash as a better row
+    near: np.ndarray  # dropped: cosine >= dedup_cosine with a better kept row
+    total: int
+
+    @property
+    def kept(self) -> list[tuple[int, int]]:
+        """(scored shard, row) of every kept pair, in source order."""
+        keep = ~(self.exact | self.near)
+        return sorted(zip(self.part[keep].tolist(), self.row[keep].tolist()))
+
+
+def exact_curation(spec: TrainShardsSpec) -> Reference:
+    """The exact greedy over the whole scored output in one process (every row and embedding in memory)."""
     source = open_storage(spec.scored)
     markers = commit.list_markers(source)
-    if not markers:
-        raise SpecError("scored", f"{spec.scored} holds no committed shards")
-    alone = sorted({m.get("modality", "pairs") for m in markers.values()} - {"pairs"})
-    if alone:
-        raise SpecError("scored", f"{spec.scored} holds {alone[0]}-only embeddings (--modality {alone[0]}), no "
-                                  "pairs or clip_score; training shards are cut from a pairs output")
-    rows = _scored_rows(source, markers)
-    scores = rows.column("clip_score").to_numpy()
-    threshold = _threshold(spec, source, markers)
-    chosen = np.nonzero(scores >= threshold)[0]
-    keys = rows.column("key").to_pylist()
-    # Highest score first, so the best of a group of duplicates is the one kept; ties by key.
-    chosen = sorted(chosen, key=lambda r: (-scores[r], keys[r]))
-    duplicate = np.zeros(len(chosen), bool)
-    if spec.dedup_cosine is not None and chosen:
-        parts, offsets = rows.column("part").to_numpy(), rows.column("row").to_numpy()
-        arrays = {i: np.load(io.BytesIO(source.read(layout.embed_files(i)["img"]))) for i in set(parts[chosen])}
-        duplicate = near_duplicates(np.stack([arrays[parts[r]][offsets[r]] for r in chosen]), spec.dedup_cosine)
-    kept = sorted(r for r, d in zip(chosen, duplicate) if not d)  # back to source order: few tars per shard
-    table = rows.take(pa.array(kept, pa.int64())).select(["shard", "key", "clip_score"])
-    starts = range(0, len(kept), spec.samples_per_shard)
-    sizes = [min(spec.samples_per_shard, len(kept) - start) for start in starts]
-    summary = {
-        "scored": spec.scored, "threshold": threshold, "min_score": spec.min_score, "top_fraction": spec.top_fraction,
-        "dedup_cosine": spec.dedup_cosine, "samples_per_shard": spec.samples_per_shard,
-        "total": len(scores), "kept": len(kept), "dropped_by_score": len(scores) - len(chosen),
-        "dropped_as_duplicate": int(duplicate.sum()),
-        "sizes": {layout.training_shard(j): n for j, n in enumerate(sizes)},
-    }
-    _check_same_plan(output, summary)
-    selections = []
-    for j, start in enumerate(starts):
-        buf = io.BytesIO()
-        pq.write_table(table.slice(start, spec.samples_per_shard), buf)
-        output.write(layout.selection(j), buf.getvalue())
-        selections.append(join(output.uri, layout.selection(j)))
-    output.write(layout.SELECTION_PLAN, json.dumps(summary, indent=2, sort_keys=True).encode())
-    return TrainPlan(selections, summary)
-
-
-def _check_same_plan(output: Storage, summary: dict[str, Any]) -> None:
-    try:
-        previous = json.loads(output.read(layout.SELECTION_PLAN))
-    except FileNotFoundError:
-        return
-    if previous != summary and commit.list_markers(output):
-        raise SpecError("output", f"{output.uri} already holds shards of a different selection; use a new output")
+    parts = sorted(i for i, m in markers.items() if m["samples_ok"])
+    hist = merge(json.loads(source.read(layout.stats(i)))["clip_score"] for i in parts)
+    threshold = float(spec.min_score) if spec.min_score is not None else quantile(hist, 1.0 - spec.top_fraction)
+    cols: dict[str, list] = {"part": [], "row": [], "score": [], "hash": [], "emb": []}
+    total = 0
+    for i in parts:
+        table = pq.read_table(io.BytesIO(source.read(layout.embed_files(i)["metadata"])))
+        scores = table.column("clip_score").to_numpy()
+        total += len(scores)
+        chosen = np.nonzero(scores >= threshold)[0]
+        cols["part"].append(np.full(len(chosen), i))
+        cols["row"].append(chosen)
+        cols["score"].append(scores[chosen])
+        hashes = table.column("image_hash").to_pylist() if "image_hash" in table.column_names else [""] * len(scores)
+        cols["hash"].append(np.array([hashes[r] for r in chosen], "S32"))
+        if spec.dedup_cosine is not None:
+            cols["emb"].append(np.load(io.BytesIO(source.read(layout.embed_files(i)["img"])))[chosen])
+    part, row, score, hashes = (np.concatenate(cols[k]) for k in ("part", "row", "score", "hash"))
+    order = np.lexsort((row, part, -score))
+    part, row, hashes = part[order], row[order], hashes[order]
+    exact = np.zeros(len(order), bool)
+    if spec.dedup_exact:
+        exact[:] = True
+        exact[np.unique(hashes, return_index=True)[1]] = False
+    near = np.zeros(len(order), bool)
+    emb = np.concatenate(cols["emb"])[order] if cols["emb"] else np.zeros((len(order), 0), np.float16)
+    if spec.dedup_cosine is not None and len(order):
+        rest = np.nonzero(~exact)[0]
+        near[rest] = near_duplicates(emb[rest], spec.dedup_cosine)
+    return Reference(threshold, part, row, emb, exact, near, total)
 
 
 def finish_train_shards(output: Storage) -> None:
-    """At the end of the job: ``sizes.json`` (what open_clip reads) and ``stats.json``."""
-    summary = json.loads(output.read(layout.SELECTION_PLAN))
+    """At the end of the job: ``sizes.json`` (what open_clip reads) and ``stats.json`` (per-stage counts)."""
+    try:
+        summary = json.loads(output.read(layout.SELECTION_PLAN))
+    except FileNotFoundError:
+        return  # a stage failed before the write stage was planned: the job ends failed, nothing to sum up
     output.write(layout.SIZES, json.dumps(summary["sizes"], indent=2, sort_keys=True).encode())
     stats = {k: v for k, v in summary.items() if k != "sizes"}
     output.write(layout.SELECTION_STATS, json.dumps(stats, indent=2, sort_keys=True).encode())

@@ -19,6 +19,9 @@ DEFAULT_CUDA_BATCH_SIZE = 1024
 # Samples per shard task of a folder or manifest input (img2dataset's shard size).
 DEFAULT_SAMPLES_PER_INPUT_SHARD = 10000
 DEFAULT_SAMPLES_PER_TRAIN_SHARD = 10000
+# Pairs per dedup task on average (k-means clusters = selected pairs / this); at most this many
+# selected pairs are deduped exactly, in one task (core/curation.py).
+DEFAULT_CLUSTER_SIZE = 2000
 MAX_BATCH_SIZE = 65536
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
@@ -174,7 +177,12 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class TrainShardsSpec:
-    """Curate open_clip-ready training shards from a scored output: select, dedup, write."""
+    """Curate open_clip-ready training shards from a scored output: select, dedup, write.
+
+    ``dedup_exact`` drops pairs whose image bytes equal a kept pair's; ``dedup_cosine`` those whose
+    image embedding is this close to a kept pair's, within k-means clusters of about
+    ``cluster_size`` selected pairs (one cluster, the exact greedy, when there are no more).
+    """
 
     scored: str
     output: str
@@ -184,6 +192,8 @@ class TrainShardsSpec:
     samples_per_shard: int = DEFAULT_SAMPLES_PER_TRAIN_SHARD
     queue: str = DEFAULT_QUEUE
     kind: str = "shards"
+    dedup_exact: bool = False
+    cluster_size: int = DEFAULT_CLUSTER_SIZE
 
     def validate(self) -> None:
         if not self.scored or not self.scored.strip():
@@ -201,6 +211,10 @@ class TrainShardsSpec:
         if isinstance(self.samples_per_shard, bool) or not isinstance(self.samples_per_shard, int) \
                 or self.samples_per_shard < 1:
             raise SpecError("samples_per_shard", f"{self.samples_per_shard!r} must be a positive integer")
+        if isinstance(self.cluster_size, bool) or not isinstance(self.cluster_size, int) or self.cluster_size < 2:
+            raise SpecError("cluster_size", f"{self.cluster_size!r} must be an integer of at least 2")
+        if not isinstance(self.dedup_exact, bool):
+            raise SpecError("dedup_exact", f"{self.dedup_exact!r} must be true or false")
         if not _QUEUE_RE.match(self.queue or ""):
             raise SpecError("queue", f"{self.queue!r} is not a queue name (letters, digits, _ . : -)")
 

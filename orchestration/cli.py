@@ -21,7 +21,8 @@ import redis
 from clipbatch.core.config import Settings, redact
 from clipbatch.core.keys import JobState
 from clipbatch.orchestration.cli_options import KIND_HELP, spec_from_options, with_kind_options
-from clipbatch.core.specs import DEFAULT_SAMPLES_PER_TRAIN_SHARD, FinetuneSpec, ModelSpec, SpecError, TrainShardsSpec
+from clipbatch.core.specs import (DEFAULT_CLUSTER_SIZE, DEFAULT_SAMPLES_PER_TRAIN_SHARD, FinetuneSpec, ModelSpec,
+                                  SpecError, TrainShardsSpec)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -138,16 +139,20 @@ for _kind, _help in KIND_HELP.items():
 @click.option("--output", required=True, help="Where the training shards go (folder or s3://bucket/prefix).")
 @click.option("--min-score", type=float, help="Keep pairs with clip_score >= this.")
 @click.option("--top-fraction", type=float, help="Keep this fraction of pairs, highest scores first.")
-@click.option("--dedup-cosine", type=float, help="Drop pairs whose image is this close (cosine) to a kept one.")
+@click.option("--dedup-cosine", type=float, help="Drop pairs whose image is this close (cosine) to a kept one "
+                                                  "(within k-means clusters; exact for a small selection).")
+@click.option("--dedup-exact", is_flag=True, help="Drop pairs whose image bytes equal a kept pair's.")
+@click.option("--cluster-size", type=int, default=DEFAULT_CLUSTER_SIZE, show_default=True,
+              help="Selected pairs per dedup task on average; a selection this small is deduped exactly.")
 @click.option("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_TRAIN_SHARD, show_default=True)
 @click.option("--queue", default="gpu", show_default=True)
 @click.option("--wait", is_flag=True, help="Wait for the job to end, with a progress bar.")
 @click.option("--json", "as_json", is_flag=True)
-def submit_shards(scored, output, min_score, top_fraction, dedup_cosine, samples_per_shard, queue, wait,
-                  as_json) -> None:
-    """Curate open_clip-ready webdataset shards from a scored output."""
-    _submit(TrainShardsSpec(scored, output, min_score, top_fraction, dedup_cosine, samples_per_shard, queue),
-            wait, as_json)
+def submit_shards(scored, output, min_score, top_fraction, dedup_cosine, dedup_exact, cluster_size, samples_per_shard,
+                  queue, wait, as_json) -> None:
+    """Curate open_clip-ready webdataset shards from a scored output, on the workers (docs/curation.md)."""
+    _submit(TrainShardsSpec(scored, output, min_score, top_fraction, dedup_cosine, samples_per_shard, queue,
+                            dedup_exact=dedup_exact, cluster_size=cluster_size), wait, as_json)
 
 
 @submit.command("finetune")

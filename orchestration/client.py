@@ -24,9 +24,11 @@ from clipbatch.core.keys import JobState
 from clipbatch.core.inputs import InputError, expand_input
 from clipbatch.orchestration.planner import absolute, normalise_model, own_markers, plan
 from clipbatch.core.leases import OutputLeases
-from clipbatch.core.selection import plan_train_shards
+from clipbatch.core.commit import list_markers
+from clipbatch.core.curation import check_markers, plan_curation, resume
+from clipbatch.core.curation_state import StageCounts
 from clipbatch.core.storage import open_storage
-from clipbatch.core.broker import EMBED_SHARD, FINALIZE_JOB, FINETUNE_STEP, TRAIN_SHARD, make_app
+from clipbatch.core.broker import CURATE_STAGE, EMBED_SHARD, FINALIZE_JOB, FINETUNE_STEP, TRAIN_SHARD, make_app
 from clipbatch.core.specs import FinetuneSpec, JobSpec, ModelSpec, SpecError, TrainShardsSpec
 
 # Called while a submit enqueues: (shards enqueued so far, shards to enqueue).
@@ -109,16 +111,30 @@ class Client:
                                 messages, len(planned.rescored))
 
     def submit_shards(self, spec: TrainShardsSpec) -> Job:
-        """Select, dedup and plan training shards from a scored output; one task per output shard."""
+        """Curate training shards on the workers (core/curation.py): plan the stages, then enqueue the
+        first stage not complete in storage; the task that completes a stage launches the next.
+        A whole stage is published at once (its size is the scored shards or the clusters)."""
         spec.validate()
         spec = replace(spec, scored=absolute(spec.scored), output=absolute(spec.output))
         self.ping()
         with self._leased(spec.output) as job_id:
             output = open_storage(spec.output)
-            planned = plan_train_shards(spec, output)
-            committed = own_markers(output, "shards", planned.selections)
-            messages = [(j, uri) for j, uri in enumerate(planned.selections) if j not in committed]
-            return self._launch(job_id, spec, TRAIN_SHARD, len(planned.selections), committed, messages)
+            planned = plan_curation(spec, output)
+            markers = list_markers(output)
+            check_markers(planned, spec.output, markers)
+            start = resume(planned, spec.output, output, markers)
+            self.jobs.create(job_id, spec.to_dict(), start.total, markers)
+            if start.stage is not None:
+                StageCounts(self.redis, self.settings.job_ttl_s).seed(job_id, start.stage, start.committed, start.tars)
+            self.jobs.mark_submitting(job_id)
+            task = TRAIN_SHARD if start.stage == "write" else CURATE_STAGE
+            with self.app.producer_or_acquire() as producer:
+                for index, uri in start.todo:
+                    self.app.send_task(task, args=[job_id, index, uri, None], queue=spec.queue, producer=producer)
+                if not start.todo:
+                    self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue, producer=producer)
+            self.jobs.mark_submitted(job_id)
+            return Job(self, job_id)
 
     def submit_finetune(self, spec: FinetuneSpec) -> Job:
         """Plan the step chain over the training shards and enqueue its first uncommitted step."""

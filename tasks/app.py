@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from clipbatch.core.broker import make_app
 
-TASK_MODULES = ("clipbatch.tasks.embed", "clipbatch.tasks.training_shards", "clipbatch.tasks.finetune",
-                "clipbatch.tasks.finalize", "clipbatch.tasks.hooks")
+TASK_MODULES = ("clipbatch.tasks.embed", "clipbatch.tasks.training_shards", "clipbatch.tasks.curation",
+                "clipbatch.tasks.finetune", "clipbatch.tasks.finalize", "clipbatch.tasks.hooks")
 
 app = make_app(include=TASK_MODULES)

@@ -157,7 +157,9 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     names = layout.embed_files(shard.index)  # clip-retrieval's layout: file i holds input shard i
     files = {names["errors"]: writers.errors_bytes(got.errors)}
     if got.rows:  # no empty files: embedding-reader skips empty npy files but not their metadata, and would misalign
-        extra = {"clip_score": scores} if scores is not None else None
+        extra = {"clip_score": scores} if scores is not None else {}
+        if modality != "text":
+            extra["image_hash"] = got.hashes
         files[names["metadata"]] = writers.metadata_bytes(got.rows, got.metas, extra)
         if shard.job.embeddings and modality != "text":
             files[names["img"]] = writers.npy_bytes(img)
@@ -180,6 +182,7 @@ class _Collected:
     txt: list[np.ndarray] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     metas: list[dict | None] = field(default_factory=list)
+    hashes: list[str | None] = field(default_factory=list)  # image_hash column (exact dedup)
     errors: list[dict[str, str]] = field(default_factory=list)
     captions: dict[str, np.ndarray] = field(default_factory=dict)  # text rows by caption: each embedded once
     seconds: dict[str, float] = field(default_factory=lambda: {"waiting_for_decode": 0.0, "forward": 0.0})
@@ -220,6 +223,7 @@ def _run_batches(shard: ShardSpec, bundle: ModelBundle, raws: Any, batch_size: i
             got.txt.extend([txt] if txt is not None else [])
             got.rows.extend({"key": s.key, "caption": s.caption, "shard": shard.input} for s in batch.good)
             got.metas.extend(s.meta for s in batch.good)
+            got.hashes.extend(s.image_hash for s in batch.good)
 
 
 def _stats(shard: ShardSpec, attempt: str, bundle: ModelBundle, input_bytes: int, batch_size: int,

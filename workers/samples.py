@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import io
 import json
 import lzma
@@ -96,6 +97,12 @@ class Sample:
     caption: str | None = None
     meta: dict | None = None
     error: str | None = None
+    image_hash: str | None = None  # content_hash of the image member's bytes (exact dedup)
+
+
+def content_hash(data: bytes) -> str:
+    """The ``image_hash`` metadata column: 128-bit BLAKE2b of the image bytes as read, in hex."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -250,7 +257,8 @@ def _decode(raw: RawSample, preprocess, draft_to: int | None, keep_jpeg: bool, m
     if image_ext is None:
         return Sample(raw.key, caption=caption, meta=meta)
     image, error = decode_image(raw.members[image_ext], image_ext, preprocess, draft_to, keep_jpeg)
-    return Sample(raw.key, image=image, caption=caption, meta=meta, error=error)
+    return Sample(raw.key, image=image, caption=caption, meta=meta, error=error,
+                  image_hash=content_hash(raw.members[image_ext]))
 
 
 def _caption_member(members: dict[str, bytes], ext: str) -> tuple[str | None, str | None]:

@@ -1,28 +1,39 @@
-"""Write one curated training shard: the selected pairs' original bytes, open_clip-ready."""
+"""Write one curated training shard: the kept pairs' original bytes, open_clip-ready, in source order."""
 from __future__ import annotations
 
 import io
 import json
 from collections import defaultdict
+from typing import Any
 
-import pyarrow.parquet as pq
+import numpy as np
 
 from clipbatch.core import layout
-from clipbatch.core.storage import open_storage, split
+from clipbatch.core.curation import parse_input, read_metadata, read_rows
+from clipbatch.core.storage import Storage, open_storage, split
 from clipbatch.core.specs import ShardSpec
 from clipbatch.workers.embed import ShardResult
 from clipbatch.workers.samples import CAPTION_EXT, IMAGE_EXTS, iter_raw_samples
 from clipbatch.workers.writers import write_tar
 
 
-def write_train_shard(shard: ShardSpec, attempt: str) -> ShardResult:
-    """Read the selection, stream each source tar once, write ``{index:05d}.tar`` in selection order."""
-    parent, name = split(shard.input)
-    storage = open_storage(parent)
-    info = storage.info(name)
-    if info is None:
-        raise FileNotFoundError(f"selection {shard.input} does not exist")
-    selected = pq.read_table(io.BytesIO(storage.read(name))).to_pylist()
+def selection(output: Storage, index: int) -> list[dict[str, Any]]:
+    """Tar ``index``'s pairs from its write plan: per scored shard, a range of the rows the dedup
+    stage kept (merged over clusters, in row order), with key, source shard and score."""
+    plan = json.loads(output.read(layout.write_plan(index)))
+    scored = open_storage(plan["scored"])
+    selected = []
+    for entry in plan["parts"]:
+        part = entry["part"]
+        rows = np.sort(np.concatenate([read_rows(output, layout.kept(c, part)) for c in entry["clusters"]]))
+        meta = read_metadata(scored, part, ["key", "shard", "clip_score"])
+        for r in rows[entry["start"]:entry["stop"]].tolist():
+            selected.append({"shard": meta["shard"][r], "key": meta["key"][r], "clip_score": float(meta["clip_score"][r])})
+    return selected
+
+
+def _originals(selected: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, bytes]]:
+    """Stream each source tar once; keep the members of the selected samples."""
     wanted: dict[str, set[str]] = defaultdict(set)
     for row in selected:
         wanted[row["shard"]].add(row["key"])
@@ -33,6 +44,14 @@ def write_train_shard(shard: ShardSpec, attempt: str) -> ShardResult:
             for raw in iter_raw_samples(stream):
                 if raw.key in wanted[source_uri]:
                     found[(source_uri, raw.key)] = raw.members
+    return found
+
+
+def write_train_shard(shard: ShardSpec, attempt: str) -> ShardResult:
+    """The write stage: ``{j:05d}.tar`` of tar ``j``'s pairs, original bytes and a json sidecar each."""
+    output_uri, _, j = parse_input(shard.input)
+    selected = selection(open_storage(output_uri), j)
+    found = _originals(selected)
     samples = []
     for n, row in enumerate(selected):
         members = found.get((row["shard"], row["key"]))
@@ -40,8 +59,8 @@ def write_train_shard(shard: ShardSpec, attempt: str) -> ShardResult:
             raise FileNotFoundError(f"sample {row['key']} is no longer in {row['shard']}")
         image_ext = next(e for e in IMAGE_EXTS if e in members)
         meta = {"key": row["key"], "source_shard": row["shard"], "clip_score": row["clip_score"]}
-        samples.append((f"{shard.index:05d}{n:06d}", {image_ext: members[image_ext], CAPTION_EXT: members[CAPTION_EXT],
-                                                     "json": json.dumps(meta, sort_keys=True).encode()}))
+        samples.append((f"{j:05d}{n:06d}", {image_ext: members[image_ext], CAPTION_EXT: members[CAPTION_EXT],
+                                            "json": json.dumps(meta, sort_keys=True).encode()}))
     buf = io.BytesIO()
     count = write_tar(buf, samples)
-    return ShardResult({layout.training_shard(shard.index): buf.getvalue()}, count, 0, info.size, info.etag)
+    return ShardResult({layout.training_shard(j): buf.getvalue()}, count, 0, 0, "", record={"stage": "write"})

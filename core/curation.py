@@ -1,0 +1,251 @@
+"""Training-shard curation as a chain of stages on the workers (docs/curation.md).
+
+Every stage task commits at the output's root with the commit protocol, at a global index::
+
+    0                  clusters  k-means centroids from a bounded random sample (one task)
+    1 .. S             assign    scored shard -> rows >= threshold -> nearest centroid -> per-cluster files
+    1+S .. S+K         dedup     cluster -> exact hash, then greedy cosine by descending score -> keep lists
+    1+S+K+j            write     training tar j from the keep lists, in source order
+
+The producer plans (threshold, S scored shards, K clusters) in O(scored shards) and enqueues the
+first stage not yet complete. The task that completes a stage launches the next one: the plan of
+a stage is a function of storage alone, so a second launch (a redelivery) enqueues duplicates the
+commit protocol absorbs. Only the write stage's size (tars) is learnt on the way, from the dedup
+markers. This module is pure storage and numpy: no faiss, no Celery.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from clipbatch.core import commit, layout
+from clipbatch.core.scores import BINS, LOW, WIDTH, merge, quantile
+from clipbatch.core.specs import SpecError, TrainShardsSpec
+from clipbatch.core.storage import Storage, open_storage
+
+STAGES = ("clusters", "assign", "dedup", "write")
+# Routing of a selected row to its dedup task: by nearest centroid (semantic dedup), by image hash
+# (exact dedup alone: identical bytes meet in one task wherever they are), or by scored shard (no dedup).
+ROUTES = ("cluster", "hash", "part")
+SAMPLE_PER_CLUSTER = 40  # k-means sample: this many selected rows per centroid ...
+SAMPLE_MAX = 100_000  # ... at most
+SAMPLE_PARTS = 64  # read from at most this many scored shards (a random choice)
+SPLIT_FACTOR = 4  # a cluster over this many times the cluster size is split (sub-k-means) in its dedup task
+
+
+@dataclass(frozen=True)
+class CurationPlan:
+    """What every stage needs to know, fixed by the producer and saved in ``_curation/plan.json``."""
+
+    scored: str
+    threshold: float
+    parts: int  # S: scored shards with pairs (their indices in parts.json)
+    clusters: int  # K
+    route: str
+    total: int  # scored pairs
+    selected_estimate: int
+    dedup_cosine: float | None
+    dedup_exact: bool
+    cluster_size: int
+    samples_per_shard: int
+
+    def base(self, stage: str) -> int:
+        """The global index of the stage's first task."""
+        return {"clusters": 0, "assign": 1, "dedup": 1 + self.parts, "write": 1 + self.parts + self.clusters}[stage]
+
+    def size(self, stage: str) -> int | None:
+        """Tasks in the stage; None for the write stage (known once dedup is done)."""
+        return {"clusters": 1, "assign": self.parts, "dedup": self.clusters}.get(stage)
+
+    def stage_of(self, index: int) -> str:
+        return next(s for s in reversed(STAGES) if index >= self.base(s))
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+
+
+def task_input(output: str, stage: str, n: int) -> str:
+    """A stage task's input: the output URI with the stage and its number as a fragment (unique per task)."""
+    return f"{output}#{stage}={n}"
+
+
+def parse_input(uri: str) -> tuple[str, str, int]:
+    """``task_input``'s inverse: (output, stage, number)."""
+    output, _, fragment = uri.rpartition("#")
+    stage, _, n = fragment.partition("=")
+    if stage not in STAGES or not n.isdigit():
+        raise ValueError(f"{uri!r} is not a curation task's input")
+    return output, stage, int(n)
+
+
+def load_plan(output: Storage) -> CurationPlan:
+    return CurationPlan(**json.loads(output.read(layout.CURATION_PLAN)))
+
+
+def load_parts(output: Storage) -> list[int]:
+    return json.loads(output.read(layout.CURATION_PARTS))
+
+
+def _selected_estimate(hist: dict[str, Any], threshold: float) -> int:
+    first = int(np.clip((threshold - LOW) / WIDTH, 0, BINS - 1))
+    return sum(c for b, c in hist["bins"].items() if int(b) >= first)
+
+
+def _route(spec: TrainShardsSpec) -> str:
+    return "cluster" if spec.dedup_cosine is not None else "hash" if spec.dedup_exact else "part"
+
+
+def plan_curation(spec: TrainShardsSpec, output: Storage) -> CurationPlan:
+    """Threshold, scored shards and cluster count from the markers and stats files: O(scored shards).
+    Saves the plan (refusing an output that holds another plan's stages) and returns it."""
+    source = open_storage(spec.scored)
+    markers = commit.list_markers(source)
+    if not markers:
+        raise SpecError("scored", f"{spec.scored} holds no committed shards")
+    alone = sorted({m.get("modality", "pairs") for m in markers.values()} - {"pairs"})
+    if alone:
+        raise SpecError("scored", f"{spec.scored} holds {alone[0]}-only embeddings (--modality {alone[0]}), no "
+                                  "pairs or clip_score; training shards are cut from a pairs output")
+    parts = sorted(i for i, m in markers.items() if m["samples_ok"])
+    if not parts:
+        raise SpecError("scored", f"{spec.scored} holds no embedded pairs (every sample was an error)")
+    if spec.dedup_cosine is not None:
+        missing = [i for i in parts if layout.embed_files(i)["img"] not in markers[i]["files"]]
+        if missing:
+            raise SpecError("dedup_cosine", f"{spec.scored} has no image embeddings for shard {missing[0]} "
+                                            "(scored with --no-embeddings); rescore with embeddings or drop the option")
+    hist = merge(json.loads(source.read(layout.stats(i))).get("clip_score") or merge([]) for i in parts)
+    if not hist["count"]:
+        raise SpecError("scored", f"{spec.scored} has no clip_score; run a score job on it first")
+    threshold = float(spec.min_score) if spec.min_score is not None else quantile(hist, 1.0 - spec.top_fraction)
+    selected = _selected_estimate(hist, threshold)
+    clusters = max(1, round(selected / spec.cluster_size)) if _route(spec) != "part" else max(1, len(parts))
+    plan = CurationPlan(spec.scored, threshold, len(parts), clusters, _route(spec), hist["count"], selected,
+                        spec.dedup_cosine, spec.dedup_exact, spec.cluster_size, spec.samples_per_shard)
+    _save_plan(output, plan, parts)
+    return plan
+
+
+def _save_plan(output: Storage, plan: CurationPlan, parts: list[int]) -> None:
+    try:
+        previous = load_plan(output)
+    except FileNotFoundError:
+        previous = None
+    if previous is not None and previous != plan and commit.list_markers(output):
+        raise SpecError("output", f"{output.uri} already holds shards of a different selection; use a new output")
+    output.write(layout.CURATION_PARTS, json.dumps(parts).encode())
+    output.write(layout.CURATION_PLAN, plan.to_json())
+
+
+def stage_tasks(plan: CurationPlan, output: str, stage: str, count: int | None = None) -> list[tuple[int, str]]:
+    """Every task of ``stage``: (global index, input). ``count``: the write stage's tars."""
+    n = plan.size(stage) if count is None else count
+    return [(plan.base(stage) + k, task_input(output, stage, k)) for k in range(n)]
+
+
+# ---- the write stage's plan: from the dedup markers, O(clusters + scored shards) ----
+
+def plan_write(output: Storage, plan: CurationPlan, markers: dict[int, dict[str, Any]]) -> int:
+    """Cut the kept rows, in source order, into tars of ``samples_per_shard``; write one write plan per
+    tar and the job's summary (sizes, per-stage counts). Deterministic bytes: safe to run twice."""
+    parts = load_parts(output)
+    dedup = [markers[plan.base("dedup") + c] for c in range(plan.clusters)]
+    by_part: dict[int, list[tuple[int, int]]] = {}
+    for c, marker in enumerate(dedup):
+        for part, n in marker["kept_parts"].items():
+            by_part.setdefault(int(part), []).append((c, n))
+    counts = [(p, sum(n for _, n in by_part.get(p, ()))) for p in parts]
+    kept = sum(n for _, n in counts)
+    tars = math.ceil(kept / plan.samples_per_shard)
+    entries: list[list[dict[str, Any]]] = [[] for _ in range(tars)]
+    position = 0
+    for part, n in counts:
+        clusters = sorted(c for c, _ in by_part.get(part, ()))
+        start = 0
+        while start < n:
+            j, offset = divmod(position, plan.samples_per_shard)
+            take = min(n - start, plan.samples_per_shard - offset)
+            entries[j].append({"part": part, "clusters": clusters, "start": start, "stop": start + take})
+            start, position = start + take, position + take
+    for j, entry in enumerate(entries):
+        output.write(layout.write_plan(j), json.dumps({"scored": plan.scored, "parts": entry}, sort_keys=True).encode())
+    _write_summary(output, plan, markers, dedup, kept, tars)
+    return tars
+
+
+def _write_summary(output: Storage, plan: CurationPlan, markers: dict[int, dict[str, Any]],
+                   dedup: list[dict[str, Any]], kept: int, tars: int) -> None:
+    assign = [markers[plan.base("assign") + a] for a in range(plan.parts)]
+    total, selected = sum(m["rows"] for m in assign), sum(m["selected"] for m in assign)
+    exact, near = sum(m["exact_dropped"] for m in dedup), sum(m["near_dropped"] for m in dedup)
+    sizes = {layout.training_shard(j): min(plan.samples_per_shard, kept - j * plan.samples_per_shard)
+             for j in range(tars)}
+    summary = {
+        "scored": plan.scored, "threshold": plan.threshold, "dedup_cosine": plan.dedup_cosine,
+        "dedup_exact": plan.dedup_exact, "samples_per_shard": plan.samples_per_shard,
+        "total": total, "kept": kept, "dropped_by_score": total - selected, "dropped_as_duplicate": exact + near,
+        "dropped_exact_duplicate": exact, "dropped_near_duplicate": near,
+        "stages": {"route": plan.route, "clusters": plan.clusters, "cluster_size": plan.cluster_size,
+                   "exact": plan.clusters == 1, "largest_cluster": max((m["selected"] for m in dedup), default=0),
+                   "split_clusters": sum(1 for m in dedup if m.get("split", 1) > 1),
+                   "tasks": {"clusters": 1, "assign": plan.parts, "dedup": plan.clusters, "write": tars}},
+        "sizes": sizes,
+    }
+    output.write(layout.SELECTION_PLAN, json.dumps(summary, indent=2, sort_keys=True).encode())
+
+
+def check_markers(plan: CurationPlan, output: str, markers: dict[int, dict[str, Any]]) -> None:
+    """Every marker of the output is this plan's task at its index; else the output is another job's."""
+    for index, marker in sorted(markers.items()):
+        stage = plan.stage_of(index)
+        expected = task_input(output, stage, index - plan.base(stage))
+        if marker.get("kind") != "shards" or marker.get("input") != expected:
+            raise SpecError("output", f"{output} holds other results (shard {index}: a {marker.get('kind')} job's, "
+                                      f"of {marker.get('input')}); use a separate output for each job")
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a (re)submitted job starts: the first stage not complete (None: all done), the job's
+    task total so far, that stage's tasks to enqueue and those already committed, and the tars."""
+
+    stage: str | None
+    total: int
+    todo: list[tuple[int, str]]
+    committed: list[int]
+    tars: int | None
+
+
+def resume(plan: CurationPlan, output_uri: str, output: Storage, markers: dict[int, dict[str, Any]]) -> Resume:
+    """From the markers alone (the write stage's plan is rewritten, identically, once dedup is done)."""
+    total = 1 + plan.parts + plan.clusters
+    tars = None
+    for stage in STAGES:
+        if stage == "write":
+            tars = plan_write(output, plan, markers)
+            total += tars
+        tasks = stage_tasks(plan, output_uri, stage, tars)
+        todo = [(i, uri) for i, uri in tasks if i not in markers]
+        if todo:
+            return Resume(stage, total, todo, [i for i, _ in tasks if i in markers], tars)
+    return Resume(None, total, [], [], tars)
+
+
+def read_rows(storage: Storage, key: str) -> np.ndarray:
+    """A structured npy written by a stage (no pickles)."""
+    return np.load(io.BytesIO(storage.read(key)), allow_pickle=False)
+
+
+def read_metadata(scored: Storage, part: int, columns: list[str]) -> dict[str, np.ndarray | list]:
+    table = pq.read_table(io.BytesIO(scored.read(layout.embed_files(part)["metadata"])))
+    missing = [c for c in columns if c not in table.column_names]
+    if "clip_score" in missing:
+        raise SpecError("scored", f"{scored.uri} has no clip_score column; run a score job on it first")
+    return {c: (table.column(c).to_numpy() if c == "clip_score" else table.column(c).to_pylist())
+            for c in columns if c not in missing}

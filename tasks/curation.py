@@ -1,0 +1,77 @@
+"""The curation stage task (clusters, assign, dedup) and the chain between stages.
+
+Each stage task runs the usual shard life cycle (tasks/lifecycle.py: skip if committed, compute,
+commit at its global index, count once). Before it is counted, its ``after_commit`` records it
+in its stage's set; the task that finds its stage complete launches the next stage, which is
+planned from storage alone. A redelivered completing task launches again: the same messages,
+which the commit protocol absorbs, and the write stage's tars join the job's total once.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from clipbatch.core.broker import CURATE_STAGE, TRAIN_SHARD
+from clipbatch.core.commit import list_markers
+from clipbatch.core.curation import CurationPlan, load_parts, load_plan, parse_input, plan_write, stage_tasks
+from clipbatch.core.curation_state import StageCounts
+from clipbatch.core.jobs import JobStore
+from clipbatch.core.specs import ShardSpec
+from clipbatch.core.storage import open_storage
+from clipbatch.tasks.app import app
+from clipbatch.tasks.lifecycle import ShardTask, run_message
+from clipbatch.workers.curation import assign_part, dedup_cluster, train_centroids
+from clipbatch.workers.embed import ShardResult
+
+log = logging.getLogger("clipbatch.curation")
+NEXT = {"clusters": "assign", "assign": "dedup", "dedup": "write"}
+
+
+def compute_stage(shard: ShardSpec, attempt: str) -> ShardResult:
+    """One stage task's files and marker record (no samples: only the write stage counts pairs)."""
+    output_uri, stage, n = parse_input(shard.input)
+    output = open_storage(output_uri)
+    plan = load_plan(output)
+    if stage == "clusters":
+        files, record = train_centroids(plan, output)
+    elif stage == "assign":
+        files, record = assign_part(plan, output, load_parts(output)[n])
+    elif stage == "dedup":
+        files, record = dedup_cluster(plan, output, n)
+    else:
+        raise ValueError(f"{shard.input}: the write stage runs as {TRAIN_SHARD}")
+    return ShardResult(files, 0, 0, 0, "", record={"stage": stage, **record})
+
+
+def send(job_id: str, queue: str, task: str, entries: list[tuple[int, str]]) -> None:
+    """Publish a stage's messages: ``[job_id, index, input, version]``, as every shard message."""
+    with app.producer_or_acquire() as producer:
+        for index, uri in entries:
+            app.send_task(task, args=[job_id, index, uri, None], queue=queue, producer=producer)
+
+
+def launch(jobs: JobStore, job_id: str, queue: str, plan: CurationPlan, output_uri: str, stage: str) -> None:
+    """Enqueue every task of ``stage`` (idempotent but for duplicate messages)."""
+    if stage == "write":
+        output = open_storage(output_uri)
+        tars = plan_write(output, plan, list_markers(output))
+        StageCounts(jobs.r, jobs.ttl_s).add_write(job_id, tars)
+        entries = stage_tasks(plan, output_uri, "write", tars)
+    else:
+        entries = stage_tasks(plan, output_uri, stage)
+    log.info("curation stage launched job=%s stage=%s tasks=%d", job_id, stage, len(entries))
+    send(job_id, queue, TRAIN_SHARD if stage == "write" else CURATE_STAGE, entries)
+
+
+def chain(jobs: JobStore, shard: ShardSpec, marker: dict[str, Any]) -> None:
+    """After the commit, before the count: launch the next stage if this task completed its own."""
+    output_uri, stage, _ = parse_input(shard.input)
+    plan = load_plan(open_storage(output_uri))
+    done = StageCounts(jobs.r, jobs.ttl_s).committed(shard.job_id, stage, shard.index)
+    if done == plan.size(stage):
+        launch(jobs, shard.job_id, shard.job.queue, plan, output_uri, NEXT[stage])
+
+
+@app.task(name=CURATE_STAGE, base=ShardTask, bind=True)
+def curate_stage(self: ShardTask, *message: Any) -> dict[str, Any]:
+    return run_message(list(message), compute_stage, after_commit=chain)
