@@ -91,17 +91,48 @@ def _png(fig) -> bytes:
 
 
 def _plot(summary: dict[str, Any]) -> bytes:
+    return _png(_score_figure(summary)[0])
+
+
+def _score_figure(summary: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """The clip_score histogram with a dashed line and a label per threshold: (figure, the labels)."""
     edges, counts = summary["histogram"]["edges"], summary["histogram"]["counts"]
     fig, ax = _axes()
     ax.stairs(counts, edges, fill=True, alpha=0.7)
     for t in THRESHOLDS:
-        kept = summary["fraction_kept"][f"{t:.2f}"]
         ax.axvline(t, color="crimson", linestyle="--", linewidth=1)
-        ax.text(t, ax.get_ylim()[1] * 0.95, f" {t:.2f}\n {kept:.1%} kept", color="crimson", fontsize=7, va="top")
     ax.set_xlabel("clip_score (cosine of image and caption embeddings)")
     ax.set_ylabel("pairs")
     ax.set_title(f"{summary['count']} pairs, {summary['model']}")
-    return _png(fig)
+    labels = _threshold_labels(ax, summary["fraction_kept"])
+    lowest = min(ax.transAxes.inverted().transform(label.get_window_extent())[0][1] for label in labels)
+    ax.set_ylim(0, max(max(counts, default=1), 1) / max(lowest - 0.03, 0.3))  # the bars stay under the labels
+    return fig, labels
+
+
+_LABEL_TOP = 0.97  # a threshold's label hangs from this height (axes fraction) when it has room there
+_LABEL_GAP_PX = 3
+
+
+def _threshold_labels(ax: Any, fraction_kept: dict[str, float]) -> list[Any]:
+    """Label each threshold's line at the top; a label that would overlap one placed before hangs just
+    below it instead (thresholds as close as 0.28 and 0.30 stay readable at any x range)."""
+    placed, labels = [], []
+    for t in THRESHOLDS:
+        label = ax.text(t, _LABEL_TOP, f" {t:.2f}\n {fraction_kept[f'{t:.2f}']:.1%} kept", color="crimson",
+                        fontsize=7, va="top", transform=ax.get_xaxis_transform(),
+                        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1})
+        while True:
+            box = label.get_window_extent().padded(_LABEL_GAP_PX)
+            hit = [p for p in placed if box.overlaps(p)]
+            if not hit:
+                break
+            top_px = min(p.y0 for p in hit) - _LABEL_GAP_PX - 1
+            below = ax.transAxes.inverted().transform((0, top_px))[1]
+            label.set_y(min(below, label.get_position()[1] - 0.005))  # always lower: the loop ends
+        placed.append(box)
+        labels.append(label)
+    return labels
 
 
 def _page(summary: dict[str, Any]) -> str:

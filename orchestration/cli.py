@@ -108,7 +108,7 @@ def _submit(spec, wait: bool, as_json: bool) -> None:
     from clipbatch.orchestration.progress import submitting
 
     client = Client()
-    with submitting(client, live=not as_json and sys.stderr.isatty()):
+    with submitting(client, live=not as_json):
         job = client.submit(spec)
     status = job.wait(progress=not as_json) if wait else job.status()
     if as_json or wait:

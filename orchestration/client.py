@@ -212,7 +212,7 @@ class Client:
             for start in range(0, min(window, len(entries)), _PUBLISH_BATCH):
                 for entry in entries[start:min(window, start + _PUBLISH_BATCH)]:
                     self.app.send_task(task, args=[job_id, *entry], queue=spec.queue, producer=producer)
-                advance(min(window, start + _PUBLISH_BATCH) - start)
+                advance(min(window, len(entries), start + _PUBLISH_BATCH) - start)
             if not entries:
                 self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue, producer=producer)
         self.jobs.mark_submitted(job_id)
