@@ -12,7 +12,7 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test soak install clean
+.PHONY: demo test soak install clean checkov
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,19 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 install: $(BIN)/.installed
 
+# checkov, the IaC scanner tests/test_deploy_hardening.py runs over deploy/, in a venv of its own
+# (its pins of boto3 and packaging clash with the project's).
+CHECKOV := $(VENV)/checkov/bin/checkov
+$(CHECKOV):
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/python -m pip install --quiet checkov==3.3.30
+
+checkov: $(CHECKOV)
+
 demo: $(BIN)/.installed
 	$(BIN)/clipbatch demo --workdir demo
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed $(CHECKOV)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The interleaving search at length: many seeds, longer runs of operations (tests/test_interleavings.py).

@@ -44,6 +44,10 @@ FOREIGN_ENV = {
     "CLIPBATCH_DATA": "compose: the host folder the mc tool mounts",
     "PYTHONDONTWRITEBYTECODE": "Python", "PYTHONUNBUFFERED": "Python", "PIP_NO_CACHE_DIR": "pip",
     "DEBIAN_FRONTEND": "apt", "VIRTUAL_ENV": "venv", "PATH": "the shell", "HOME": "the shell",
+    "MINIO_APP_USER": "compose: the MinIO user limited to the bucket, made by createbucket",
+    "MINIO_APP_SECRET": "compose: that user's secret", "FLOWER_BASIC_AUTH": "Flower",
+    "FLOWER_PASSWORD": "compose: Flower's basic-auth password", "HF_HOME": "huggingface_hub (open_clip downloads)",
+    "TORCH_HOME": "torch.hub", "XDG_CACHE_HOME": "libraries caching under ~/.cache",
 }
 
 
@@ -51,9 +55,28 @@ def yaml_docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
 
+def kustomization() -> dict[str, Any]:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def generated_secrets() -> list[dict[str, Any]]:
+    """The Secrets kustomize's secretGenerator makes, from each env file's committed ``.example``
+    (the env files themselves hold the real values and are git-ignored)."""
+    secrets = []
+    for generator in kustomization().get("secretGenerator", []):
+        data = {}
+        for env_file in generator["envs"]:
+            for line in (K8S / f"{env_file}.example").read_text().splitlines():
+                if line.strip() and not line.startswith("#"):
+                    key, _, value = line.partition("=")
+                    data[key] = value
+        secrets.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": generator["name"]},
+                        "type": "Opaque", "stringData": data})
+    return secrets
+
+
 def manifests() -> list[dict[str, Any]]:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    return [d for name in kustomization["resources"] for d in yaml_docs(K8S / name)]
+    return [d for name in kustomization()["resources"] for d in yaml_docs(K8S / name)] + generated_secrets()
 
 
 def find(kind: str, name: str) -> dict[str, Any]:
@@ -217,7 +240,8 @@ def test_commands_are_the_cli_s_own_and_parse():
                 assert ctx.params["config_path"].startswith("/etc/clipbatch/")
         # then: anything else is a known tool, and Celery's commands load our app
         else:
-            assert argv[0] in ("celery", "redis-server", "redis-cli", "redis:7", "mc", "server", "grep", "exit"), argv
+            assert argv[0] in ("celery", "redis-server", "redis-cli", "redis:7.2.5", "mc", "server", "grep", "exit",
+                               "printf"), argv
             if argv[0] == "celery":
                 assert argv[1:3] == ["-A", "clipbatch.tasks.app"] and argv[3] in ("inspect", "flower"), argv
             other.append(argv[0])
@@ -246,7 +270,7 @@ def test_env_vars_are_ones_the_code_or_a_named_tool_reads():
 
 def test_compose_and_dockerfile_match_the_project():
     services = compose()["services"]
-    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
+    assert "--appendonly yes" in services["redis"]["command"][0]
     assert "mc mb --ignore-existing local/clipbatch" in services["createbucket"]["command"][0]
     (device,) = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["count"] == 1 and "gpu" in device["capabilities"]
@@ -338,8 +362,19 @@ def test_worker_liveness_probe_fails_for_a_worker_that_stopped_consuming(redis_u
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (CI validates with the schemas)")
-def test_kustomize_builds_the_manifests():
-    built = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+def test_kustomize_builds_the_manifests_only_with_real_secrets(tmp_path):
+    # given: a copy of deploy/k8s, first without secrets.env (as cloned), then with one
+    k8s = tmp_path / "k8s"
+    shutil.copytree(K8S, k8s, ignore=shutil.ignore_patterns("secrets.env"))
+    unset = subprocess.run(["kubectl", "kustomize", str(k8s)], capture_output=True, text=True, timeout=60)
+    example = (k8s / "secrets.env.example").read_text()
+    (k8s / "secrets.env").write_text(example.replace("REDIS_PASSWORD=\n", "REDIS_PASSWORD=s3cret-for-test\n"))
+    built = subprocess.run(["kubectl", "kustomize", str(k8s)], capture_output=True, text=True, timeout=60)
+
+    # then: nothing builds while the values are missing; with them, the Secret holds them
+    assert unset.returncode != 0 and "secrets.env" in unset.stderr
     assert built.returncode == 0, built.stderr
     docs = [d for d in yaml.safe_load_all(built.stdout) if d]
     assert all(d["metadata"].get("namespace") == "clipbatch" for d in docs if d["kind"] != "Namespace")
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == "clipbatch-secrets" and "REDIS_PASSWORD" in secret["data"]
