@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipbatch.core.inputs import InputRefused, confine, open_confined
+from clipbatch.core.confine import InputRefused, confine, open_confined
 from clipbatch.core.specs import JobSpec, ModelSpec
 from clipbatch.sample_data import find_photos, photo_sample
 from clipbatch.workers.readers import open_shard

@@ -23,8 +23,9 @@ from pathlib import PurePosixPath
 from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 from clipbatch.core.config import redact
-from clipbatch.core.inputs import (DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE_EXTS, FolderSample, InputRefused,
-                                  confine, files_info, folder_samples, open_confined, open_seekable, parse_range)
+from clipbatch.core.confine import InputRefused, confine, open_confined
+from clipbatch.core.inputs import (DEFAULT_CAPTION_COL, DEFAULT_IMAGE_COL, IMAGE_EXTS, FolderSample, files_info,
+                                  folder_samples, open_seekable, parse_range)
 from clipbatch.core.manifests import BAD_ROW, iter_manifest, manifest_is_csv, rows_info
 from clipbatch.core.storage import ObjectInfo, Storage, is_s3, join, open_storage, split
 from clipbatch.core.specs import JobSpec
