@@ -28,7 +28,8 @@ install: $(BIN)/.installed
 CHECKOV := $(VENV)/checkov/bin/checkov
 $(CHECKOV):
 	$(PYTHON) -m venv $(VENV)/checkov
-	$(VENV)/checkov/bin/python -m pip install --quiet checkov==3.3.30
+	$(VENV)/checkov/bin/python -m pip install --quiet checkov==3.3.30 \
+		|| echo "checkov could not be installed: tests/test_deploy_hardening.py will skip its scan"
 
 checkov: $(CHECKOV)
 
