@@ -1,0 +1,243 @@
+"""Training-shard curation on the workers (core/curation.py): quality against the exact greedy, and
+exactly-once output under kills, duplicate deliveries, resubmits and Redis state loss. Real
+workers, real Redis; scored outputs with planted duplicates are written directly (no model)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import webdataset as wds
+
+from clipbatch.core import commit
+from clipbatch.core.broker import CURATE_STAGE, make_app
+from clipbatch.core.config import Settings
+from clipbatch.core.curation import load_plan
+from clipbatch.core.selection import exact_curation
+from clipbatch.core.specs import TrainShardsSpec
+from clipbatch.core.storage import open_storage
+from tests.conftest import run_cli, service_env, wait_for
+from tests.curation_data import plant, write_scored
+
+pytestmark = pytest.mark.integration
+
+COSINE = 0.95
+PAIRS, SHARDS, CLUSTER_SIZE = 12_000, 6, 1_000
+OPTIONS = ["--top-fraction", "0.9", "--dedup-cosine", str(COSINE), "--dedup-exact", "--cluster-size",
+           str(CLUSTER_SIZE), "--samples-per-shard", "2500"]
+STAGE_START = re.compile(r"shard start job=(\w+) shard=(\d+) .*#(\w+)=(\d+)")
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory) -> tuple[str, dict[str, tuple[int, int]]]:
+    """12,000 pairs over 6 shards, with planted near-duplicate groups (some on cluster boundaries)
+    and exact duplicates."""
+    return write_scored(tmp_path_factory.mktemp("curation"), plant(PAIRS, seed=7), SHARDS)
+
+
+def submit(scored_uri: str, output: Path, queue: str, env: dict[str, str], wait: bool = True) -> dict:
+    args = ["submit", "shards", "--scored", scored_uri, "--output", str(output), *OPTIONS, "--queue", queue, "--json"]
+    result = run_cli(*args, *(["--wait"] if wait else []), env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    """Every file a job leaves but its markers, its record and temporaries (attempt ids and times)."""
+    skip = ("_commits/", "_tmp/", "_job.json")
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not str(p.relative_to(root)).startswith(skip)}
+
+
+def kept_rows(output: Path, where: dict[str, tuple[int, int]]) -> list[tuple[int, int]]:
+    sizes = json.loads((output / "sizes.json").read_text())
+    keys = [json.loads(s["json"])["key"] for name in sizes for s in wds.WebDataset(str(output / name), shardshuffle=False)]
+    return [where[k] for k in keys]
+
+
+def starts(log: str) -> set[int]:
+    return {int(m.group(2)) for m in STAGE_START.finditer(log)}
+
+
+def test_semantic_dedup_keeps_what_the_exact_greedy_keeps(scored, tmp_path, redis_url, start_worker):
+    # given: a scored output with planted duplicates, and a worker
+    scored_uri, where = scored
+    queue, env = f"cur-{uuid.uuid4().hex[:8]}", service_env(redis_url)
+    start_worker(queue, env)
+
+    # when: it is curated on the workers (several clusters) and by the exact single-machine greedy
+    status = submit(scored_uri, tmp_path / "out", queue, env)
+    spec = TrainShardsSpec(scored_uri, str(tmp_path / "out"), top_fraction=0.9, dedup_cosine=COSINE, dedup_exact=True)
+    ref = exact_curation(spec)
+
+    # then: the job succeeded in several clusters, its counts add up, the tars are in source order
+    assert status["state"] == "succeeded", status
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["stages"]["clusters"] == load_plan(open_storage(str(tmp_path / "out"))).clusters >= 10
+    assert stats["kept"] + stats["dropped_by_score"] + stats["dropped_as_duplicate"] == stats["total"] == PAIRS
+    kept = kept_rows(tmp_path / "out", where)
+    assert kept == sorted(kept) and len(kept) == len(set(kept)) == stats["kept"]
+
+    # and: it removes >= 98% of the pairs the exact greedy removes
+    order = {pr: k for k, pr in enumerate(zip(ref.part.tolist(), ref.row.tolist()))}
+    selected = set(order)
+    assert set(kept) <= selected
+    removed_exact, removed = selected - set(ref.kept), selected - set(kept)
+    recall = len(removed & removed_exact) / len(removed_exact)
+    print(f"recall {recall:.4f} of {len(removed_exact)} pairs the exact greedy removes; removed {len(removed)}")
+    assert recall >= 0.98 and stats["dropped_exact_duplicate"] == int(ref.exact.sum())
+
+    # and: precision 1.0, exactly: every pair it dropped has a kept pair at cosine >= the threshold
+    emb = ref.embeddings.astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    keep = emb[[order[pr] for pr in kept]]
+    dropped = np.array([order[pr] for pr in sorted(removed)])
+    closest = np.concatenate([(emb[dropped[i:i + 1024]] @ keep.T).max(axis=1) for i in range(0, len(dropped), 1024)])
+    assert (closest >= COSINE).all(), f"{(closest < COSINE).sum()} dropped pairs have no kept pair that close"
+
+
+def test_exact_dedup_hashes_older_outputs_from_their_source_tars(tmp_path, redis_url, start_worker):
+    # given: a scored output written before the image_hash column existed, with exact duplicates
+    planted = plant(3_000, dim=32, seed=3, exact_share=0.05)
+    scored_uri, where = write_scored(tmp_path / "old", planted, 3, hashes=False)
+    queue, env = f"cur-{uuid.uuid4().hex[:8]}", service_env(redis_url)
+    start_worker(queue, env)
+
+    # when: it is curated with --dedup-exact only (rows routed by hash, several tasks)
+    result = run_cli("submit", "shards", "--scored", scored_uri, "--output", str(tmp_path / "out"), "--min-score", "-1",
+                     "--dedup-exact", "--cluster-size", "400", "--queue", queue, "--wait", "--json", env=env)
+
+    # then: exactly one pair per distinct image is kept, the best-scored one, as the exact reference
+    assert result.returncode == 0, result.stderr
+    kept = kept_rows(tmp_path / "out", where)
+    images = [planted.image[i * 1000 + r] for i, r in kept]
+    assert len(images) == len(set(images)) == len(set(planted.image.tolist()))
+    best: dict[int, tuple] = {}
+    for k, (i, r) in enumerate(where[key] for key in sorted(where)):
+        n = i * 1000 + r
+        best[planted.image[n]] = min(best.get(planted.image[n], (np.inf,)), (-planted.scores[n], i, r))
+    assert kept == sorted((i, r) for _, i, r in best.values())
+
+
+def _kill_on_stage_start(worker, stage: str) -> tuple[str, int]:
+    """SIGKILL the worker's process group as soon as its log shows a task of ``stage`` starting."""
+    found: list[tuple[str, int]] = []
+
+    def started() -> bool:
+        found[:] = [(m.group(1), int(m.group(2))) for m in STAGE_START.finditer(worker.log()) if m.group(3) == stage]
+        return bool(found)
+
+    wait_for(started, 300, f"a {stage} task to start", interval_s=0.01)
+    os.killpg(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait()
+    return found[0]
+
+
+_REFERENCE: dict[str, dict[str, bytes]] = {}
+
+
+def _reference(scored_uri: str, tmp_path: Path, env: dict[str, str], start_worker) -> dict[str, bytes]:
+    """The fault-free output (one run per module, on its own queue and worker), with the output's own
+    paths made relative: a byte-identical run writes the same files with the same bytes."""
+    if scored_uri not in _REFERENCE:
+        queue = f"ref-{uuid.uuid4().hex[:8]}"
+        worker = start_worker(queue, env)
+        assert submit(scored_uri, tmp_path / "out", queue, env)["state"] == "succeeded"
+        worker.stop()
+        _REFERENCE[scored_uri] = outputs(tmp_path / "out")
+        for p in sorted((tmp_path / "out").rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        (tmp_path / "out").rmdir()
+    return _REFERENCE[scored_uri]
+
+
+@pytest.mark.parametrize("stage", ["assign", "dedup"])
+def test_sigkill_during_a_stage_gives_the_fault_free_output(stage, scored, tmp_path, redis_url, start_worker):
+    # given: the fault-free output, and a job whose worker is killed as a task of ``stage`` starts
+    scored_uri, _ = scored
+    queue, env = f"cur-{uuid.uuid4().hex[:8]}", service_env(redis_url, CLIPBATCH_VISIBILITY_TIMEOUT="5")
+    reference = _reference(scored_uri, tmp_path, env, start_worker)
+    doomed = start_worker(queue, env)
+    job = submit(scored_uri, tmp_path / "out", queue, env, wait=False)["job_id"]
+    job_id, killed = _kill_on_stage_start(doomed, stage)
+    assert job_id == job
+
+    # when: another worker takes over (the killed task's message comes back after the visibility timeout)
+    survivor = start_worker(queue, env)
+    result = run_cli("status", job, "--watch", "--json", env=env, timeout=600)
+
+    # then: the job succeeded, the killed task ran again, and the output is byte-identical
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["state"] == "succeeded"
+    assert killed in starts(survivor.log()), f"task {killed} finished before the kill: no fault was injected"
+    assert outputs(tmp_path / "out") == reference
+
+
+def test_duplicate_chaining_messages_and_resubmits_change_nothing(scored, tmp_path, redis_url, start_worker):
+    # given: a finished job, with two worker processes
+    scored_uri, _ = scored
+    queue, env = f"cur-{uuid.uuid4().hex[:8]}", service_env(redis_url)
+    reference = _reference(scored_uri, tmp_path, env, start_worker)
+    workers = [start_worker(queue, env) for _ in range(2)]
+    out = tmp_path / "out"
+    job = submit(scored_uri, out, queue, env, wait=False)["job_id"]
+    # a duplicate of the clusters task (the one that launches assign) while the job runs
+    app = make_app(replace(Settings.from_env(), broker_url=redis_url))
+    app.send_task(CURATE_STAGE, args=[job, 0, f"{out}#clusters=0", None], queue=queue)
+    status = json.loads(run_cli("status", job, "--watch", "--json", env=env, timeout=600).stdout)
+    assert status["state"] == "succeeded" and status["shards_done"] == status["shards_total"]
+    assert outputs(out) == reference
+    markers = commit.list_markers(open_storage(str(out)))
+
+    # when: every stage's last task is delivered again after the end (each relaunches the next stage)
+    plan = load_plan(open_storage(str(out)))
+    for stage in ("clusters", "assign", "dedup"):
+        n = plan.size(stage) - 1
+        app.send_task(CURATE_STAGE, args=[job, plan.base(stage) + n, f"{out}#{stage}={n}", None], queue=queue)
+    time.sleep(1)
+    wait_for(lambda: redis.Redis.from_url(redis_url).llen(queue) == 0, 120, "the duplicates to be taken")
+    time.sleep(3)
+
+    # then: nothing new was written or counted
+    after = json.loads(run_cli("status", job, "--json", env=env).stdout)
+    assert (after["state"], after["shards_done"], after["shards_total"]) == ("succeeded", status["shards_done"],
+                                                                             status["shards_total"])
+    assert commit.list_markers(open_storage(str(out))) == markers and outputs(out) == reference
+
+    # and: a resubmit after success runs nothing
+    before = [starts(w.log()) for w in workers]
+    again = submit(scored_uri, out, queue, env)
+    assert again["state"] == "succeeded" and again["shards_skipped"] == again["shards_total"] == status["shards_total"]
+    assert [starts(w.log()) for w in workers] == before and outputs(out) == reference
+
+
+def test_resubmit_after_redis_state_loss_runs_only_what_is_missing(scored, tmp_path, redis_url, start_worker):
+    # given: the fault-free output, and a job killed as its dedup stage starts
+    scored_uri, _ = scored
+    queue, env = f"cur-{uuid.uuid4().hex[:8]}", service_env(redis_url)
+    reference = _reference(scored_uri, tmp_path, env, start_worker)
+    doomed = start_worker(queue, env)
+    submit(scored_uri, tmp_path / "out", queue, env, wait=False)
+    _kill_on_stage_start(doomed, "dedup")
+
+    # when: Redis loses its state, and the job is resubmitted to a fresh worker
+    redis.Redis.from_url(redis_url).flushdb()
+    missing = set(range(1 + SHARDS + load_plan(open_storage(str(tmp_path / "out"))).clusters))
+    missing -= set(commit.list_markers(open_storage(str(tmp_path / "out"))))
+    fresh = start_worker(queue, env)
+    status = submit(scored_uri, tmp_path / "out", queue, env)
+
+    # then: only the tasks without a commit ran (and then the write stage), and the output is the same
+    assert status["state"] == "succeeded"
+    ran = starts(fresh.log())
+    write_base = 1 + SHARDS + load_plan(open_storage(str(tmp_path / "out"))).clusters
+    assert {i for i in ran if i < write_base} == missing and missing
+    assert outputs(tmp_path / "out") == reference
