@@ -25,13 +25,11 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -40,186 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # For tests/ (ahead of site-packages' own "tests"), behind PYTHONPATH: that may point clipbatch at another tree.
 sys.path.insert(1 + len([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), str(ROOT))
 
-QUEUE = "scale-bench"
+from bench.scale_report import against, curves, plot, table  # noqa: E402
+from bench.scale_steps import QUEUE, child  # noqa: E402
+
 BUCKET = "scale-bench"
-LOCAL_KINDS = {"read": "GET", "open_read": "GET", "write": "PUT", "create_exclusive": "PUT", "exists": "HEAD",
-               "info": "HEAD", "list": "LIST", "list_info": "LIST", "copy": "COPY", "delete": "DELETE"}
-WRITE_KINDS = ("PUT", "COPY", "DELETE", "POST")
-
-
-class LocalCalls:
-    """Counts calls of the local storage interface by S3 kind; a call made inside another is not counted."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self.lock, self.depth = threading.Lock(), threading.local()
-
-    def install(self) -> LocalCalls:
-        from clipbatch.core.storage import LocalStorage
-
-        for name, kind in LOCAL_KINDS.items():
-            setattr(LocalStorage, name, self._counted(getattr(LocalStorage, name), kind))
-        return self
-
-    def _counted(self, fn: Callable, kind: str) -> Callable:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            depth = getattr(self.depth, "n", 0)
-            if depth == 0:
-                with self.lock:
-                    self.counts[kind] += 1
-            self.depth.n = depth + 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.depth.n = depth
-
-        return counted
-
-    def snapshot(self) -> Counter[str]:
-        with self.lock:
-            return Counter(self.counts)
-
-
-class Meter:
-    """Storage requests so far: the proxy's counts (S3, read over HTTP) or this process's local calls."""
-
-    def __init__(self, counts_url: str | None) -> None:
-        self.counts_url = counts_url
-        self.local = LocalCalls().install()
-
-    def counts(self) -> Counter[str]:
-        if self.counts_url is None:
-            return self.local.snapshot()
-        from urllib.request import urlopen
-
-        with urlopen(self.counts_url, timeout=30) as answer:
-            return Counter(json.loads(answer.read()))
-
-    @contextmanager
-    def span(self, into: dict[str, Any]) -> Iterator[None]:
-        """Record the block's ``seconds`` and ``requests`` by kind into ``into``."""
-        before, start = self.counts(), time.perf_counter()
-        try:
-            yield
-        finally:
-            into.update(seconds=time.perf_counter() - start, requests=_delta(self.counts(), before))
-
-
-def _delta(after: Counter[str], before: Counter[str]) -> dict[str, int]:
-    kinds = {k: after[k] - before[k] for k in after if after[k] - before[k]}
-    return {**dict(sorted(kinds.items())), "total": sum(kinds.values()),
-            "writes": sum(kinds.get(k, 0) for k in WRITE_KINDS)}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS since its exec (VmHWM): ru_maxrss would include the forking parent's."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def child_submit(args: dict[str, Any], meter: Meter) -> dict[str, Any]:
-    """Plan, record and enqueue, as ``clipbatch submit`` does."""
-    from clipbatch.core.specs import JobSpec, ModelSpec
-    from clipbatch.orchestration import Client
-
-    got: dict[str, Any] = {}
-    with meter.span(got):
-        job = Client().submit(JobSpec(args["input"], args["output"], ModelSpec(args["model"]), queue=QUEUE))
-    return {"job_id": job.job_id, **got}
-
-
-def child_drain(args: dict[str, Any], meter: Meter) -> dict[str, Any]:
-    """Run every queued message through the worker's real task, the model replaced by the synthetic
-    compute; the job's end (``finalize``, inline or as its own message) is timed and counted apart."""
-    import base64
-
-    import redis
-
-    from tests import synthetic
-    tasks = _real_tasks(synthetic.compute)
-    r, ends, got, ran = redis.Redis.from_url(os.environ["CLIPBATCH_BROKER_URL"]), [], {}, 0
-    with _timed_finalize(meter, ends), meter.span(got):
-        while (raw := r.rpop(QUEUE)) is not None:
-            envelope = json.loads(raw)
-            args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
-            tasks[envelope["headers"]["task"]](*args, **kwargs)
-            ran += 1
-    end = ends[-1] if ends else {"seconds": None, "requests": {}}
-    return {"messages": ran, **got, "finalize_s": end["seconds"], "finalize_requests": end["requests"],
-            "finalize_calls": len(ends)}
-
-
-def _real_tasks(compute: Callable) -> Any:
-    """The worker's task registry, with the embed task's model call replaced by ``compute``."""
-    import clipbatch.tasks.embed as embed_task
-    import clipbatch.tasks.finalize  # noqa: F401 (registers the finalise task)
-    from clipbatch.tasks.app import app
-
-    embed_task.compute_embeddings = compute
-    return app.tasks
-
-
-@contextmanager
-def _timed_finalize(meter: Meter, ends: list[dict[str, Any]]) -> Iterator[None]:
-    """Wrap the job's end where the worker calls it, recording its seconds and storage requests."""
-    import clipbatch.tasks.finalize as finalize_module
-    import clipbatch.tasks.lifecycle as lifecycle
-
-    original = finalize_module.finalize
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        ends.append({})
-        with meter.span(ends[-1]):
-            return original(*args, **kwargs)
-
-    patched = [m for m in (finalize_module, lifecycle) if getattr(m, "finalize", None) is original]
-    for module in patched:
-        module.finalize = timed
-    try:
-        yield
-    finally:
-        for module in patched:
-            module.finalize = original
-
-
-def child_commit(args: dict[str, Any], meter: Meter) -> dict[str, Any]:
-    """Commit ``count`` shards' files with core/commit.commit, one after another, into a scratch output."""
-    import uuid
-
-    from clipbatch.core import commit
-    from clipbatch.core.storage import open_storage
-    from tests import synthetic
-
-    output, count = args["output"], args["count"]
-    storage, spec = open_storage(output), synthetic.job_spec(output, output)
-    seconds, got = [], {}
-    with meter.span(got):
-        for index in range(count):
-            attempt, uri = uuid.uuid4().hex, f"{output}/input-{index}.tar"
-            files = synthetic.shard_files(index, uri, "bench", attempt)
-            record = synthetic.marker(spec, index, uri, 1, "etag", "bench", attempt, list(files))
-            start = time.perf_counter()
-            won, _ = commit.commit(storage, index, attempt, files,
-                                   {k: v for k, v in record.items() if k not in ("index", "attempt", "files")})
-            seconds.append(time.perf_counter() - start)
-            if not won:
-                raise RuntimeError(f"commit of scratch shard {index} lost its race")
-    requests = got["requests"]
-    return {"shards": count, "commit_s": sum(seconds) / count, "commit_s_min": min(seconds),
-            "writes_per_shard": requests["writes"] / count, "requests_per_shard": requests["total"] / count,
-            "requests": requests}
-
-
-CHILDREN = {"submit": child_submit, "drain": child_drain, "commit": child_commit}
-
-
-def child(args: dict[str, Any]) -> None:
-    """In a process of its own: run one step, print its figures and the process's peak RSS as JSON."""
-    meter = Meter(args.get("counts_url"))
-    got = CHILDREN[args["op"]](args, meter)
-    print(json.dumps({**got, "peak_rss_mb": peak_rss_mb()}))
 
 
 class Bench:
@@ -422,77 +244,6 @@ def s3_behind_proxy(bench: Bench) -> Iterator[None]:
             proc.wait(timeout=30)
 
 
-# (name, how to read it from one size's result): the costs whose curves the bench reports
-METRICS: dict[str, Callable[[dict[str, Any]], float | None]] = {
-    "nightly_requests": lambda r: r["nightly"][0]["requests"]["total"],
-    "nightly_s": lambda r: r["nightly"][0]["seconds"],
-    "nightly_rss_mb": lambda r: r["nightly"][0]["peak_rss_mb"],
-    "topup_requests": lambda r: r["topup"]["requests"]["total"],
-    "fresh_submit_s": lambda r: r["fresh"]["seconds"],
-    "fresh_rss_mb": lambda r: r["fresh"]["peak_rss_mb"],
-    "redis_bytes_per_planned": lambda r: r["fresh"]["redis_bytes_per_planned"],
-    "redis_bytes_per_queued": lambda r: r["fresh"]["redis_bytes_per_queued"],
-    "settle_requests": lambda r: r["settle"]["requests"]["total"],
-    "settle_end_requests": lambda r: r["settle_run"]["finalize_requests"].get("total"),
-    "finalize_s": lambda r: r["topup_run"]["finalize_s"],
-    "finalize_requests": lambda r: r["topup_run"]["finalize_requests"].get("total"),
-    "commit_s": lambda r: r["commit"]["commit_s"],
-    "commit_writes_per_shard": lambda r: r["commit"]["writes_per_shard"],
-}
-
-
-def slope(xs: list[float], ys: list[float | None]) -> float | None:
-    """The log-log slope (numpy polyfit, degree 1) over the points with a positive value."""
-    import numpy as np
-
-    points = [(x, y) for x, y in zip(xs, ys) if y is not None and y > 0 and x > 0]
-    if len(points) < 2:
-        return None
-    return float(np.polyfit(np.log([p[0] for p in points]), np.log([p[1] for p in points]), 1)[0])
-
-
-def curves(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per backend: each metric's slope against shard count, and the nightly costs' slopes against
-    new shards at the largest size (the top-up's 1 new shard, then each --fractions point)."""
-    out: dict[str, Any] = {}
-    for backend in sorted({r["backend"] for r in results}):
-        rows = sorted((r for r in results if r["backend"] == backend), key=lambda r: r["shards"])
-        sizes = [r["shards"] for r in rows]
-        by_size = {name: slope(sizes, [read(r) for r in rows]) for name, read in METRICS.items()}
-        last = rows[-1]
-        points = [(1, last["topup"])] + [(n["new"], n) for n in last["nightly"]]
-        news = [p[0] for p in points]
-        by_new = {"at_shards": last["shards"], "new": news,
-                  "requests": slope(news, [p[1]["requests"]["total"] for p in points]),
-                  "seconds": slope(news, [p[1]["seconds"] for p in points])}
-        out[backend] = {"against_shards": by_size, "against_new_shards": by_new}
-    return out
-
-
-COLUMNS = (("backend", "{backend}"), ("shards", "{shards}"), ("new", "{new}"), ("nightly req", "{nightly_requests}"),
-           ("nightly s", "{nightly_s:.2f}"), ("+1 req", "{topup_requests}"), ("fresh s", "{fresh_submit_s:.1f}"),
-           ("B/shard", "{redis_bytes_per_planned:.0f}"), ("end s", "{finalize_s:.2f}"),
-           ("end req", "{finalize_requests}"), ("1st end req", "{settle_end_requests}"), ("commit s", "{commit_s:.3f}"),
-           ("writes", "{commit_writes_per_shard:.0f}"), ("RSS MB", "{rss:.0f}"))
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    """One row per backend and size, in markdown (docs/scaling.md takes it as it is)."""
-    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in results:
-        values = {name: read(r) for name, read in METRICS.items()}
-        values.update(backend=r["backend"], shards=f"{r['shards']:,}", new=r["nightly"][0]["new"],
-                      rss=max(r["fresh"]["peak_rss_mb"], r["nightly"][0]["peak_rss_mb"]))
-        cells = []
-        for _, fmt in COLUMNS:
-            try:
-                cells.append(fmt.format(**values))
-            except (TypeError, ValueError):  # a figure the run did not produce
-                cells.append("-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _git(code_commit: str | None) -> dict[str, Any]:
     """The commit measured: this checkout's (and whether its code has uncommitted changes), or the one
     given for a tree PYTHONPATH points at (clean, e.g. a ``git archive`` of it)."""
@@ -525,9 +276,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     _say(table(results[-1:]))
                     subprocess.run(["rm", "-rf", str(workdir / f"c{size}")])
     subprocess.run(["rm", "-rf", str(workdir)])
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), **_git(args.code_commit), "cpus": os.cpu_count(), "label": args.label,
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), **_git(args.code_commit), "cpus": os.cpu_count(), "label": args.label,
             "args": vars(args), "skipped": skipped, "results": results, "curves": curves(results),
             "table": table(results)}
+    if args.baseline:
+        baseline = json.loads(Path(args.baseline).read_text())
+        report["baseline"] = {"file": args.baseline, "git_commit": baseline["git_commit"],
+                              "fraction_of_baseline": against(results, baseline)}
+    return report
 
 
 @contextmanager
@@ -546,6 +302,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where local outputs are built (default: the temp dir)")
     parser.add_argument("--code-commit", default=None, help="the commit measured, when PYTHONPATH points the "
                         "clipbatch package at an archive of it (default: this checkout's HEAD)")
+    parser.add_argument("--baseline", default=None, help="an earlier run's JSON: each figure also as a fraction of it")
+    parser.add_argument("--plot", default=None, help="write the curves as a PNG here")
     parser.add_argument("--label", default="", help="a note kept in the JSON (e.g. baseline)")
     parser.add_argument("--out", default=None, help="write the JSON here (bench/results/<date>-scale.json)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -558,8 +316,12 @@ def main() -> None:
     report = run(args)
     print(report["table"])
     print(json.dumps(report["curves"], indent=2))
+    if "baseline" in report:
+        print(json.dumps(report["baseline"]["fraction_of_baseline"], indent=1))
     if report["skipped"]:
         print("skipped: " + "; ".join(report["skipped"]))
+    if args.plot:
+        plot(report, json.loads(Path(args.baseline).read_text()) if args.baseline else None, args.plot)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
