@@ -246,7 +246,7 @@ def s3_behind_proxy(bench: Bench) -> Iterator[None]:
 
 def _git(code_commit: str | None) -> dict[str, Any]:
     """The commit measured: this checkout's (and whether its code has uncommitted changes), or the one
-    given for a tree PYTHONPATH points at (clean, e.g. a ``git archive`` of it)."""
+    --code-commit names (its archive is clean)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
@@ -276,7 +276,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     _say(table(results[-1:]))
                     subprocess.run(["rm", "-rf", str(workdir / f"c{size}")])
     subprocess.run(["rm", "-rf", str(workdir)])
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), **_git(args.code_commit), "cpus": os.cpu_count(), "label": args.label,
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), **_git(args.code_commit), "cpus": os.cpu_count(),
+              "label": args.label,
             "args": vars(args), "skipped": skipped, "results": results, "curves": curves(results),
             "table": table(results)}
     if args.baseline:
@@ -291,6 +292,26 @@ def _nothing() -> Iterator[None]:
     yield
 
 
+CODE_ENV = "CLIPBATCH_SCALE_CODE"  # set once the bench runs on an archived commit's code
+
+
+def run_on_commit(commit: str) -> None:
+    """Re-run this bench with ``clipbatch`` imported from a ``git archive`` of ``commit`` (the bench
+    and tests/synthetic.py stay this checkout's): a clipbatch/ package whose subpackages link into it."""
+    sha = subprocess.run(["git", "rev-parse", commit], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    tree = Path(tempfile.mkdtemp(prefix=f"clipbatch-code-{sha.strip()[:8]}-"))
+    archive = subprocess.run(["git", "archive", sha.strip()], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    package = tree / "pkg" / "clipbatch"
+    package.mkdir(parents=True)
+    for source in (tree / "clipbatch").glob("*.py"):
+        (package / source.name).write_bytes(source.read_bytes())
+    for name in ("core", "orchestration", "tasks", "workers"):
+        (package / name).symlink_to(tree / name)
+    env = {**os.environ, "PYTHONPATH": str(tree / "pkg"), CODE_ENV: sha.strip()}
+    os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000,100000", help="committed shard counts, comma-separated")
@@ -300,8 +321,8 @@ def main() -> None:
     parser.add_argument("--commits", type=int, default=5, help="shards committed for the commit figures")
     parser.add_argument("--redis-port", type=int, default=0, help="port of the redis-server started here (0: free)")
     parser.add_argument("--workdir", default=None, help="where local outputs are built (default: the temp dir)")
-    parser.add_argument("--code-commit", default=None, help="the commit measured, when PYTHONPATH points the "
-                        "clipbatch package at an archive of it (default: this checkout's HEAD)")
+    parser.add_argument("--code-commit", default=None, help="measure this commit's code (a git archive of it; "
+                        "default: this checkout's working tree)")
     parser.add_argument("--baseline", default=None, help="an earlier run's JSON: each figure also as a fraction of it")
     parser.add_argument("--plot", default=None, help="write the curves as a PNG here")
     parser.add_argument("--label", default="", help="a note kept in the JSON (e.g. baseline)")
@@ -309,6 +330,8 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--serve-proxy", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.code_commit and not os.environ.get(CODE_ENV):
+        return run_on_commit(args.code_commit)
     if args.child:
         return child(json.loads(args.child))
     if args.serve_proxy:

@@ -28,7 +28,7 @@ def slope(xs: list[float], ys: list[float | None]) -> float | None:
     import numpy as np
 
     points = [(x, y) for x, y in zip(xs, ys) if y is not None and y > 0 and x > 0]
-    if len(points) < 2:
+    if len({p[0] for p in points}) < 2:
         return None
     return float(np.polyfit(np.log([p[0] for p in points]), np.log([p[1] for p in points]), 1)[0])
 
