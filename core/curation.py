@@ -101,9 +101,10 @@ def _route(spec: TrainShardsSpec) -> str:
     return "cluster" if spec.dedup_cosine is not None else "hash" if spec.dedup_exact else "part"
 
 
-def plan_curation(spec: TrainShardsSpec, output: Storage) -> CurationPlan:
+def plan_curation(spec: TrainShardsSpec, output: Storage) -> tuple[CurationPlan, dict[int, dict[str, Any]]]:
     """Threshold, scored shards and cluster count from the markers and stats files: O(scored shards).
-    Saves the plan (refusing an output that holds another plan's stages) and returns it."""
+    Saves the plan, refusing an output that holds another plan's tasks or another job's results;
+    returns it with the output's markers (this plan's committed tasks)."""
     source = open_storage(spec.scored)
     markers = commit.list_markers(source)
     if not markers:
@@ -128,19 +129,21 @@ def plan_curation(spec: TrainShardsSpec, output: Storage) -> CurationPlan:
     clusters = max(1, round(selected / spec.cluster_size)) if _route(spec) != "part" else max(1, len(parts))
     plan = CurationPlan(spec.scored, threshold, len(parts), clusters, _route(spec), hist["count"], selected,
                         spec.dedup_cosine, spec.dedup_exact, spec.cluster_size, spec.samples_per_shard)
-    _save_plan(output, plan, parts)
-    return plan
+    return plan, _save_plan(output, spec.output, plan, parts)
 
 
-def _save_plan(output: Storage, plan: CurationPlan, parts: list[int]) -> None:
+def _save_plan(output: Storage, uri: str, plan: CurationPlan, parts: list[int]) -> dict[int, dict[str, Any]]:
     try:
         previous = load_plan(output)
     except FileNotFoundError:
         previous = None
-    if previous is not None and previous != plan and commit.list_markers(output):
-        raise SpecError("output", f"{output.uri} already holds shards of a different selection; use a new output")
+    markers = commit.list_markers(output)
+    if previous is not None and previous != plan and markers:
+        raise SpecError("output", f"{uri} already holds shards of a different selection; use a new output")
+    check_markers(plan, uri, markers)
     output.write(layout.CURATION_PARTS, json.dumps(parts).encode())
     output.write(layout.CURATION_PLAN, plan.to_json())
+    return markers
 
 
 def stage_tasks(plan: CurationPlan, output: str, stage: str, count: int | None = None) -> list[tuple[int, str]]:

@@ -82,7 +82,9 @@ def exact_curation(spec: TrainShardsSpec) -> Reference:
         cols["part"].append(np.full(len(chosen), i))
         cols["row"].append(chosen)
         cols["score"].append(scores[chosen])
-        hashes = table.column("image_hash").to_pylist() if "image_hash" in table.column_names else [""] * len(scores)
+        if spec.dedup_exact and "image_hash" not in table.column_names:
+            raise ValueError(f"{spec.scored}: shard {i} has no image_hash column (the reference does not hash tars)")
+        hashes = table.column("image_hash").to_pylist() if spec.dedup_exact else [""] * len(scores)
         cols["hash"].append(np.array([hashes[r] for r in chosen], "S32"))
         if spec.dedup_cosine is not None:
             cols["emb"].append(np.load(io.BytesIO(source.read(layout.embed_files(i)["img"])))[chosen])

@@ -24,8 +24,7 @@ from clipbatch.core.keys import JobState
 from clipbatch.core.inputs import InputError, expand_input
 from clipbatch.orchestration.planner import absolute, normalise_model, own_markers, plan
 from clipbatch.core.leases import OutputLeases
-from clipbatch.core.commit import list_markers
-from clipbatch.core.curation import check_markers, plan_curation, resume
+from clipbatch.core.curation import plan_curation, resume
 from clipbatch.core.curation_state import StageCounts
 from clipbatch.core.storage import open_storage
 from clipbatch.core.broker import CURATE_STAGE, EMBED_SHARD, FINALIZE_JOB, FINETUNE_STEP, TRAIN_SHARD, make_app
@@ -119,9 +118,7 @@ class Client:
         self.ping()
         with self._leased(spec.output) as job_id:
             output = open_storage(spec.output)
-            planned = plan_curation(spec, output)
-            markers = list_markers(output)
-            check_markers(planned, spec.output, markers)
+            planned, markers = plan_curation(spec, output)
             start = resume(planned, spec.output, output, markers)
             self.jobs.create(job_id, spec.to_dict(), start.total, markers)
             if start.stage is not None:

@@ -50,10 +50,16 @@ def _copies(base: np.ndarray, cosines: np.ndarray, rng: np.random.Generator) -> 
     return cosines[..., None] * base + np.sqrt(1 - cosines[..., None] ** 2) * u
 
 
+def topics_for(pairs: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Topic centres: one per 1,000 pairs."""
+    return _unit(np.random.default_rng(seed).normal(size=(max(4, pairs // 1000), dim)))
+
+
 def plant(pairs: int, dim: int = 512, threshold: float = 0.95, margin: float = 0.005, seed: int = 0,
-          group_share: float = 0.08, boundary_share: float = 0.05, exact_share: float = 0.01) -> Planted:
+          group_share: float = 0.08, boundary_share: float = 0.05, exact_share: float = 0.01,
+          topics: np.ndarray | None = None) -> Planted:
     rng = np.random.default_rng(seed)
-    topics = _unit(rng.normal(size=(max(4, pairs // 1000), dim)))
+    topics = topics_for(pairs, dim, seed) if topics is None else topics
     n_groups = int(pairs * group_share / (1 + len(GROUP)))
     n_exact = int(pairs * exact_share)
     n_plain = pairs - n_groups * (1 + len(GROUP)) - n_exact
@@ -81,25 +87,58 @@ def image_bytes(image_id: int) -> bytes:
 def write_scored(root: Path, planted: Planted, shards: int, hashes: bool = True) -> tuple[str, dict[str, tuple[int, int]]]:
     """Commit ``planted`` as a scored output of ``shards`` shards under ``root``; returns its URI and
     each key's (scored shard, row)."""
-    (root / "src").mkdir(parents=True, exist_ok=True)
-    scored = open_storage(str(root / "scored"))
     where: dict[str, tuple[int, int]] = {}
     for i, rows in enumerate(np.array_split(np.arange(len(planted.scores)), shards)):
-        keys = [f"{i:05d}{r:07d}" for r in range(len(rows))]
+        keys = write_shard(root, i, planted.emb[rows], planted.scores[rows], planted.image[rows], hashes)
         where.update({k: (i, r) for r, k in enumerate(keys)})
-        images = [image_bytes(planted.image[r]) for r in rows]
-        tar = root / "src" / f"{i:05d}.tar"
-        with open(tar, "wb") as f:
-            write_tar(f, [(k, {"jpg": b, "txt": f"caption {k}".encode()}) for k, b in zip(keys, images)])
-        columns = {"key": keys, "caption": [f"caption {k}" for k in keys], "shard": [str(tar)] * len(rows),
-                   "clip_score": planted.scores[rows]}
-        if hashes:
-            columns["image_hash"] = [content_hash(b) for b in images]
-        buf = io.BytesIO()
-        pq.write_table(pa.table(columns), buf)
-        files = {layout.embed_files(i)["metadata"]: buf.getvalue(), layout.embed_files(i)["img"]: npy_bytes(planted.emb[rows]),
-                 layout.stats(i): json.dumps({"clip_score": histogram(planted.scores[rows])}).encode()}
-        record = {"kind": "score", "input": str(tar), "samples_ok": len(rows), "samples_failed": 0, "modality": "pairs",
-                  "input_etag": None, "input_size": tar.stat().st_size}
-        commit.commit(scored, i, f"synthetic{i}", files, record)
-    return scored.uri, where
+    return str(root / "scored"), where
+
+
+def write_shard(root: Path, i: int, emb: np.ndarray, scores: np.ndarray, image: np.ndarray,
+                hashes: bool = True) -> list[str]:
+    """Commit scored shard ``i`` (and write its source tar); returns its keys in row order."""
+    (root / "src").mkdir(parents=True, exist_ok=True)
+    keys = [f"{i:05d}{r:07d}" for r in range(len(scores))]
+    images = [image_bytes(n) for n in image]
+    tar = root / "src" / f"{i:05d}.tar"
+    with open(tar, "wb") as f:
+        write_tar(f, [(k, {"jpg": b, "txt": f"caption {k}".encode()}) for k, b in zip(keys, images)])
+    columns = {"key": keys, "caption": [f"caption {k}" for k in keys], "shard": [str(tar)] * len(keys),
+               "clip_score": scores}
+    if hashes:
+        columns["image_hash"] = [content_hash(b) for b in images]
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    names = layout.embed_files(i)
+    files = {names["metadata"]: buf.getvalue(), names["img"]: npy_bytes(emb),
+             names["stats"]: json.dumps({"clip_score": histogram(scores)}).encode()}
+    record = {"kind": "score", "input": str(tar), "samples_ok": len(keys), "samples_failed": 0, "modality": "pairs",
+              "input_etag": None, "input_size": tar.stat().st_size}
+    commit.commit(open_storage(str(root / "scored")), i, f"synthetic{i}", files, record)
+    return keys
+
+
+def assigned_clusters(output: Path) -> dict[tuple[int, int], int]:
+    """(scored shard, row) -> the cluster the assign stage put it in, from its files."""
+    found = {}
+    for path in (output / layout.CURATION_DIR / "assign").glob("*/*.npy"):
+        rows = np.load(path)
+        found.update({(int(p), int(r)): int(path.parent.name) for p, r in zip(rows["part"], rows["row"])})
+    return found
+
+
+def straddling(ref, clusters: dict[tuple[int, int], int], cosine: float) -> int:
+    """How many rows the exact greedy drops have no kept row at ``cosine`` or more in their own cluster
+    (their duplicates straddle a cluster boundary): what per-cluster dedup cannot see."""
+    emb = ref.embeddings.astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    keep = ~(ref.exact | ref.near)
+    kept_idx, dropped_idx = np.nonzero(keep)[0], np.nonzero(ref.near)[0]
+    home = np.array([clusters[(p, r)] for p, r in zip(ref.part.tolist(), ref.row.tolist())])
+    count = 0
+    for i in range(0, len(dropped_idx), 1024):
+        d = dropped_idx[i:i + 1024]
+        near = (emb[d] @ emb[kept_idx].T) >= cosine
+        same = home[d][:, None] == home[kept_idx][None, :]
+        count += int((~(near & same).any(axis=1)).sum())
+    return count

@@ -25,7 +25,7 @@ from clipbatch.core.selection import exact_curation
 from clipbatch.core.specs import TrainShardsSpec
 from clipbatch.core.storage import open_storage
 from tests.conftest import run_cli, service_env, wait_for
-from tests.curation_data import plant, write_scored
+from tests.curation_data import assigned_clusters, plant, straddling, write_scored
 
 pytestmark = pytest.mark.integration
 
@@ -38,9 +38,9 @@ STAGE_START = re.compile(r"shard start job=(\w+) shard=(\d+) .*#(\w+)=(\d+)")
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory) -> tuple[str, dict[str, tuple[int, int]]]:
-    """12,000 pairs over 6 shards, with planted near-duplicate groups (some on cluster boundaries)
-    and exact duplicates."""
-    return write_scored(tmp_path_factory.mktemp("curation"), plant(PAIRS, seed=7), SHARDS)
+    """12,000 pairs over 6 shards, with planted near-duplicate groups (30% of them half-way between two
+    topics: on cluster boundaries) and exact duplicates."""
+    return write_scored(tmp_path_factory.mktemp("curation"), plant(PAIRS, seed=7, boundary_share=0.3), SHARDS)
 
 
 def submit(scored_uri: str, output: Path, queue: str, env: dict[str, str], wait: bool = True) -> dict:
@@ -65,6 +65,42 @@ def kept_rows(output: Path, where: dict[str, tuple[int, int]]) -> list[tuple[int
 
 def starts(log: str) -> set[int]:
     return {int(m.group(2)) for m in STAGE_START.finditer(log)}
+
+
+def test_bad_curation_options_are_refused_naming_the_option(scored, tmp_path, redis_url):
+    # given: a scored output, and one written with --no-embeddings (no image embeddings to compare)
+    scored_uri, _ = scored
+    env = service_env(redis_url)
+    bare = tmp_path / "bare"
+    (bare / "_commits").mkdir(parents=True)
+    marker = json.loads(Path(scored_uri, "_commits", "00000.json").read_text())
+    marker["files"] = [f for f in marker["files"] if not f.startswith("img_emb/")]
+    (bare / "_commits" / "00000.json").write_text(json.dumps(marker))
+    cases = [
+        (["--scored", scored_uri, "--top-fraction", "0.5", "--cluster-size", "1"], "--cluster-size:"),
+        (["--scored", scored_uri, "--top-fraction", "0.5", "--dedup-cosine", "1.5"], "--dedup-cosine:"),
+        (["--scored", str(bare), "--top-fraction", "0.5", "--dedup-cosine", "0.9"], "--dedup-cosine:"),
+        (["--scored", str(tmp_path / "nothing"), "--top-fraction", "0.5"], "--scored:"),
+    ]
+    for args, needle in cases:
+        # when: each is submitted
+        result = run_cli("submit", "shards", *args, "--output", str(tmp_path / "out"), env=env)
+        # then: one line naming the option, exit code 2, no traceback
+        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_second_plan_on_the_same_output_is_refused(scored, tmp_path, redis_url, start_worker):
+    # given: an output curated with one set of options
+    scored_uri, _ = scored
+    queue, env = f"cur-{uuid.uuid4().hex[:8]}", service_env(redis_url)
+    start_worker(queue, env)
+    assert submit(scored_uri, tmp_path / "out", queue, env)["state"] == "succeeded"
+    # when: another selection is submitted to it
+    result = run_cli("submit", "shards", "--scored", scored_uri, "--output", str(tmp_path / "out"), "--top-fraction",
+                     "0.5", "--queue", queue, env=env)
+    # then: it is refused naming the output; the first job's tars are untouched
+    assert result.returncode == 2 and "--output:" in result.stderr and "different selection" in result.stderr
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["kept"] > 0
 
 
 def test_semantic_dedup_keeps_what_the_exact_greedy_keeps(scored, tmp_path, redis_url, start_worker):
@@ -92,7 +128,10 @@ def test_semantic_dedup_keeps_what_the_exact_greedy_keeps(scored, tmp_path, redi
     assert set(kept) <= selected
     removed_exact, removed = selected - set(ref.kept), selected - set(kept)
     recall = len(removed & removed_exact) / len(removed_exact)
-    print(f"recall {recall:.4f} of {len(removed_exact)} pairs the exact greedy removes; removed {len(removed)}")
+    across = straddling(ref, assigned_clusters(tmp_path / "out"), COSINE)
+    print(f"recall {recall:.4f} of {len(removed_exact)} pairs the exact greedy removes ({across} with their "
+          f"duplicates only in other clusters); removed {len(removed)}")
+    assert across > 0, "no planted duplicate straddles a cluster boundary: the data tests nothing"
     assert recall >= 0.98 and stats["dropped_exact_duplicate"] == int(ref.exact.sum())
 
     # and: precision 1.0, exactly: every pair it dropped has a kept pair at cosine >= the threshold
