@@ -21,7 +21,7 @@ import torch
 from clipbatch.core import layout
 from clipbatch.core.scores import histogram
 from clipbatch.core.specs import ShardSpec
-from clipbatch.workers import runtime, writers
+from clipbatch.workers import compiled, runtime, writers
 from clipbatch.workers.compute import alignment_scores, encode_images, encode_texts
 from clipbatch.workers.device_decode import DevicePreprocess, decode_on_device
 from clipbatch.workers.models import ModelBundle
@@ -122,19 +122,21 @@ def pipeline_steps(bundle: ModelBundle, members: Members = PAIRS
 
 
 def forward_batch(bundle: ModelBundle, batch: Batch, modality: str, captions: dict[str, np.ndarray],
-                  precision: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+                  precision: str, towers: Any = None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(image rows, text rows) of a batch's good samples, each tower run only if the modality needs it.
 
     ``captions`` holds the text rows of the shard's captions embedded so far; the batch's new
-    captions are added, and every sample's text row is its caption's.
+    captions are added, and every sample's text row is its caption's. ``towers`` runs the forward
+    (the model's compiled towers, see runtime.towers_for); None runs the model itself.
     """
+    model = bundle.model if towers is None else towers
     img = txt = None
     if modality != "text":
         img = np.concatenate(bundle.limit.run(
-            lambda part: encode_images(bundle.model, batch.images[part], precision, bundle.normalize), len(batch.good)))
+            lambda part: encode_images(model, batch.images[part], precision, bundle.normalize), len(batch.good)))
     if modality != "image":
         if batch.captions:
-            rows = bundle.limit.run(lambda part: encode_texts(bundle.model, batch.tokens[part], precision),
+            rows = bundle.limit.run(lambda part: encode_texts(model, batch.tokens[part], precision),
                                     len(batch.captions))
             captions.update(zip(batch.captions, np.concatenate(rows)))
         txt = np.stack([captions[s.caption] for s in batch.good])
@@ -188,6 +190,7 @@ class _Collected:
     seconds: dict[str, float] = field(default_factory=lambda: {"waiting_for_decode": 0.0, "forward": 0.0})
     on_device: int = 0
     threads_used: Counter = field(default_factory=Counter)  # CPU forward batches by intra-op thread count
+    towers: Any = None  # what ran the forward: the model, or its compiled towers
 
     def arrays(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
         empty = np.zeros((0, dim), np.float32)
@@ -200,11 +203,13 @@ def _run_batches(shard: ShardSpec, bundle: ModelBundle, raws: Any, batch_size: i
     modality = shard.job.modality
     decode, collate = pipeline_steps(bundle, members_for(shard.job))
     precision = runtime.precision()
+    towers = got.towers = runtime.towers_for(bundle, batch_size)
     with PrefetchedBatches(raws, decode, batch_size, runtime.decode_pool(), collate=collate) as batches:
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
             got.seconds["waiting_for_decode"] += time.perf_counter() - t0
+            got.seconds.setdefault("first_batch", time.perf_counter() - t0)  # the pipeline's fill: the model idles
             if batch is None:
                 return
             got.errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch.failed)
@@ -215,7 +220,7 @@ def _run_batches(shard: ShardSpec, bundle: ModelBundle, raws: Any, batch_size: i
                 threads = cpu_threads.choose(batches.decode_s_per_sample, batches.decode_idle)
                 got.threads_used[threads] += 1
             t0, cpu0 = time.perf_counter(), time.thread_time()
-            img, txt = forward_batch(bundle, batch, modality, got.captions, precision)
+            img, txt = forward_batch(bundle, batch, modality, got.captions, precision, towers)
             got.seconds["forward"] += time.perf_counter() - t0
             if cpu_threads is not None:
                 cpu_threads.observe(len(batch.good), time.thread_time() - cpu0, threads)
@@ -244,12 +249,14 @@ def _stats(shard: ShardSpec, attempt: str, bundle: ModelBundle, input_bytes: int
         "samples_failed": len(got.errors),
         "captions_embedded": len(got.captions),  # text-tower rows: each distinct caption once
         "error_reasons": dict(Counter(e["reason"].split(":")[0] for e in got.errors)),
-        "seconds": {k: got.seconds[k] for k in ("total", "waiting_for_decode", "forward", "serialise")},
+        "seconds": {k: got.seconds.get(k, 0.0) for k in ("total", "waiting_for_decode", "first_batch", "forward",
+                                                          "serialise")},
         "samples_per_s": len(got.rows) / total if total > 0 else 0.0,
         "images_decoded_on_device": got.on_device,
         "batch_size": batch_size,
         "forward_batch_limit": bundle.limit.size,  # set once an out-of-memory has halved the forward batch
         "cpu_forward_batches_by_threads": {str(k): v for k, v in sorted(got.threads_used.items())},
+        **compiled.describe(got.towers),
     }
     if scores is not None:
         stats["clip_score"] = histogram(scores)

@@ -47,6 +47,8 @@ class ModelBundle:
     load_seconds: float
     image_size: int  # the shorter side the preprocessing resizes to
     limit: BatchLimit = field(default_factory=BatchLimit)  # the forward batch that fits, learnt on OOM
+    # The towers compiled for a batch size (workers/compiled.py), by that size: built on first use.
+    compiled: dict[int, Any] = field(default_factory=dict)
     # The preprocessing split in two where it allows (see split_preprocess): the per-image part
     # ending in uint8 HWC pixels, and the per-batch ToTensor + Normalize.
     pixels: Callable[[Any], torch.Tensor] | None = field(init=False, default=None)

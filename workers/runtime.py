@@ -8,13 +8,14 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from clipbatch.core.specs import ModelSpec
+from clipbatch.workers import compiled
 from clipbatch.workers.compute import CUDA_PRECISIONS
-from clipbatch.workers.models import ModelBundle, load_model, resolve_device
+from clipbatch.workers.models import CACHE_DIR, ModelBundle, load_model, resolve_device
 
 log = logging.getLogger("clipbatch.worker")
 
@@ -204,3 +205,17 @@ def model_for(spec: ModelSpec) -> ModelBundle:
         listener(bundle)
     _state["model"] = bundle
     return bundle
+
+
+def towers_for(bundle: ModelBundle, batch_size: int) -> Any:
+    """What the forward calls: the model, or its towers compiled for ``batch_size`` rows when this
+    process compiles (CLIPBATCH_COMPILE, workers/compiled.py), built once per model and batch size."""
+    if not compiled.compile_wanted(bundle.device, bundle.spec.name):
+        return bundle.model
+    if batch_size not in bundle.compiled:
+        cache = compiled.use_cache_dir(CACHE_DIR)
+        threads = forward_threads().full if bundle.device.type == "cpu" else torch.get_num_threads()
+        bundle.compiled[batch_size] = compiled.CompiledTowers(bundle.model, batch_size, bundle.limit, threads,
+                                                              compiled.compile_mode())
+        log.info("model %s compiles for batch %d (inductor cache %s)", bundle.spec.name, batch_size, cache)
+    return bundle.compiled[batch_size]
