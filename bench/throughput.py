@@ -48,11 +48,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.compiled import compare_compile  # noqa: E402
 from bench.modalities import compare_modalities  # noqa: E402
 from clipbatch.core import commit  # noqa: E402
 from clipbatch.core.storage import open_storage  # noqa: E402
 from clipbatch.core.specs import JobSpec, ModelSpec, ShardSpec  # noqa: E402
 from clipbatch.workers import runtime  # noqa: E402
+from clipbatch.workers.compiled import use_cache_dir  # noqa: E402
 from clipbatch.workers.compute import encode_pairs  # noqa: E402
 from clipbatch.workers.embed import embed_shard, pipeline_steps  # noqa: E402
 from clipbatch.workers.models import ModelBundle, save_seeded_checkpoint  # noqa: E402
@@ -91,16 +93,18 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def model_bound(bundle: ModelBundle, batch_size: int, n: int, captions: list[str]) -> float:
-    """(a) Forward passes on pre-made tensors: n samples in batches of batch_size."""
+def model_bound(bundle: ModelBundle, batch_size: int, n: int, captions: list[str], model: Any = None) -> float:
+    """(a) Forward passes on pre-made tensors: n samples in batches of batch_size (through ``model``,
+    e.g. the compiled towers; the model itself by default)."""
+    model = bundle.model if model is None else model
     torch.set_num_threads(runtime.forward_threads().full)  # every core, as a forward alone gets
     images = torch.randn(batch_size, 3, bundle.image_size, bundle.image_size)
     tokens = bundle.tokenizer([captions[i % len(captions)] for i in range(batch_size)])
     if bundle.device.type == "cuda":
         images, tokens = images.pin_memory(), tokens.pin_memory()
-    encode_pairs(bundle.model, images, tokens, runtime.precision())  # warm-up
+    encode_pairs(model, images, tokens, runtime.precision())  # warm-up
     batches = math.ceil(n / batch_size)
-    seconds, _ = timed(lambda: [encode_pairs(bundle.model, images, tokens, runtime.precision()) for _ in range(batches)])
+    seconds, _ = timed(lambda: [encode_pairs(model, images, tokens, runtime.precision()) for _ in range(batches)])
     return batches * batch_size / seconds
 
 
@@ -211,14 +215,16 @@ def rss_over_shards(spec: JobSpec, paths: list[Path], shards: int, out: Path) ->
 
 
 def queue_overhead(spec: JobSpec, folder: Path, shards: int, device: str) -> dict[str, Any]:
-    """A real worker on a private Redis, 1,000-sample shards: setup and commit time per shard."""
+    """A real worker on a private Redis, 1,000-sample shards: setup and commit time per shard, and the
+    share of the run the model idles at shard boundaries."""
     from clipbatch.orchestration.embedded import run_embedded
 
     inputs = build_input(folder / "q_in", shards, 1000, 512, seed=1)
     job = JobSpec(str(inputs[0].parent), str(folder / "q_out"), spec.model, batch_size=spec.batch_size)
     workdir = folder / "q_run"
     status = run_embedded(job, workers=1, device=device, progress=False, workdir=workdir)
-    lines = COMMIT_LINE.findall((workdir / "worker0.log").read_text())
+    text = (workdir / "worker0.log").read_text()
+    lines = COMMIT_LINE.findall(text)
     if not lines:
         return {"error": "no 'shard committed' lines with setup_s/compute_s/commit_s in the worker log"}
     setup = [float(s) for _, s, _, _ in lines]
@@ -228,7 +234,36 @@ def queue_overhead(spec: JobSpec, folder: Path, shards: int, device: str) -> dic
     return {"state": status["state"], "shards": len(lines), "samples_per_shard": 1000,
             "median_setup_s": statistics.median(setup), "median_compute_s": statistics.median(compute),
             "median_commit_s": statistics.median(commit_s),
-            "overhead_fraction": round((sum(setup) + sum(commit_s)) / sum(total), 4)}
+            "overhead_fraction": round((sum(setup) + sum(commit_s)) / sum(total), 4),
+            **boundary_idle(text, folder / "q_out", setup, commit_s)}
+
+
+LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): [^\]]*\] shard (start|committed) ", re.M)
+
+
+def boundary_idle(log_text: str, output: Path, setup: list[float], commit_s: list[float]) -> dict[str, Any]:
+    """Idle time at shard boundaries, as shares of the run (first shard start to last commit), read from
+    the worker log and the shards' stats. Between one shard's last forward and the next one's first,
+    the decode threads idle through serialisation, the commit, the gap between tasks (the ack, the next
+    message's delivery) and the next setup: what a decode-bound worker loses. The model idles through
+    the same and the next shard's pipeline fill (its first batch): what a model-bound worker loses.
+    The last forward of each shard (decode idle too) is not split out, so the decode share is a floor."""
+    from datetime import datetime
+
+    stamps = [(datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f").timestamp(), kind) for t, kind in LOG_TIME.findall(log_text)]
+    starts = [t for t, kind in stamps if kind == "start"]
+    ends = [t for t, kind in stamps if kind == "committed"]
+    stats = [json.loads(p.read_text())["seconds"] for p in sorted((output / "stats").glob("*.json"))]
+    if not starts or not ends or not stats:
+        return {"boundary_idle_error": "no shard start/committed lines or stats"}
+    wall = ends[-1] - starts[0] + setup[0]
+    gaps = sum(max(0.0, s - e) for e, s in zip(ends, starts[1:]))
+    parts = {"setup": sum(setup), "serialise": sum(s["serialise"] for s in stats), "commit": sum(commit_s),
+             "between_tasks": gaps, "first_batch": sum(s.get("first_batch", 0.0) for s in stats)}
+    tail = sum(v for k, v in parts.items() if k != "first_batch")
+    return {"run_wall_s": round(wall, 3), "boundary_s": {k: round(v, 3) for k, v in parts.items()},
+            "decode_idle_share_at_boundaries": round(tail / wall, 4),
+            "model_idle_share_at_boundaries": round((tail + parts["first_batch"]) / wall, 4)}
 
 
 @click.command()
@@ -252,9 +287,12 @@ def queue_overhead(spec: JobSpec, folder: Path, shards: int, device: str) -> dic
 @click.option("--label", help="The result's key in --out [default: the model name].")
 @click.option("--modalities", is_flag=True,
               help="Only compare pairs, image-only and text-only on the task path, and the caption-dedup saving.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Only compare the eager and the compiled forward: model alone and task path, and the compile cost.")
 def main(model, pretrained, device, batch_size, input_, shards, samples_per_shard, max_side, copies, rounds, skip_naive,
-         rss_shards, queue_overhead_shards, out, label, modalities) -> None:
+         rss_shards, queue_overhead_shards, out, label, modalities, compile_) -> None:
     work = Path(tempfile.mkdtemp(prefix="clipbatch-bench-"))
+    use_cache_dir(work)  # inductor's cache starts cold, unless TORCHINDUCTOR_CACHE_DIR names one
     if device != "auto":
         os.environ["CLIPBATCH_DEVICE"] = device
     if pretrained is None:
@@ -278,6 +316,13 @@ def main(model, pretrained, device, batch_size, input_, shards, samples_per_shar
     spec = JobSpec(str(paths[0].parent), str(work / "out"), ModelSpec(model, pretrained), batch_size=batch_size)
     bundle = runtime.model_for(spec.model)
     good = count_good(paths)
+    inputs = {"shards": len(paths), "good_samples": good, "built_from_photos": built, "max_side": max_side if built else None}
+    if compile_:
+        found = compare_compile(spec, paths, work, batch_size, rounds, good, model_bound, task_path,
+                                lambda line: print(line, file=sys.stderr))
+        save({**header(model, pretrained, work, batch_size), "input": inputs, "rounds": rounds, **found}, out,
+             label or f"{model}-compile")
+        return
     captions = [f"a photo of sample {i}" for i in range(64)]
     pool = runtime.decode_pool()
     # spawn, not fork: a child forked after torch's OpenMP threads started can hang
@@ -302,8 +347,7 @@ def main(model, pretrained, device, batch_size, input_, shards, samples_per_shar
     a, b, c = med["model"], med["decode_threads"], med["task"]
     result: dict[str, Any] = {
         **header(model, pretrained, work, batch_size),
-        "input": {"shards": len(paths), "good_samples": good, "built_from_photos": built,
-                  "max_side": max_side if built else None},
+        "input": inputs,
         "rounds": rounds,
         "samples_per_s_median": {"a_model": a, "b_decode": b, "b_decode_processes": med["decode_processes"],
                                  "c_task": c, "d_naive": med.get("naive")},

@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import run_cli, service_env
 from clipbatch.core.specs import JobSpec, ModelSpec, ShardSpec
-from clipbatch.workers.compiled import CPU_COMPILE_WINS, CompiledTowers, compile_wanted
+from clipbatch.workers.compiled import CompiledTowers, compile_wanted
 from clipbatch.workers.compute import BatchLimit, encode_images, encode_texts
 from clipbatch.workers.embed import embed_shard
 from clipbatch.workers.models import load_model, save_seeded_checkpoint
@@ -88,24 +88,22 @@ def test_compiled_vit_b32_agrees_with_eager(tmp_path, monkeypatch):
     assert not towers.failed
 
 
-@pytest.mark.parametrize("value, device, model, wanted", [
-    ("1", "cpu", "clipbatch-tiny", True), ("0", "cuda", "ViT-B-32", False),
-    ("auto", "cuda", "clipbatch-tiny", True), ("auto", "cpu", "clipbatch-tiny", False),
-    ("auto", "cpu", "ViT-B-32", True), (None, "cpu", "clipbatch-tiny", False),
+@pytest.mark.parametrize("value, device, wanted", [
+    ("1", "cpu", True), ("0", "cuda", False), ("auto", "cuda", True), ("auto", "cpu", False), (None, "cpu", False),
 ])
-def test_who_compiles(value, device, model, wanted, monkeypatch):
+def test_who_compiles(value, device, wanted, monkeypatch):
+    # auto: CUDA only (on 2 CPU cores the compiled task path measured slower, bench/results/2026-11-29-cpu.json)
     if value is None:
         monkeypatch.delenv("CLIPBATCH_COMPILE", raising=False)
     else:
         monkeypatch.setenv("CLIPBATCH_COMPILE", value)
-    assert compile_wanted(torch.device(device), model) is wanted
-    assert "ViT-B-32" in CPU_COMPILE_WINS
+    assert compile_wanted(torch.device(device)) is wanted
 
 
 def test_a_bad_compile_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv("CLIPBATCH_COMPILE", "yes")
     with pytest.raises(ValueError, match=r"CLIPBATCH_COMPILE='yes' is not one of auto, 1, 0"):
-        compile_wanted(CPU, "ViT-B-32")
+        compile_wanted(CPU)
 
 
 def embeddings(folder, index: int) -> np.ndarray:

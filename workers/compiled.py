@@ -5,9 +5,10 @@ its last row and the rows it asked for are sliced off the result, so each tower 
 model and batch size. Inductor's on-disk caches (its FX graph cache among them) live under the
 worker's cache dir, so a restarted worker loads the compiled code instead of compiling again.
 
-``CLIPBATCH_COMPILE`` = ``1`` | ``0`` | ``auto`` (default): auto compiles on CUDA, and on a CPU only
-for the models the bench measured a win for (``CPU_COMPILE_WINS``): a small model's forward is not
-the CPU worker's bound, and its compiled kernels run slower there than the eager ones.
+``CLIPBATCH_COMPILE`` = ``1`` | ``0`` | ``auto`` (default): auto compiles on CUDA only. On 2 CPU cores
+(bench/results/2026-11-29-cpu.json, ViT-B-32, batch 64, interleaved rounds) the compiled forward
+beat the eager one alone (1.17x) but the worker's task path ran slower with it in every round
+(0.53x), and a decode-bound model (the tiny one) has nothing to gain: no CPU model compiles unless asked.
 """
 from __future__ import annotations
 
@@ -25,21 +26,18 @@ from clipbatch.workers.compute import BatchLimit, is_out_of_memory
 log = logging.getLogger("clipbatch.compile")
 
 COMPILE_CHOICES = ("auto", "1", "0")
-# Measured on 2 CPU cores, batch 64, seeded random weights (bench/results/2026-11-29-cpu.json):
-# ViT-B-32's compiled forward beats the eager one; clipbatch-tiny's does not.
-CPU_COMPILE_WINS = frozenset({"ViT-B-32"})
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 INDUCTOR_CACHE = "inductor"  # under the worker's cache dir
 
 
-def compile_wanted(device: torch.device, model_name: str) -> bool:
-    """Whether this process compiles ``model_name``'s towers on ``device`` (CLIPBATCH_COMPILE)."""
+def compile_wanted(device: torch.device) -> bool:
+    """Whether this process compiles the model's towers on ``device`` (CLIPBATCH_COMPILE; auto: on CUDA)."""
     value = os.environ.get("CLIPBATCH_COMPILE", "auto")
     if value not in COMPILE_CHOICES:
         raise ValueError(f"CLIPBATCH_COMPILE={value!r} is not one of {', '.join(COMPILE_CHOICES)}")
     if value != "auto":
         return value == "1"
-    return device.type == "cuda" or model_name in CPU_COMPILE_WINS
+    return device.type == "cuda"
 
 
 def compile_mode() -> str:

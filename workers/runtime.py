@@ -210,7 +210,7 @@ def model_for(spec: ModelSpec) -> ModelBundle:
 def towers_for(bundle: ModelBundle, batch_size: int) -> Any:
     """What the forward calls: the model, or its towers compiled for ``batch_size`` rows when this
     process compiles (CLIPBATCH_COMPILE, workers/compiled.py), built once per model and batch size."""
-    if not compiled.compile_wanted(bundle.device, bundle.spec.name):
+    if not compiled.compile_wanted(bundle.device):
         return bundle.model
     if batch_size not in bundle.compiled:
         cache = compiled.use_cache_dir(CACHE_DIR)
