@@ -26,7 +26,13 @@ DEDUP_BLOCK = 4096
 
 
 def near_duplicates(embeddings: np.ndarray, cosine: float, block: int = DEDUP_BLOCK) -> np.ndarray:
-    """Greedy exact dedup in the given order: True for rows too close to an earlier kept row."""
+    """Greedy exact dedup in the given order: True for rows too close to an earlier kept row.
+
+    Per block: rows close to a row kept in an earlier block go first (one matrix product); then,
+    inside the block, only rows with a later close row can drop anything, so the sequential pass
+    visits those alone (in order: a row still standing when visited is kept and drops its later
+    close rows). The same decisions as visiting every row, at the cost of the few that have one.
+    """
     emb = np.array(embeddings, dtype=np.float32)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     dropped = np.zeros(len(emb), dtype=bool)
@@ -34,15 +40,12 @@ def near_duplicates(embeddings: np.ndarray, cosine: float, block: int = DEDUP_BL
     for start in range(0, len(emb), block):
         chunk = emb[start:start + block]
         dup = (chunk @ kept.T).max(axis=1) >= cosine if len(kept) else np.zeros(len(chunk), bool)
-        within = chunk @ chunk.T
-        kept_here: list[int] = []
-        for j in range(len(chunk)):
-            if not dup[j] and kept_here and within[j, kept_here].max() >= cosine:
-                dup[j] = True
-            if not dup[j]:
-                kept_here.append(j)
+        later = np.triu(chunk @ chunk.T >= cosine, 1)  # later[i, j]: j after i, and close to it
+        for i in np.nonzero(later.any(axis=1))[0]:
+            if not dup[i]:
+                dup |= later[i]
         dropped[start:start + len(chunk)] = dup
-        kept = np.concatenate([kept, chunk[kept_here]])
+        kept = np.concatenate([kept, chunk[~dup]])
     return dropped
 
 

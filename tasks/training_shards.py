@@ -1,4 +1,4 @@
-"""The training-shard task: write one curated open_clip-ready shard, commit, report."""
+"""The write stage of a curation job (core/curation.py): write one open_clip-ready tar, commit, report."""
 from __future__ import annotations
 
 from typing import Any

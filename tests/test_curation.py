@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import redis
 import webdataset as wds
+from hypothesis import given, settings, strategies as st
 
 from clipbatch.core import commit
 from clipbatch.core.broker import CURATE_STAGE, make_app
 from clipbatch.core.config import Settings
 from clipbatch.core.curation import load_plan
-from clipbatch.core.selection import exact_curation
+from clipbatch.core.selection import exact_curation, near_duplicates
 from clipbatch.core.specs import TrainShardsSpec
 from clipbatch.core.storage import open_storage
 from tests.conftest import run_cli, service_env, wait_for
@@ -65,6 +66,27 @@ def kept_rows(output: Path, where: dict[str, tuple[int, int]]) -> list[tuple[int
 
 def starts(log: str) -> set[int]:
     return {int(m.group(2)) for m in STAGE_START.finditer(log)}
+
+
+def _greedy(emb: np.ndarray, cosine: float) -> list[bool]:
+    """The greedy by definition: each row in order against every row kept before it."""
+    emb = emb.astype(np.float32) / np.linalg.norm(emb.astype(np.float32), axis=1, keepdims=True)
+    kept, dropped = [], []
+    for j in range(len(emb)):
+        dropped.append(any(float(emb[j] @ emb[k]) >= cosine for k in kept))
+        if not dropped[-1]:
+            kept.append(j)
+    return dropped
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 80), dim=st.integers(2, 6), block=st.integers(1, 30),
+       cosine=st.floats(0.3, 0.99))
+def test_blocked_near_duplicates_is_the_greedy(seed, n, dim, block, cosine):
+    # given: rows with many close pairs (few dimensions), cut into blocks of any size
+    emb = np.random.default_rng(seed).normal(size=(n, dim))
+    # then: the blocked pass drops exactly the rows the row-by-row greedy drops
+    assert near_duplicates(emb, cosine, block=block).tolist() == _greedy(emb, cosine)
 
 
 def test_bad_curation_options_are_refused_naming_the_option(scored, tmp_path, redis_url):

@@ -52,15 +52,14 @@ def train_centroids(plan: CurationPlan, output: Storage) -> tuple[Files, dict[st
     parts = load_parts(output)
     chosen = sorted(rng.choice(parts, min(len(parts), SAMPLE_PARTS), replace=False).tolist())
     scored = open_storage(plan.scored)
+    per_part = -(-min(SAMPLE_MAX, SAMPLE_PER_CLUSTER * plan.clusters) // len(chosen))
     sample = []
-    for part in chosen:
+    for part in chosen:  # one shard's embeddings in memory at a time
         scores = read_metadata(scored, part, ["clip_score"])["clip_score"]
-        emb = np.load(io.BytesIO(scored.read(layout.embed_files(part)["img"])))
-        sample.append(emb[scores >= plan.threshold])
+        rows = np.nonzero(scores >= plan.threshold)[0]
+        rows = np.sort(rng.choice(rows, min(per_part, len(rows)), replace=False))
+        sample.append(np.load(io.BytesIO(scored.read(layout.embed_files(part)["img"])))[rows])
     points = np.concatenate(sample)
-    want = min(SAMPLE_MAX, SAMPLE_PER_CLUSTER * plan.clusters)
-    if len(points) > want:
-        points = points[np.sort(rng.choice(len(points), want, replace=False))]
     centroids = _kmeans(_normalised(points), plan.clusters)
     return {layout.CENTROIDS: _npy(centroids)}, {"sample": len(points)}
 
