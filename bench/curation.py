@@ -70,7 +70,8 @@ def _children(pid: int) -> list[int]:
 
 def start_worker(queue: str, concurrency: int, log: Path) -> subprocess.Popen:
     proc = subprocess.Popen([str(BIN / "clipbatch"), "worker", "--queues", queue, "--device", "cpu", "--concurrency",
-                             str(concurrency)], stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+                             str(concurrency)], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
     deadline = time.monotonic() + 180
     while " ready." not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -227,7 +228,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for w in sorted({run["workers"] for r in rows for run in r["runs"]}):
         runs = [next(x for x in r["runs"] if x["workers"] == w) for r in rows]
-        out[f"{w}_workers"] = {"job_s": [x["job_s"] for x in runs], "slope_time": slope(sizes, [x["job_s"] for x in runs]),
+        out[f"{w}_workers"] = {"job_s": [x["job_s"] for x in runs],
+                               "slope_time": slope(sizes, [x["job_s"] for x in runs]),
                                "slope_producer_rss": slope(sizes, [x["producer_rss_mb"] for x in runs])}
     out["speedup_vs_exact"] = [None if not (r.get("exact") or {}).get("exact_s") else
                                r["exact"]["exact_s"] / min(x["job_s"] for x in r["runs"]) for r in rows]

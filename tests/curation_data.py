@@ -84,7 +84,8 @@ def image_bytes(image_id: int) -> bytes:
     return b"\xff\xd8fake-jpeg-" + str(int(image_id)).encode()
 
 
-def write_scored(root: Path, planted: Planted, shards: int, hashes: bool = True) -> tuple[str, dict[str, tuple[int, int]]]:
+def write_scored(root: Path, planted: Planted, shards: int,
+                 hashes: bool = True) -> tuple[str, dict[str, tuple[int, int]]]:
     """Commit ``planted`` as a scored output of ``shards`` shards under ``root``; returns its URI and
     each key's (scored shard, row)."""
     where: dict[str, tuple[int, int]] = {}

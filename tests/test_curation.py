@@ -60,7 +60,8 @@ def outputs(root: Path) -> dict[str, bytes]:
 
 def kept_rows(output: Path, where: dict[str, tuple[int, int]]) -> list[tuple[int, int]]:
     sizes = json.loads((output / "sizes.json").read_text())
-    keys = [json.loads(s["json"])["key"] for name in sizes for s in wds.WebDataset(str(output / name), shardshuffle=False)]
+    keys = [json.loads(s["json"])["key"] for name in sizes
+            for s in wds.WebDataset(str(output / name), shardshuffle=False)]
     return [where[k] for k in keys]
 
 

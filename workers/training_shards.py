@@ -28,7 +28,8 @@ def selection(output: Storage, index: int) -> list[dict[str, Any]]:
         rows = np.sort(np.concatenate([read_rows(output, layout.kept(c, part)) for c in entry["clusters"]]))
         meta = read_metadata(scored, part, ["key", "shard", "clip_score"])
         for r in rows[entry["start"]:entry["stop"]].tolist():
-            selected.append({"shard": meta["shard"][r], "key": meta["key"][r], "clip_score": float(meta["clip_score"][r])})
+            selected.append({"shard": meta["shard"][r], "key": meta["key"][r],
+                             "clip_score": float(meta["clip_score"][r])})
     return selected
 
 
