@@ -32,6 +32,7 @@ RATIO_SHARDS, JOIN_LEAVE_SHARDS = 8, 48
 # budgets fail it when a change adds round trips per shard.
 COST_SHARDS, IDLE_WINDOW_S = (1, 6), 5.0
 REDIS_COMMANDS_PER_SHARD_BUDGET, S3_REQUESTS_PER_SHARD_BUDGET = 64, 25
+MERGE_COUNTERS = 24  # the job totals' counters and error-reason counts the counting script bumps besides bins
 # One core per worker (torch and decoding single-threaded), so two workers can use both cores.
 ONE_CORE = {"CLIPBATCH_TORCH_THREADS": "1", "CLIPBATCH_DECODE_THREADS": "1"}
 
@@ -192,6 +193,7 @@ def test_redis_and_s3_requests_per_shard(s3_endpoint, bucket, photo_shards, chec
         # the worker that counts a job's last shard ends it, just after its commit line
         wait_for(lambda: all(client.job(j).status()["state"] == "succeeded" for j in client.jobs.list_ids(2)), 60,
                  "both jobs to end")
+        last = client.job(job.job_id).status()  # the larger job's
         worker.stop()
 
     # then: per shard (the worker's idle loop, ~1 BRPOP a second, runs on during the extra time)
@@ -199,11 +201,17 @@ def test_redis_and_s3_requests_per_shard(s3_endpoint, bucket, photo_shards, chec
     idle_rate = {k: v / idle[1] for k, v in idle[0].items()}
     per_shard = {k: (runs[large][0][k] - runs[small][0][k]) / n for k in set(runs[large][0]) | set(runs[small][0])}
     commands = {k: round(v, 1) for k, v in sorted(per_shard.items()) if not k.startswith("bytes") and v >= 0.05}
+    # The counting script merges the shard's score histogram into the job's totals: one HINCRBY(FLOAT)
+    # per non-empty bin and per counter, all inside one EVALSHA round trip; bounded by the shard's rows.
+    merge = commands.pop("hincrby", 0) + commands.pop("hincrbyfloat", 0)
+    rows_per_shard = (last["samples_done"] + last["samples_failed"]) / COST_SHARDS[1]
     s3_per_shard = (runs[large][1] - runs[small][1]) / n
     print(f"\n[capacity] idle worker: {sum(v for k, v in idle_rate.items() if not k.startswith('bytes')):.1f} "
           f"Redis commands/s, {idle_rate.get('bytes_in', 0) + idle_rate.get('bytes_out', 0):.0f} B/s, "
           f"{worker_connections} Redis connections; the larger job took {runs[large][2] - runs[small][2]:.1f}s more")
-    print(f"[capacity] per shard: Redis {sum(commands.values()):.1f} commands {commands}, "
+    print(f"[capacity] per shard: Redis {sum(commands.values()):.1f} commands {commands} (+{merge:.1f} merging "
+          f"the histogram inside the counting script, {rows_per_shard:.0f} rows a shard), "
           f"{per_shard['bytes_in']:.0f} B in, {per_shard['bytes_out']:.0f} B out; S3 {s3_per_shard:.1f} requests")
     assert 0 < sum(commands.values()) <= REDIS_COMMANDS_PER_SHARD_BUDGET
+    assert 0 < merge <= rows_per_shard + MERGE_COUNTERS
     assert 0 < s3_per_shard <= S3_REQUESTS_PER_SHARD_BUDGET
