@@ -14,7 +14,7 @@ import redis
 from clipbatch.core.broker import make_app
 from clipbatch.core.config import RedactingFilter, Settings, redact
 from clipbatch.workers.readers import Columns, row_sample
-from tests.conftest import free_port, run_cli, service_env, wait_for
+from tests.conftest import free_port, redis_pings, run_cli, service_env, wait_for
 
 SECRET = "S3cr3t-q9Z"
 FORMS = {
@@ -106,7 +106,7 @@ def test_worker_log_redacts_a_password_with_an_at_and_message_contents(tmp_path,
                                "--appendonly", "no", "--requirepass", password], stdout=subprocess.DEVNULL)
     url = f"redis://:{password}@127.0.0.1:{port}/0"
     try:
-        wait_for(lambda: _pings(url), 20, "password Redis")
+        wait_for(lambda: redis_pings(url), 20, "password Redis")
         queue = f"redact-{uuid.uuid4().hex[:8]}"
         worker = start_worker(queue, service_env(url))
 
@@ -120,10 +120,3 @@ def test_worker_log_redacts_a_password_with_an_at_and_message_contents(tmp_path,
     finally:
         server.kill()
         server.wait()
-
-
-def _pings(url: str) -> bool:
-    try:
-        return redis.Redis.from_url(url).ping()
-    except redis.ConnectionError:
-        return False

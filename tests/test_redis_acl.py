@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import free_port, run_cli, service_env, wait_for
+from tests.conftest import free_port, redis_pings, run_cli, service_env, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -33,18 +33,11 @@ def acl_redis(tmp_path):
                               stdout=open(tmp_path / "redis.log", "wb"), stderr=subprocess.STDOUT)
     urls = {role: f"redis://{role}:{pw}@127.0.0.1:{port}/0" for role, pw in passwords.items()}
     try:
-        wait_for(lambda: _pings(urls["monitor"]), 20, "the ACL redis-server")
+        wait_for(lambda: redis_pings(urls["monitor"]), 20, "the ACL redis-server")
         yield urls
     finally:
         server.kill()
         server.wait()
-
-
-def _pings(url: str) -> bool:
-    try:
-        return redis.Redis.from_url(url).ping()
-    except redis.ConnectionError:
-        return False
 
 
 def _refused(conn: redis.Redis, *command) -> bool:

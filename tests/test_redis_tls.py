@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import free_port, run_cli, service_env, wait_for
+from tests.conftest import free_port, redis_pings, run_cli, service_env, wait_for
 
 pytestmark = pytest.mark.integration
 PASSWORD = "tls-pass-4Rz"
@@ -72,18 +72,11 @@ def tls_redis(tmp_path):
         return f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
 
     try:
-        wait_for(lambda: _pings(url(pki["ca"])), 20, "the TLS redis-server")
+        wait_for(lambda: redis_pings(url(pki["ca"])), 20, "the TLS redis-server")
         yield url, pki, port
     finally:
         server.kill()
         server.wait()
-
-
-def _pings(url: str) -> bool:
-    try:
-        return redis.Redis.from_url(url).ping()
-    except redis.ConnectionError:
-        return False
 
 
 def test_a_job_runs_over_tls_with_ca_verification(tls_redis, photo_shards, checkpoint, tmp_path, start_worker):

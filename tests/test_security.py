@@ -17,7 +17,7 @@ from clipbatch.core.config import Settings
 from clipbatch.core.storage import StorageError, open_storage
 from clipbatch.core.broker import EMBED_SHARD
 from clipbatch.core.specs import ModelSpec
-from tests.conftest import free_port, run_cli, service_env, wait_for
+from tests.conftest import free_port, redis_pings, run_cli, service_env, wait_for
 
 
 class Payload:
@@ -75,7 +75,7 @@ def test_no_credentials_anywhere_and_a_password_redis(bucket, photo_shards, chec
                                "--appendonly", "no", "--requirepass", password], stdout=subprocess.DEVNULL)
     url = f"redis://:{password}@127.0.0.1:{port}/0"
     try:
-        wait_for(lambda: _pings(url), 20, "password Redis")
+        wait_for(lambda: redis_pings(url), 20, "password Redis")
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=port).set("x", 1)
         folder, built = photo_shards
@@ -104,13 +104,6 @@ def test_no_credentials_anywhere_and_a_password_redis(bucket, photo_shards, chec
     finally:
         server.kill()
         server.wait()
-
-
-def _pings(url: str) -> bool:
-    try:
-        return redis.Redis.from_url(url).ping()
-    except redis.ConnectionError:
-        return False
 
 
 def _dump_redis(url: str) -> str:
