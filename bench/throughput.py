@@ -50,12 +50,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.compiled import compare_compile  # noqa: E402
 from bench.modalities import compare_modalities  # noqa: E402
+from bench.precision import compare_precision  # noqa: E402
 from clipbatch.core import commit  # noqa: E402
 from clipbatch.core.storage import open_storage  # noqa: E402
 from clipbatch.core.specs import JobSpec, ModelSpec, ShardSpec  # noqa: E402
 from clipbatch.workers import runtime  # noqa: E402
 from clipbatch.workers.compiled import use_cache_dir  # noqa: E402
-from clipbatch.workers.compute import encode_pairs  # noqa: E402
+from clipbatch.workers.compute import effective_precision, encode_pairs  # noqa: E402
 from clipbatch.workers.embed import embed_shard, pipeline_steps  # noqa: E402
 from clipbatch.workers.models import ModelBundle, save_seeded_checkpoint  # noqa: E402
 from clipbatch.workers.pipeline import PrefetchedBatches  # noqa: E402
@@ -289,8 +290,10 @@ def boundary_idle(log_text: str, output: Path, setup: list[float], commit_s: lis
               help="Only compare pairs, image-only and text-only on the task path, and the caption-dedup saving.")
 @click.option("--compile", "compile_", is_flag=True,
               help="Only compare the eager and the compiled forward: model alone and task path, and the compile cost.")
+@click.option("--precision", "precision_", is_flag=True,
+              help="Only compare the fp32 and the bf16 forward on the CPU: model alone and task path.")
 def main(model, pretrained, device, batch_size, input_, shards, samples_per_shard, max_side, copies, rounds, skip_naive,
-         rss_shards, queue_overhead_shards, out, label, modalities, compile_) -> None:
+         rss_shards, queue_overhead_shards, out, label, modalities, compile_, precision_) -> None:
     work = Path(tempfile.mkdtemp(prefix="clipbatch-bench-"))
     use_cache_dir(work)  # inductor's cache starts cold, unless TORCHINDUCTOR_CACHE_DIR names one
     if device != "auto":
@@ -322,6 +325,12 @@ def main(model, pretrained, device, batch_size, input_, shards, samples_per_shar
                                 lambda line: print(line, file=sys.stderr))
         save({**header(model, pretrained, work, batch_size), "input": inputs, "rounds": rounds, **found}, out,
              label or f"{model}-compile")
+        return
+    if precision_:
+        found = compare_precision(spec, paths, work, batch_size, rounds, good, model_bound, task_path,
+                                  lambda line: print(line, file=sys.stderr))
+        save({**header(model, pretrained, work, batch_size), "input": inputs, "rounds": rounds,
+              "load_average": os.getloadavg(), **found}, out, label or f"{model}-precision")
         return
     captions = [f"a photo of sample {i}" for i in range(64)]
     pool = runtime.decode_pool()
@@ -377,7 +386,7 @@ def machine(bundle: ModelBundle) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(0) if bundle.device.type == "cuda" else None,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "decode_threads": runtime.decode_threads(),
-            "precision": runtime.precision() if bundle.device.type == "cuda" else "fp32"}
+            "precision": effective_precision(bundle.device, runtime.precision())}
 
 
 def save(result: dict[str, Any], out: str | None, label: str) -> None:

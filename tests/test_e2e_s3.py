@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli, service_env
+from clipbatch.workers.compute import effective_precision
 
 pytestmark = pytest.mark.integration
 
@@ -113,6 +114,7 @@ def test_submit_embed_s3_end_to_end_then_resubmit(redis_url, bucket, photo_shard
         assert all(e["reason"] for e in errors)
         assert np.allclose(np.linalg.norm(img.astype(np.float32), axis=1), 1, atol=2e-3)
         assert stats["samples_ok"] == len(meta) and stats["samples_failed"] == len(errors)
+        assert stats["precision"] == effective_precision(torch.device("cpu"), "bf16")  # the default, as it ran
         assert meta[0]["shard"].endswith(names[i]) and "source" in meta[0]  # json fields pass through
         all_rows += meta
         all_img.append(img)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -11,13 +12,33 @@ import torch
 
 log = logging.getLogger("clipbatch.compute")
 R = TypeVar("R")
-# Autocast dtypes on CUDA; the CPU runs fp32 (bf16 autocast there is slower on most CPUs).
+# Autocast dtypes on CUDA. A CPU runs bf16 only where it has bf16 instructions (AVX512-BF16 or AMX,
+# which oneDNN uses): on this project's AVX512-BF16 CPU ViT-B-32's image tower ran 1.6x fp32 and its
+# text tower 1.5x (bench/throughput.py --precision); elsewhere bf16 is emulated and slower, so fp32.
 CUDA_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast_dtype(device: torch.device, precision: str = "bf16") -> torch.dtype | None:
+    """The dtype the forward autocasts to on ``device`` for CLIPBATCH_PRECISION ``precision``; None: fp32."""
+    if device.type == "cuda":
+        return CUDA_PRECISIONS[precision]
+    return torch.bfloat16 if device.type == "cpu" and precision == "bf16" and cpu_has_bf16() else None
+
+
+def effective_precision(device: torch.device, precision: str = "bf16") -> str:
+    """What the forward really runs in: ``precision`` on CUDA; bf16 or fp32 on a CPU (see autocast_dtype)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[autocast_dtype(device, precision)]
+
+
 def _autocast(device: torch.device, precision: str = "bf16"):
-    dtype = CUDA_PRECISIONS[precision] if device.type == "cuda" else None
-    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

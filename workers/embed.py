@@ -22,7 +22,7 @@ from clipbatch.core import layout
 from clipbatch.core.scores import histogram
 from clipbatch.core.specs import ShardSpec
 from clipbatch.workers import compiled, runtime, writers
-from clipbatch.workers.compute import alignment_scores, encode_images, encode_texts
+from clipbatch.workers.compute import alignment_scores, effective_precision, encode_images, encode_texts
 from clipbatch.workers.device_decode import DevicePreprocess, decode_on_device
 from clipbatch.workers.models import ModelBundle
 from clipbatch.workers.pipeline import PrefetchedBatches
@@ -243,6 +243,7 @@ def _stats(shard: ShardSpec, attempt: str, bundle: ModelBundle, input_bytes: int
         "model": shard.job.model.name,
         "modality": shard.job.modality,
         "device": str(bundle.device),
+        "precision": effective_precision(bundle.device, runtime.precision()),
         "input_bytes": input_bytes,
         "samples_total": len(got.rows) + len(got.errors),
         "samples_ok": len(got.rows),

@@ -162,7 +162,8 @@ def on_process_start() -> None:
 
 
 def precision() -> str:
-    """Autocast on CUDA: bf16 (default), fp16 or fp32 (CLIPBATCH_PRECISION); the CPU runs fp32."""
+    """CLIPBATCH_PRECISION: bf16 (default), fp16 or fp32. CUDA autocasts to it; a CPU runs bf16 where it
+    has bf16 instructions and fp32 otherwise (compute.autocast_dtype)."""
     value = os.environ.get("CLIPBATCH_PRECISION", "bf16")
     if value not in CUDA_PRECISIONS:
         raise ValueError(f"CLIPBATCH_PRECISION={value!r} is not one of {', '.join(CUDA_PRECISIONS)}")
