@@ -179,15 +179,16 @@ def clip_retrieval_breakdown(log: Path, out: Path) -> dict[str, float | None]:
             "inference_s": round(sum(x.get("inference_duration", 0) for x in stats), 2)}
 
 
-def clipbatch_threads(out: Path) -> dict[str, Any]:
-    """What the clipbatch worker chose on this CPU, from a run's per-shard stats."""
+def clipbatch_threads(out: Path, env: dict[str, str]) -> dict[str, Any]:
+    """What a clipbatch worker chose on this CPU (from a run's per-shard stats), and the thread settings it had."""
     stats = [json.loads(p.read_text()) for p in sorted((out / "stats").glob("*.json"))]
     forward: dict[str, int] = {}
     for s in stats:
         for k, v in (s.get("cpu_forward_batches_by_threads") or {}).items():
             forward[k] = forward.get(k, 0) + v
-    return {"cpu_forward_batches_by_threads": forward, "torch_threads_env": os.environ.get("CLIPBATCH_TORCH_THREADS"),
-            "decode_threads_env": os.environ.get("CLIPBATCH_DECODE_THREADS")}
+    merged = {**os.environ, **env}
+    return {"cpu_forward_batches_by_threads": forward, "CLIPBATCH_TORCH_THREADS": merged.get("CLIPBATCH_TORCH_THREADS"),
+            "CLIPBATCH_DECODE_THREADS": merged.get("CLIPBATCH_DECODE_THREADS")}
 
 
 @click.command()
@@ -272,7 +273,6 @@ def main(model, input_, shards, samples_per_shard, max_side, rounds, batch_size,
     ratios_unwarmed = {n: [round(a / b, 3) for a, b in zip(v, unwarmed)] for n, v in rates.items()
                        if n != "clip-retrieval"}
     cr_probe, cb_probe = probe(venv / "bin" / "python"), probe(Path(sys.executable))
-    first_cb = next(n for n in contenders if n != "clip-retrieval")
 
     def shown(cmd: list[str]) -> str:
         return shlex.join(cmd).replace(str(work), "<work>").replace(str(ROOT) + "/", "")
@@ -297,8 +297,9 @@ def main(model, input_, shards, samples_per_shard, max_side, rounds, batch_size,
         "threads": {"clip_retrieval": {"torch_threads": cr_probe["torch_threads"],
                                        "num_prepro_workers": workers,
                                        "batch_size": batch_size or 256},
-                    "clipbatch": {"torch_threads_default": cb_probe["torch_threads"], "batch_size": batch_size or 256,
-                                  **clipbatch_threads(last[first_cb])}},
+                    **{n: {"torch_threads_default": cb_probe["torch_threads"], "batch_size": batch_size or 256,
+                           **clipbatch_threads(last[n], env)} for n, (env, _) in contenders.items()
+                       if n != "clip-retrieval"}},
         "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in load_end],
                          "at_round_start_1min": load_rounds},
         "seconds_all": {n: [round(s, 2) for s in v] for n, v in seconds.items()},
