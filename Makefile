@@ -12,7 +12,7 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test soak install clean checkov
+.PHONY: demo test soak install clean checkov clip-retrieval
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ $(CHECKOV):
 		|| echo "checkov could not be installed: tests/test_deploy_hardening.py will skip its scan"
 
 checkov: $(CHECKOV)
+
+# clip-retrieval 2.45.0, the baseline bench/vs_clip_retrieval.py measures against, in a venv of its own (its pins
+# of numpy, pyarrow and webdataset clash with the project's); with the same torch pins, so pip pulls no other torch,
+# and setuptools<81: clip-anytorch, which all_clip imports, still imports pkg_resources.
+CLIP_RETRIEVAL := $(VENV)/clip-retrieval/bin/clip-retrieval
+$(CLIP_RETRIEVAL):
+	$(PYTHON) -m venv $(VENV)/clip-retrieval
+	$(VENV)/clip-retrieval/bin/python -m pip install --quiet $(TORCH_PINS) clip-retrieval==2.45.0 'setuptools<81'
+
+clip-retrieval: $(CLIP_RETRIEVAL)
 
 demo: $(BIN)/.installed
 	$(BIN)/clipbatch demo --workdir demo
