@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -78,6 +79,10 @@ class _Held:
     task_id: str
     args: list[Any]
 
+    @property
+    def headers(self) -> dict[str, Any]:
+        return self.message.headers or {}
+
 
 @dataclass
 class _Chain:
@@ -92,6 +97,7 @@ class _Chain:
 
 _chains: list[_Chain] = []
 _connections: dict[int, Any] = {}
+_dispatchers: dict[int, Any] = {}
 
 
 def run_chained(task: Task, args: list[Any], compute: Callable[[ShardSpec, str], Any],
@@ -128,7 +134,13 @@ def _run_held(chain: _Chain, held: _Held, compute: Callable[[ShardSpec, str], An
     """Run a read-ahead message like Celery would (its task signals included), then ack it; requeue it
     if it raises, so Celery's path (retries, dead-lettering) takes it."""
     task = chain.task
+    headers = held.headers
+    _event(task, "task-received", uuid=held.task_id, name=task.name, args=headers.get("argsrepr"),
+           kwargs=headers.get("kwargsrepr"), root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
+           retries=0, eta=None, expires=None)
+    _event(task, "task-started", uuid=held.task_id)
     task_prerun.send(sender=task, task_id=held.task_id, task=task, args=held.args, kwargs={})
+    started = time.monotonic()
     try:
         result = run_message(held.args, compute)
     except Exception as exc:  # noqa: BLE001 (any failure goes back to Celery's path, which knows what to do)
@@ -137,6 +149,7 @@ def _run_held(chain: _Chain, held: _Held, compute: Callable[[ShardSpec, str], An
         _put_back(held.message, held.task_id, "failed")
         task_postrun.send(sender=task, task_id=held.task_id, task=task, args=held.args, kwargs={}, retval=None,
                           state="REQUEUED")
+        _event(task, "task-rejected", uuid=held.task_id, requeue=True)
         return
     try:
         held.message.ack()
@@ -146,6 +159,22 @@ def _run_held(chain: _Chain, held: _Held, compute: Callable[[ShardSpec, str], An
     _end_if_stopped(chain, result)
     task_postrun.send(sender=task, task_id=held.task_id, task=task, args=held.args, kwargs={}, retval=result,
                       state="SUCCESS")
+    _event(task, "task-succeeded", uuid=held.task_id, result=repr(result), runtime=time.monotonic() - started)
+
+
+def _event(task: Task, kind: str, **fields: Any) -> None:
+    """A task event as Celery's worker sends for the messages it delivers (Flower's feed), when events are on."""
+    if not app.conf.worker_send_task_events:
+        return
+    pid = os.getpid()
+    try:
+        if pid not in _dispatchers:
+            _dispatchers.clear()
+            _dispatchers[pid] = app.events.Dispatcher(app.connection_for_write(), hostname=task.request.hostname)
+        _dispatchers[pid].send(kind, **fields)
+    except Exception:  # noqa: BLE001 (an event is for dashboards: the shard goes on)
+        log.warning("read-ahead event %s not sent", kind, exc_info=True)
+        _dispatchers.clear()
 
 
 def on_input_drained(shard: ShardSpec) -> None:
