@@ -207,3 +207,32 @@ def test_sigkill_during_a_read_ahead_shard_still_completes_exactly_once(redis_ur
     assert status["state"] == "succeeded" and status["shards_done"] == 4
     assert (status["samples_done"], status["samples_failed"]) == (built["good"], built["corrupt"])
     assert_exactly_once(out, 4, built)
+
+
+class _Closes:
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def __exit__(self, *exc: object) -> None:
+        self.closed += 1
+
+
+def test_a_warm_input_goes_only_to_its_own_shard_and_any_other_is_closed(tmp_path):
+    from clipbatch.core.specs import ShardSpec
+    from clipbatch.workers import readahead
+
+    job = spec_for(tmp_path, tmp_path / "out", tmp_path / "ckpt.pt", "q")
+    ours, other = ShardSpec("j", 1, "a.tar", job), ShardSpec("j", 2, "b.tar", job)
+    parts = _Closes()
+
+    def warm() -> readahead.ShardInput:
+        return readahead.ShardInput(readahead.shard_key(ours), None, parts, parts, 0.0)
+
+    # given a warm input held for shard 1: shard 2 does not get it, and it is closed (reader and feeder)
+    readahead.hold(warm())
+    assert readahead.holding() and readahead.take(other) is None
+    assert not readahead.holding() and parts.closed == 2
+    # given another: shard 1 gets it, open
+    readahead.hold(warm())
+    taken = readahead.take(ours)
+    assert taken is not None and taken.key == ("j", 1, "a.tar") and parts.closed == 2 and not readahead.holding()
