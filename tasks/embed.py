@@ -11,6 +11,6 @@ from clipbatch.tasks.prefetch import run_chained
 from clipbatch.workers.embed import embed_shard as compute_embeddings, warm_input
 
 
-@app.task(name=EMBED_SHARD, base=ShardTask, bind=True)
+@app.task(name=EMBED_SHARD, base=ShardTask, bind=True, Request="clipbatch.tasks.prefetch:ShardRequest")
 def embed_shard(self: ShardTask, *message: Any) -> dict[str, Any]:
     return run_chained(self, list(message), compute_embeddings, warm_input)

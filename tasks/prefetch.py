@@ -27,8 +27,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from billiard.exceptions import WorkerLostError
+from billiard.process import current_process
 from celery import Task
 from celery.signals import task_postrun, task_prerun
+from celery.worker.request import Request
 from kombu import Queue
 
 from clipbatch.core.specs import ShardSpec
@@ -51,6 +54,12 @@ log = logging.getLogger("clipbatch.shard")
 # this module is imported, so they share the page and see the flag.
 _stopping = mmap.mmap(-1, 1)
 _MAIN_PID = os.getpid()
+# The read-ahead messages each pool process holds unacked ("pid tag tag", one slot per process),
+# shared the same way: when a process dies, the main process hands them back to the queue at once,
+# as Celery does the message it delivered, instead of after the visibility timeout.
+_SLOTS, _SLOT_BYTES = 64, 128
+_held_tags = mmap.mmap(-1, _SLOTS * _SLOT_BYTES)
+_outstanding: list[str] = []
 
 
 def enabled() -> bool:
@@ -156,6 +165,7 @@ def _run_held(chain: _Chain, held: _Held, compute: Callable[[ShardSpec, str], An
     except Exception:  # noqa: BLE001 (unacked, it is restored after the visibility timeout: a committed duplicate)
         log.warning("read-ahead ack failed id=%s", held.task_id, exc_info=True)
         chain.left = 0
+    _holding(held.message, False)
     _end_if_stopped(chain, result)
     task_postrun.send(sender=task, task_id=held.task_id, task=task, args=held.args, kwargs={}, retval=result,
                       state="SUCCESS")
@@ -208,11 +218,14 @@ def _take(queue: str) -> Any:
             _connections.clear()
             _connections[pid] = app.connection_for_read()
         channel = _connections[pid].default_channel
-        return Queue(queue, channel=channel).get(no_ack=False, accept=app.conf.accept_content)
+        message = Queue(queue, channel=channel).get(no_ack=False, accept=app.conf.accept_content)
     except Exception:  # noqa: BLE001 (the read-ahead is an optimisation: no message, no read-ahead)
         log.warning("read-ahead take failed queue=%s", queue, exc_info=True)
         _connections.clear()
         return None
+    if message is not None:
+        _holding(message, True)
+    return message
 
 
 def _vet(chain: _Chain, message: Any) -> _Held | None:
@@ -233,6 +246,47 @@ def _vet(chain: _Chain, message: Any) -> _Held | None:
     return _Held(message, task_id, args)
 
 
+def _holding(message: Any, held: bool) -> None:
+    """Record in this process's slot that it holds ``message`` unacked (or no longer)."""
+    tag = str(message.delivery_tag)
+    if held:
+        _outstanding.append(tag)
+    elif tag in _outstanding:
+        _outstanding.remove(tag)
+    index = getattr(current_process(), "index", None)
+    slot = (index if isinstance(index, int) else os.getpid()) % _SLOTS
+    entry = " ".join([str(os.getpid()), *_outstanding]).encode() if _outstanding else b""
+    _held_tags[slot * _SLOT_BYTES:(slot + 1) * _SLOT_BYTES] = entry[:_SLOT_BYTES].ljust(_SLOT_BYTES, b"\0")
+
+
+def held_by(pid: int) -> list[str]:
+    """The delivery tags of the read-ahead messages process ``pid`` held; its slot is cleared."""
+    tags = []
+    for slot in range(_SLOTS):
+        entry = _held_tags[slot * _SLOT_BYTES:(slot + 1) * _SLOT_BYTES].rstrip(b"\0").decode().split()
+        if entry and entry[0] == str(pid):
+            tags += entry[1:]
+            _held_tags[slot * _SLOT_BYTES:(slot + 1) * _SLOT_BYTES] = b"\0" * _SLOT_BYTES
+    return tags
+
+
+class ShardRequest(Request):
+    """The main process's side of a shard message: when the pool process running it is lost, the
+    read-ahead messages that process held go back to the queue at once (Celery requeues this one)."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
+        exc = getattr(exc_info, "exception", None)
+        if isinstance(getattr(exc, "exc", exc), WorkerLostError) and self.worker_pid:  # unwrap ExceptionWithTraceback
+            restore = getattr(getattr(self.message.channel, "qos", None), "restore_by_tag", None)
+            for tag in held_by(self.worker_pid):
+                try:
+                    restore(tag)  # kombu's Redis QoS: back from the unacked hash, as the visibility timeout would
+                    log.warning("read-ahead message %s of lost process %d requeued", tag, self.worker_pid)
+                except Exception:  # noqa: BLE001 (still unacked: the visibility timeout restores it)
+                    log.warning("read-ahead message %s not requeued", tag, exc_info=True)
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
 def _put_back(message: Any, task_id: str, reason: str) -> None:
     """Requeue ``message`` untouched (kombu marks it redelivered: no read-ahead takes it again)."""
     log.info("read-ahead put back id=%s reason=%s", task_id, reason)
@@ -240,5 +294,6 @@ def _put_back(message: Any, task_id: str, reason: str) -> None:
         message.reject(requeue=True)
     except Exception:  # noqa: BLE001 (still in the unacked hash: the visibility timeout restores it)
         log.warning("read-ahead put back failed id=%s", task_id, exc_info=True)
+    _holding(message, False)
     return None
 

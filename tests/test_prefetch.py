@@ -178,32 +178,62 @@ def big_shards(tmp_path_factory) -> tuple[Path, dict[str, int]]:
     return folder, build_collection(folder, shards=4, samples_per_shard=300, seed=5)
 
 
-def test_sigkill_during_a_read_ahead_shard_still_completes_exactly_once(redis_url, big_shards, checkpoint, tmp_path,
-                                                                        start_worker):
-    # given: a short visibility timeout, and a worker running a shard it took as read-ahead
-    folder, built = big_shards
+def start_big_job(redis_url, big_shards, checkpoint, tmp_path, start_worker, **env_extra):
+    """A job over the big shards on its own queue, one worker with prefetch on, until a shard it took
+    as read-ahead has started."""
+    folder, _ = big_shards
     queue, out = f"pfkill-{uuid.uuid4().hex[:8]}", tmp_path / "out"
-    env = service_env(redis_url, CLIPBATCH_VISIBILITY_TIMEOUT="5", **PREFETCH_ON)
-    job = client_for(redis_url, visibility_timeout_s=5, queue_window=4).submit(
+    env = service_env(redis_url, **PREFETCH_ON, **env_extra)
+    settings = {"visibility_timeout_s": int(env_extra["CLIPBATCH_VISIBILITY_TIMEOUT"])} \
+        if "CLIPBATCH_VISIBILITY_TIMEOUT" in env_extra else {}
+    job = client_for(redis_url, queue_window=4, **settings).submit(
         spec_for(folder, out, checkpoint, queue, batch_size=16))
     worker = start_worker(queue, env)
 
     def running_read_ahead() -> bool:
         log = worker.log()
-        return any(re.search(rf"shard start job=\S+ shard={i} ", log.split(f"shard read-ahead job={job.job_id} "
-                                                                           f"shard={i} ", 1)[1])
+        return any(re.search(rf"shard start job=\S+ shard={i} ",
+                             log.split(f"shard read-ahead job={job.job_id} shard={i} ", 1)[1])
                    for i in read_aheads(log))
 
     wait_for(running_read_ahead, 120, "a read-ahead shard to start", interval_s=0.02)
+    return job, worker, out, queue, env
+
+
+def test_sigkill_of_the_pool_child_during_a_read_ahead_requeues_it_at_once(redis_url, big_shards, checkpoint,
+                                                                           tmp_path, start_worker):
+    # given: the default visibility timeout (an hour), and a worker running a shard it took as read-ahead
+    built = big_shards[1]
+    job, worker, out, _, _ = start_big_job(redis_url, big_shards, checkpoint, tmp_path, start_worker)
 
     # when: the pool child is SIGKILLed
     for pid in child_pids(worker.proc.pid):
         os.kill(pid, signal.SIGKILL)
     status = job.wait(timeout_s=300)
 
-    # then: both messages it held came back (the delivered one at once, the read-ahead after the
-    # visibility timeout) and the job completed exactly once
-    assert "WorkerLostError" in worker.log()
+    # then: the main process requeued the delivered message (Celery) and the read-ahead (ShardRequest)
+    # at once, not after the visibility timeout; the job completed exactly once
+    log = worker.log()
+    assert "WorkerLostError" in log and re.search(r"read-ahead message \S+ of lost process \d+ requeued", log)
+    assert status["state"] == "succeeded" and status["shards_done"] == 4
+    assert (status["samples_done"], status["samples_failed"]) == (built["good"], built["corrupt"])
+    assert_exactly_once(out, 4, built)
+
+
+def test_sigkill_of_the_whole_worker_during_a_read_ahead_still_completes_exactly_once(
+        redis_url, big_shards, checkpoint, tmp_path, start_worker):
+    # given: a short visibility timeout, and a worker running a shard it took as read-ahead
+    built = big_shards[1]
+    job, victim, out, queue, env = start_big_job(redis_url, big_shards, checkpoint, tmp_path, start_worker,
+                                                 CLIPBATCH_VISIBILITY_TIMEOUT="5")
+
+    # when: the machine "dies" (main process and pool child SIGKILLed), and another worker comes up
+    os.killpg(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait()
+    start_worker(queue, env)
+    status = job.wait(timeout_s=300)
+
+    # then: both messages it held came back after the visibility timeout; exactly once
     assert status["state"] == "succeeded" and status["shards_done"] == 4
     assert (status["samples_done"], status["samples_failed"]) == (built["good"], built["corrupt"])
     assert_exactly_once(out, 4, built)
