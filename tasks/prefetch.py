@@ -5,8 +5,9 @@ this one is acked, so the decode threads idle through each shard's tail (seriali
 ack, delivery) and the model through the next shard's pipeline fill. Instead, once a shard's
 input is fully read, the task takes the next message from its own queue itself (kombu
 ``basic_get`` without ack, on a connection this process owns: with the Redis transport the
-message sits in kombu's unacked hash and is restored by the visibility timeout if the process
-dies, as Celery's own deliveries are), vets it, and opens that shard's input on the decode pool.
+message sits in kombu's unacked hash as Celery's own deliveries do; if this process is lost the
+main process requeues it at once (``ShardRequest``), if the whole worker dies the visibility
+timeout restores it), vets it, and opens that shard's input on the decode pool.
 Once this shard is done (committed, successor published, counted) the read-ahead shard runs
 through the same lifecycle (``run_message``), then is acked.
 
@@ -278,7 +279,7 @@ class ShardRequest(Request):
         exc = getattr(exc_info, "exception", None)
         if isinstance(getattr(exc, "exc", exc), WorkerLostError) and self.worker_pid:  # unwrap ExceptionWithTraceback
             restore = getattr(getattr(self.message.channel, "qos", None), "restore_by_tag", None)
-            for tag in held_by(self.worker_pid):
+            for tag in held_by(self.worker_pid) if restore is not None else ():
                 try:
                     restore(tag)  # kombu's Redis QoS: back from the unacked hash, as the visibility timeout would
                     log.warning("read-ahead message %s of lost process %d requeued", tag, self.worker_pid)
