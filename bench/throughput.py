@@ -14,6 +14,12 @@ and prints JSON with samples/s, the ratios c/min(a,b) and c/d, and the task's pe
 shares. Optionally: worker RSS over many shards (--rss-shards) and the queue overhead per
 shard of a real worker on a private Redis (--queue-overhead-shards, 1,000-sample shards).
 
+With --prefetch it instead runs a real worker on 6 shards of 1,000 with shard prefetch off and on
+(CLIPBATCH_PREFETCH), interleaved for --rounds rounds, and reports the idle shares at shard
+boundaries (bench/boundaries.py):
+
+    python bench/throughput.py --prefetch --rounds 2 --out bench/results/<date>-cpu.json
+
 With --modalities it instead compares the task path in each modality (pairs, image-only,
 text-only) on the same shards, and the caption-dedup saving (bench/modalities.py):
 
@@ -48,6 +54,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.boundaries import boundary_idle, compare_prefetch  # noqa: E402
 from bench.compiled import compare_compile  # noqa: E402
 from bench.modalities import compare_modalities  # noqa: E402
 from bench.precision import compare_precision  # noqa: E402
@@ -236,35 +243,7 @@ def queue_overhead(spec: JobSpec, folder: Path, shards: int, device: str) -> dic
             "median_setup_s": statistics.median(setup), "median_compute_s": statistics.median(compute),
             "median_commit_s": statistics.median(commit_s),
             "overhead_fraction": round((sum(setup) + sum(commit_s)) / sum(total), 4),
-            **boundary_idle(text, folder / "q_out", setup, commit_s)}
-
-
-LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): [^\]]*\] shard (start|committed) ", re.M)
-
-
-def boundary_idle(log_text: str, output: Path, setup: list[float], commit_s: list[float]) -> dict[str, Any]:
-    """Idle time at shard boundaries, as shares of the run (first shard start to last commit), read from
-    the worker log and the shards' stats. Between one shard's last forward and the next one's first,
-    the decode threads idle through serialisation, the commit, the gap between tasks (the ack, the next
-    message's delivery) and the next setup: what a decode-bound worker loses. The model idles through
-    the same and the next shard's pipeline fill (its first batch): what a model-bound worker loses.
-    The last forward of each shard (decode idle too) is not split out, so the decode share is a floor."""
-    from datetime import datetime
-
-    stamps = [(datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f").timestamp(), kind) for t, kind in LOG_TIME.findall(log_text)]
-    starts = [t for t, kind in stamps if kind == "start"]
-    ends = [t for t, kind in stamps if kind == "committed"]
-    stats = [json.loads(p.read_text())["seconds"] for p in sorted((output / "stats").glob("*.json"))]
-    if not starts or not ends or not stats:
-        return {"boundary_idle_error": "no shard start/committed lines or stats"}
-    wall = ends[-1] - starts[0] + setup[0]
-    gaps = sum(max(0.0, s - e) for e, s in zip(ends, starts[1:]))
-    parts = {"setup": sum(setup), "serialise": sum(s["serialise"] for s in stats), "commit": sum(commit_s),
-             "between_tasks": gaps, "first_batch": sum(s.get("first_batch", 0.0) for s in stats)}
-    tail = sum(v for k, v in parts.items() if k != "first_batch")
-    return {"run_wall_s": round(wall, 3), "boundary_s": {k: round(v, 3) for k, v in parts.items()},
-            "decode_idle_share_at_boundaries": round(tail / wall, 4),
-            "model_idle_share_at_boundaries": round((tail + parts["first_batch"]) / wall, 4)}
+            **boundary_idle(text, folder / "q_out")}
 
 
 @click.command()
@@ -288,12 +267,14 @@ def boundary_idle(log_text: str, output: Path, setup: list[float], commit_s: lis
 @click.option("--label", help="The result's key in --out [default: the model name].")
 @click.option("--modalities", is_flag=True,
               help="Only compare pairs, image-only and text-only on the task path, and the caption-dedup saving.")
+@click.option("--prefetch", is_flag=True,
+              help="Only compare shard prefetch off and on: a real worker on 6 shards of 1,000, --rounds rounds.")
 @click.option("--compile", "compile_", is_flag=True,
               help="Only compare the eager and the compiled forward: model alone and task path, and the compile cost.")
 @click.option("--precision", "precision_", is_flag=True,
               help="Only compare the fp32 and the bf16 forward on the CPU: model alone and task path.")
 def main(model, pretrained, device, batch_size, input_, shards, samples_per_shard, max_side, copies, rounds, skip_naive,
-         rss_shards, queue_overhead_shards, out, label, modalities, compile_, precision_) -> None:
+         rss_shards, queue_overhead_shards, out, label, modalities, prefetch, compile_, precision_) -> None:
     work = Path(tempfile.mkdtemp(prefix="clipbatch-bench-"))
     use_cache_dir(work)  # inductor's cache starts cold, unless TORCHINDUCTOR_CACHE_DIR names one
     if device != "auto":
@@ -305,6 +286,13 @@ def main(model, pretrained, device, batch_size, input_, shards, samples_per_shar
                                    rounds, lambda line: print(line, file=sys.stderr))
         save({**header(model, pretrained, work, batch_size), "rounds": rounds, **found}, out,
              label or f"{model}-modalities")
+        return
+    if prefetch:
+        spec = JobSpec(str(work / "q_in"), str(work / "q_out"), ModelSpec(model, pretrained), batch_size=batch_size)
+        build_input(work / "q_in", queue_overhead_shards or 6, 1000, 512, seed=1)
+        found = compare_prefetch(spec, work, device, rounds, lambda line: print(line, file=sys.stderr))
+        save({**header(model, pretrained, work, batch_size), "samples_per_shard": 1000, **found}, out,
+             label or f"{model}-shard-prefetch")
         return
     folder = Path(input_) if input_ else work / "in"
     built = not any(folder.glob("*.tar"))

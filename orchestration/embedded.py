@@ -69,10 +69,10 @@ def _private_config(workdir: Path, port: int, password: str) -> Path:
 
 
 @contextlib.contextmanager
-def private_redis(workdir: Path) -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port that only holders of its random password
-    reach (another local user can connect to the port but not authenticate); yields its URL."""
-    port, password = _free_port(), secrets.token_hex(32)
+def private_redis(workdir: Path, port: int | None = None) -> Iterator[str]:
+    """A throwaway redis-server on a loopback port (``port``, or a free one) that only holders of its
+    random password reach (another local user can connect to the port but not authenticate); yields its URL."""
+    port, password = port or _free_port(), secrets.token_hex(32)
     args = [redis_server_binary(), str(_private_config(workdir, port, password))]
     with open(workdir / "redis.log", "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)

@@ -125,6 +125,25 @@ def test_prefetch_measures_the_decode_time_per_item():
         assert batches.decode_s_per_sample >= 0.01
 
 
+def test_drained_once_every_item_is_read_while_the_last_batches_may_still_decode():
+    # given a decode that waits for a gate, and 10 items in batches of 4 (the last one short)
+    gate = threading.Event()
+
+    def decode(i: int) -> int:
+        gate.wait(5)
+        return i
+
+    with ThreadPoolExecutor(2) as pool, PrefetchedBatches(range(10), decode, 4, pool, 3) as batches:
+        # then the feeder has read everything (the short chunk says so) before anything decoded
+        deadline = time.monotonic() + 5
+        while not batches.drained and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batches.drained and not batches.decode_idle and batches.decoded == 0
+        gate.set()
+        assert [len(b) for b in batches] == [4, 4, 2]
+        assert batches.decode_idle
+
+
 def test_a_reader_error_reaches_the_consumer_and_leaving_early_stops_the_feeder():
     def items():
         yield from range(20)

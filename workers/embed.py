@@ -21,12 +21,12 @@ import torch
 from clipbatch.core import layout
 from clipbatch.core.scores import histogram
 from clipbatch.core.specs import ShardSpec
-from clipbatch.workers import compiled, runtime, writers
+from clipbatch.workers import compiled, readahead, runtime, writers
 from clipbatch.workers.compute import alignment_scores, effective_precision, encode_images, encode_texts
 from clipbatch.workers.device_decode import DevicePreprocess, decode_on_device
 from clipbatch.workers.models import ModelBundle
 from clipbatch.workers.pipeline import PrefetchedBatches
-from clipbatch.workers.readers import members_for, open_shard
+from clipbatch.workers.readers import members_for
 from clipbatch.workers.samples import PAIRS, Members, RawSample, Sample, decode_image, decode_sample
 
 
@@ -147,11 +147,17 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     """Run shard ``shard`` end to end on this process's model and device."""
     start = time.perf_counter()
     bundle = runtime.model_for(shard.job.model)
-    info, source = open_shard(shard.input, shard.job)  # any input format, as webdataset-style raw samples
     batch_size = shard.job.batch_size_on(bundle.device.type)
     got = _Collected()
-    with source as raws:
-        _run_batches(shard, bundle, raws, batch_size, got)
+    shard_input = readahead.take(shard)
+    got.warm = shard_input is not None
+    if shard_input is None:
+        shard_input = readahead.open_input(shard, batch_size, pipeline_steps(bundle, members_for(shard.job)))
+    try:
+        _run_batches(shard, bundle, shard_input.batches, batch_size, got)
+    finally:
+        shard_input.close()
+    info = shard_input.info
     t0 = time.perf_counter()
     modality = shard.job.modality
     img, txt = got.arrays(bundle.embed_dim)
@@ -176,6 +182,17 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     return ShardResult(files, len(got.rows), len(got.errors), info.size, info.etag, record={"retired": retired})
 
 
+def warm_input(shard: ShardSpec) -> bool:
+    """Open ``shard``'s input and start decoding it now, for a later ``embed_shard`` of it on this process.
+    Only for the model already loaded (another would be loaded while this process's shard still runs)."""
+    bundle = runtime.loaded_model()
+    if bundle is None or bundle.spec != shard.job.model:
+        return False
+    batch_size = shard.job.batch_size_on(bundle.device.type)
+    readahead.hold(readahead.open_input(shard, batch_size, pipeline_steps(bundle, members_for(shard.job))))
+    return True
+
+
 @dataclass
 class _Collected:
     """What a shard's batches produced so far, and where its time went."""
@@ -191,44 +208,51 @@ class _Collected:
     on_device: int = 0
     threads_used: Counter = field(default_factory=Counter)  # CPU forward batches by intra-op thread count
     towers: Any = None  # what ran the forward: the model, or its compiled towers
+    warm: bool = False  # the input was opened and decoding before the shard started (a read-ahead)
 
     def arrays(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
         empty = np.zeros((0, dim), np.float32)
         return (np.concatenate(self.img) if self.img else empty, np.concatenate(self.txt) if self.txt else empty)
 
 
-def _run_batches(shard: ShardSpec, bundle: ModelBundle, raws: Any, batch_size: int, got: _Collected) -> None:
-    """Decode ahead on the pool, run each batch's good samples through the model, collect rows."""
+def _run_batches(shard: ShardSpec, bundle: ModelBundle, batches: PrefetchedBatches, batch_size: int,
+                 got: _Collected) -> None:
+    """Take each decoded batch, run its good samples through the model, collect rows. Once the input
+    is fully read, the read-ahead listeners may start the next shard's input on the decode pool."""
     cpu_threads = runtime.forward_threads() if bundle.device.type == "cpu" else None
     modality = shard.job.modality
-    decode, collate = pipeline_steps(bundle, members_for(shard.job))
     precision = runtime.precision()
     towers = got.towers = runtime.towers_for(bundle, batch_size)
-    with PrefetchedBatches(raws, decode, batch_size, runtime.decode_pool(), collate=collate) as batches:
-        while True:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            got.seconds["waiting_for_decode"] += time.perf_counter() - t0
-            got.seconds.setdefault("first_batch", time.perf_counter() - t0)  # the pipeline's fill: the model idles
-            if batch is None:
-                return
-            got.errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch.failed)
-            got.on_device += batch.on_device
-            if not batch.good:
-                continue
-            if cpu_threads is not None:
-                threads = cpu_threads.choose(batches.decode_s_per_sample, batches.decode_idle)
-                got.threads_used[threads] += 1
-            t0, cpu0 = time.perf_counter(), time.thread_time()
-            img, txt = forward_batch(bundle, batch, modality, got.captions, precision, towers)
-            got.seconds["forward"] += time.perf_counter() - t0
-            if cpu_threads is not None:
-                cpu_threads.observe(len(batch.good), time.thread_time() - cpu0, threads)
-            got.img.extend([img] if img is not None else [])
-            got.txt.extend([txt] if txt is not None else [])
-            got.rows.extend({"key": s.key, "caption": s.caption, "shard": shard.input} for s in batch.good)
-            got.metas.extend(s.meta for s in batch.good)
-            got.hashes.extend(s.image_hash for s in batch.good)
+    drained = False
+    while True:
+        if not drained and batches.drained:
+            drained = True
+            readahead.notify_drained(shard)
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        got.seconds["waiting_for_decode"] += time.perf_counter() - t0
+        got.seconds.setdefault("first_batch", time.perf_counter() - t0)  # the pipeline's fill: the model idles
+        if batch is None:
+            return
+        got.errors.extend({"key": s.key, "reason": s.error, "shard": shard.input} for s in batch.failed)
+        got.on_device += batch.on_device
+        if not batch.good:
+            continue
+        if cpu_threads is not None:
+            # a warm read-ahead input keeps the decode threads busy: the forward leaves them the cores
+            idle = batches.decode_idle and not readahead.holding()
+            threads = cpu_threads.choose(batches.decode_s_per_sample, idle)
+            got.threads_used[threads] += 1
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        img, txt = forward_batch(bundle, batch, modality, got.captions, precision, towers)
+        got.seconds["forward"] += time.perf_counter() - t0
+        if cpu_threads is not None:
+            cpu_threads.observe(len(batch.good), time.thread_time() - cpu0, threads)
+        got.img.extend([img] if img is not None else [])
+        got.txt.extend([txt] if txt is not None else [])
+        got.rows.extend({"key": s.key, "caption": s.caption, "shard": shard.input} for s in batch.good)
+        got.metas.extend(s.meta for s in batch.good)
+        got.hashes.extend(s.image_hash for s in batch.good)
 
 
 def _stats(shard: ShardSpec, attempt: str, bundle: ModelBundle, input_bytes: int, batch_size: int,
@@ -254,6 +278,7 @@ def _stats(shard: ShardSpec, attempt: str, bundle: ModelBundle, input_bytes: int
                                                           "serialise")},
         "samples_per_s": len(got.rows) / total if total > 0 else 0.0,
         "images_decoded_on_device": got.on_device,
+        "input_warm": got.warm,  # opened and decoding while the shard before it ended (a read-ahead)
         "batch_size": batch_size,
         "forward_batch_limit": bundle.limit.size,  # set once an out-of-memory has halved the forward batch
         "cpu_forward_batches_by_threads": {str(k): v for k, v in sorted(got.threads_used.items())},

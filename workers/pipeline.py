@@ -70,6 +70,11 @@ class PrefetchedBatches:
         return self.decode_seconds / self.decoded if self.decoded else None
 
     @property
+    def drained(self) -> bool:
+        """True once the feeder has read every item (the last batches may still be decoding)."""
+        return self._exhausted
+
+    @property
     def decode_idle(self) -> bool:
         """True once every item has been decoded: nothing is left for the decode threads to do."""
         return self._exhausted and all(f.done() for f in list(self._in_flight))
@@ -85,6 +90,9 @@ class PrefetchedBatches:
                 batch = self._collator.submit(self._gather, [self._pool.submit(self._fn, i) for i in chunk], submitted)
                 self._in_flight.append(batch)
                 self._queue.put(batch)
+                if len(chunk) < self._batch_size:  # a short chunk: the items are all read
+                    self._exhausted = True
+                    break
         except BaseException as exc:  # the consumer re-raises it: a reader's error fails the shard
             self._queue.put(exc)
         self._queue.put(_END)

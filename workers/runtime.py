@@ -191,6 +191,12 @@ def decode_pool() -> ThreadPoolExecutor:
     return _state["pool"]  # type: ignore[return-value]
 
 
+def loaded_model() -> ModelBundle | None:
+    """The model this process holds now, if any (loading none)."""
+    bundle = _state.get("model")
+    return bundle if isinstance(bundle, ModelBundle) else None
+
+
 def model_for(spec: ModelSpec) -> ModelBundle:
     """The process keeps one model: loaded on first use, replaced only when a job needs another."""
     bundle = _state.get("model")

@@ -1,0 +1,300 @@
+"""Shard prefetch (CLIPBATCH_PREFETCH): a task-local read-ahead of the next shard message.
+
+With acks_late and a prefetch of 1 the broker hands a worker process its next message only after
+this one is acked, so the decode threads idle through each shard's tail (serialisation, commit,
+ack, delivery) and the model through the next shard's pipeline fill. Instead, once a shard's
+input is fully read, the task takes the next message from its own queue itself (kombu
+``basic_get`` without ack, on a connection this process owns: with the Redis transport the
+message sits in kombu's unacked hash as Celery's own deliveries do; if this process is lost the
+main process requeues it at once (``ShardRequest``), if the whole worker dies the visibility
+timeout restores it), vets it, and opens that shard's input on the decode pool.
+Once this shard is done (committed, successor published, counted) the read-ahead shard runs
+through the same lifecycle (``run_message``), then is acked.
+
+What the read-ahead does not run goes back to the queue untouched (``reject(requeue=True)``, as
+kombu marks it redelivered): another task's message, one with an ETA, expiry or callbacks, a
+retry or redelivery, and one the worker would refuse (unsigned or untrusted when messages are
+signed: Celery's consumer then dead-letters it). A read-ahead shard that raises goes back the
+same way, so Celery's path, with its retries and dead-lettering, takes it. A chain is bounded
+(CLIPBATCH_PREFETCH_CHAIN read-aheads per delivered message) and stops when a shard's job is
+cancelled or gone, or the worker is shutting down (a held message then goes back unrun).
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from billiard.exceptions import WorkerLostError
+from billiard.process import current_process
+from celery import Task
+from celery.signals import task_postrun, task_prerun
+from celery.worker.request import Request
+from kombu import Queue
+
+from clipbatch.core.specs import ShardSpec
+from clipbatch.tasks.app import app
+from clipbatch.tasks.context import job_store
+from clipbatch.tasks.lifecycle import decode, run_message
+from clipbatch.workers import readahead
+
+PREFETCH_ENV = "CLIPBATCH_PREFETCH"
+CHAIN_ENV = "CLIPBATCH_PREFETCH_CHAIN"
+DEFAULT_PREFETCH = "1"
+DEFAULT_CHAIN = 4
+# A shard's job ended or is unknown: taking more of its queue's messages would only skip them here.
+_CHAIN_ENDS = ("cancelled", "job_unknown", "dead_lettered")
+_EMBEDDED_KEYS = ("callbacks", "errbacks", "chain", "chord")
+
+log = logging.getLogger("clipbatch.shard")
+
+# Set in the worker's main process when a shutdown begins; the pool's children are forked after
+# this module is imported, so they share the page and see the flag.
+_stopping = mmap.mmap(-1, 1)
+_MAIN_PID = os.getpid()
+# The read-ahead messages each pool process holds unacked ("pid tag tag", one slot per process),
+# shared the same way: when a process dies, the main process hands them back to the queue at once,
+# as Celery does the message it delivered, instead of after the visibility timeout.
+_SLOTS, _SLOT_BYTES = 64, 128
+_held_tags = mmap.mmap(-1, _SLOTS * _SLOT_BYTES)
+_outstanding: list[str] = []
+
+
+def enabled() -> bool:
+    return os.environ.get(PREFETCH_ENV, DEFAULT_PREFETCH) == "1"
+
+
+def chain_length() -> int:
+    return max(0, int(os.environ.get(CHAIN_ENV) or DEFAULT_CHAIN))
+
+
+def worker_stopping() -> None:
+    """The worker is shutting down: no process takes another read-ahead."""
+    _stopping[0] = 1
+
+
+def stopping() -> bool:
+    """A shutdown began, or this pool process outlived the worker's main process."""
+    return _stopping[0] == 1 or (os.getpid() != _MAIN_PID and os.getppid() != _MAIN_PID)
+
+
+@dataclass
+class _Held:
+    """A message taken as read-ahead, not yet acked: its task id and shard arguments."""
+
+    message: Any
+    task_id: str
+    args: list[Any]
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return self.message.headers or {}
+
+
+@dataclass
+class _Chain:
+    """The read-ahead state of the task running in this process."""
+
+    task: Task
+    queue: str
+    left: int
+    warm: Callable[[ShardSpec], bool]
+    held: _Held | None = None
+
+
+_chains: list[_Chain] = []
+_connections: dict[int, Any] = {}
+_dispatchers: dict[int, Any] = {}
+
+
+def run_chained(task: Task, args: list[Any], compute: Callable[[ShardSpec, str], Any],
+                warm: Callable[[ShardSpec], bool]) -> dict[str, Any]:
+    """Run the delivered message's shard, then each read-ahead taken while the shard before it ended."""
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    if not enabled() or not queue or chain_length() == 0:
+        return run_message(args, compute)
+    chain = _Chain(task, queue, chain_length(), warm)
+    _chains.append(chain)
+    try:
+        result = run_message(args, compute)
+        _end_if_stopped(chain, result)
+        while chain.held is not None:
+            held, chain.held = chain.held, None
+            if stopping():
+                _put_back(held.message, held.task_id, "worker_stopping")
+                break
+            _run_held(chain, held, compute)
+        return result
+    finally:
+        _chains.clear()
+        if chain.held is not None:  # the shard before it raised: Celery's path retries that one
+            _put_back(chain.held.message, chain.held.task_id, "chain_failed")
+        readahead.discard()
+
+
+def _end_if_stopped(chain: _Chain, result: dict[str, Any]) -> None:
+    if result.get("outcome") in _CHAIN_ENDS:
+        chain.left = 0
+
+
+def _run_held(chain: _Chain, held: _Held, compute: Callable[[ShardSpec, str], Any]) -> None:
+    """Run a read-ahead message like Celery would (its task signals included), then ack it; requeue it
+    if it raises, so Celery's path (retries, dead-lettering) takes it."""
+    task = chain.task
+    headers = held.headers
+    _event(task, "task-received", uuid=held.task_id, name=task.name, args=headers.get("argsrepr"),
+           kwargs=headers.get("kwargsrepr"), root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
+           retries=0, eta=None, expires=None)
+    _event(task, "task-started", uuid=held.task_id)
+    task_prerun.send(sender=task, task_id=held.task_id, task=task, args=held.args, kwargs={})
+    started = time.monotonic()
+    try:
+        result = run_message(held.args, compute)
+    except Exception as exc:  # noqa: BLE001 (any failure goes back to Celery's path, which knows what to do)
+        log.warning("shard read-ahead failed, requeued id=%s reason=%s: %s", held.task_id, type(exc).__name__, exc)
+        chain.left = 0
+        _put_back(held.message, held.task_id, "failed")
+        task_postrun.send(sender=task, task_id=held.task_id, task=task, args=held.args, kwargs={}, retval=None,
+                          state="REQUEUED")
+        _event(task, "task-rejected", uuid=held.task_id, requeue=True)
+        return
+    try:
+        held.message.ack()
+    except Exception:  # noqa: BLE001 (unacked, it is restored after the visibility timeout: a committed duplicate)
+        log.warning("read-ahead ack failed id=%s", held.task_id, exc_info=True)
+        chain.left = 0
+    _holding(held.message, False)
+    _end_if_stopped(chain, result)
+    task_postrun.send(sender=task, task_id=held.task_id, task=task, args=held.args, kwargs={}, retval=result,
+                      state="SUCCESS")
+    _event(task, "task-succeeded", uuid=held.task_id, result=repr(result), runtime=time.monotonic() - started)
+
+
+def _event(task: Task, kind: str, **fields: Any) -> None:
+    """A task event as Celery's worker sends for the messages it delivers (Flower's feed), when events are on."""
+    if not app.conf.worker_send_task_events:
+        return
+    pid = os.getpid()
+    try:
+        if pid not in _dispatchers:
+            _dispatchers.clear()
+            _dispatchers[pid] = app.events.Dispatcher(app.connection_for_write(), hostname=task.request.hostname)
+        _dispatchers[pid].send(kind, **fields)
+    except Exception:  # noqa: BLE001 (an event is for dashboards: the shard goes on)
+        log.warning("read-ahead event %s not sent", kind, exc_info=True)
+        _dispatchers.clear()
+
+
+def on_input_drained(shard: ShardSpec) -> None:
+    """The running shard's input is fully read: take the next message and warm its input up."""
+    chain = _chains[0] if _chains else None
+    if chain is None or chain.held is not None or chain.left <= 0 or stopping():
+        return
+    message = _take(chain.queue)
+    if message is None:
+        return
+    chain.left -= 1
+    held = _vet(chain, message)
+    if held is None:
+        return
+    chain.held = held
+    spec = decode(job_store(), held.args)
+    try:
+        warm = spec is not None and chain.warm(spec)
+    except Exception as exc:  # noqa: BLE001 (the read-ahead runs cold and fails, or not, like any shard)
+        log.warning("read-ahead input not opened id=%s reason=%s: %s", held.task_id, type(exc).__name__, exc)
+        warm = False
+    log.info("shard read-ahead job=%s shard=%s id=%s warm=%s", held.args[0], held.args[1] if len(held.args) > 1
+             else "?", held.task_id, warm)
+
+
+def _take(queue: str) -> Any:
+    """The next message of ``queue``, unacked (None when the queue is empty or the broker fails)."""
+    pid = os.getpid()
+    try:
+        if pid not in _connections:
+            _connections.clear()
+            _connections[pid] = app.connection_for_read()
+        channel = _connections[pid].default_channel
+        message = Queue(queue, channel=channel).get(no_ack=False, accept=app.conf.accept_content)
+    except Exception:  # noqa: BLE001 (the read-ahead is an optimisation: no message, no read-ahead)
+        log.warning("read-ahead take failed queue=%s", queue, exc_info=True)
+        _connections.clear()
+        return None
+    if message is not None:
+        _holding(message, True)
+    return message
+
+
+def _vet(chain: _Chain, message: Any) -> _Held | None:
+    """The message as a read-ahead this task runs now, or None (then it went back to the queue)."""
+    headers = message.headers or {}
+    task_id = str(headers.get("id"))
+    if headers.get("task") != chain.task.name:
+        return _put_back(message, task_id, "other_task")
+    if headers.get("eta") or headers.get("expires") or headers.get("retries") or headers.get("redelivered") \
+            or (message.delivery_info or {}).get("redelivered"):
+        return _put_back(message, task_id, "not_plain")
+    try:
+        args, kwargs, embedded = message.decode()
+    except Exception as exc:  # noqa: BLE001 (unsigned, untrusted, undecodable: Celery's consumer refuses it)
+        return _put_back(message, task_id, f"refused ({type(exc).__name__})")
+    if kwargs or any((embedded or {}).get(k) for k in _EMBEDDED_KEYS) or not isinstance(args, list) or not args:
+        return _put_back(message, task_id, "not_plain")
+    return _Held(message, task_id, args)
+
+
+def _holding(message: Any, held: bool) -> None:
+    """Record in this process's slot that it holds ``message`` unacked (or no longer)."""
+    tag = str(message.delivery_tag)
+    if held:
+        _outstanding.append(tag)
+    elif tag in _outstanding:
+        _outstanding.remove(tag)
+    index = getattr(current_process(), "index", None)
+    slot = (index if isinstance(index, int) else os.getpid()) % _SLOTS
+    entry = " ".join([str(os.getpid()), *_outstanding]).encode() if _outstanding else b""
+    _held_tags[slot * _SLOT_BYTES:(slot + 1) * _SLOT_BYTES] = entry[:_SLOT_BYTES].ljust(_SLOT_BYTES, b"\0")
+
+
+def held_by(pid: int) -> list[str]:
+    """The delivery tags of the read-ahead messages process ``pid`` held; its slot is cleared."""
+    tags = []
+    for slot in range(_SLOTS):
+        entry = _held_tags[slot * _SLOT_BYTES:(slot + 1) * _SLOT_BYTES].rstrip(b"\0").decode().split()
+        if entry and entry[0] == str(pid):
+            tags += entry[1:]
+            _held_tags[slot * _SLOT_BYTES:(slot + 1) * _SLOT_BYTES] = b"\0" * _SLOT_BYTES
+    return tags
+
+
+class ShardRequest(Request):
+    """The main process's side of a shard message: when the pool process running it is lost, the
+    read-ahead messages that process held go back to the queue at once (Celery requeues this one)."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
+        exc = getattr(exc_info, "exception", None)
+        if isinstance(getattr(exc, "exc", exc), WorkerLostError) and self.worker_pid:  # unwrap ExceptionWithTraceback
+            restore = getattr(getattr(self.message.channel, "qos", None), "restore_by_tag", None)
+            for tag in held_by(self.worker_pid) if restore is not None else ():
+                try:
+                    restore(tag)  # kombu's Redis QoS: back from the unacked hash, as the visibility timeout would
+                    log.warning("read-ahead message %s of lost process %d requeued", tag, self.worker_pid)
+                except Exception:  # noqa: BLE001 (still unacked: the visibility timeout restores it)
+                    log.warning("read-ahead message %s not requeued", tag, exc_info=True)
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
+def _put_back(message: Any, task_id: str, reason: str) -> None:
+    """Requeue ``message`` untouched (kombu marks it redelivered: no read-ahead takes it again)."""
+    log.info("read-ahead put back id=%s reason=%s", task_id, reason)
+    try:
+        message.reject(requeue=True)
+    except Exception:  # noqa: BLE001 (still in the unacked hash: the visibility timeout restores it)
+        log.warning("read-ahead put back failed id=%s", task_id, exc_info=True)
+    _holding(message, False)
+    return None
+
