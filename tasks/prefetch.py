@@ -25,7 +25,7 @@ import logging
 import mmap
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from billiard.exceptions import WorkerLostError
@@ -37,7 +37,7 @@ from kombu import Queue
 
 from clipbatch.core.specs import ShardSpec
 from clipbatch.tasks.app import app
-from clipbatch.tasks.context import job_store
+from clipbatch.tasks.context import SETTINGS, job_store
 from clipbatch.tasks.lifecycle import decode, run_message
 from clipbatch.workers import readahead
 
@@ -103,6 +103,16 @@ class _Chain:
     left: int
     warm: Callable[[ShardSpec], bool]
     held: _Held | None = None
+    started: float = field(default_factory=time.monotonic)
+    taken: int = 0  # read-aheads taken so far
+
+    def has_time(self, visibility_timeout_s: float) -> bool:
+        """Whether one more shard (at this chain's average pace so far) still ends the chain within half
+        the visibility timeout: the delivered message stays unacked until its chain ends, and one held
+        past the timeout would be delivered again (harmless, the commit absorbs it, but wasted work)."""
+        elapsed = time.monotonic() - self.started
+        per_shard = elapsed / (self.taken + 1)  # the running shard is nearly done: its input is drained
+        return elapsed + 2 * per_shard <= visibility_timeout_s / 2
 
 
 _chains: list[_Chain] = []
@@ -193,10 +203,16 @@ def on_input_drained(shard: ShardSpec) -> None:
     chain = _chains[0] if _chains else None
     if chain is None or chain.held is not None or chain.left <= 0 or stopping():
         return
+    if not chain.has_time(SETTINGS.visibility_timeout_s):
+        log.info("no read-ahead: the chain would outlast half the visibility timeout (%ss)",
+                 SETTINGS.visibility_timeout_s)
+        chain.left = 0
+        return
     message = _take(chain.queue)
     if message is None:
         return
     chain.left -= 1
+    chain.taken += 1
     held = _vet(chain, message)
     if held is None:
         return

@@ -266,3 +266,16 @@ def test_a_warm_input_goes_only_to_its_own_shard_and_any_other_is_closed(tmp_pat
     readahead.hold(warm())
     taken = readahead.take(ours)
     assert taken is not None and taken.key == ("j", 1, "a.tar") and parts.closed == 2 and not readahead.holding()
+
+
+def test_a_chain_takes_no_read_ahead_that_would_end_past_half_the_visibility_timeout():
+    # given: a chain whose delivered shard has run for 10 s, no read-ahead taken yet
+    from clipbatch.tasks.prefetch import _Chain
+
+    chain = _Chain(task=None, queue="q", left=4, warm=lambda spec: False)
+    chain.started -= 10
+    # then: one more shard at that pace ends at ~30 s: taken under a 61 s timeout, not under a 59 s one
+    assert chain.has_time(61) and not chain.has_time(59)
+    # and: after three read-aheads the pace is 2.5 s a shard, so ~15 s is the end
+    chain.taken = 3
+    assert chain.has_time(31) and not chain.has_time(29)
