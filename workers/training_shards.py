@@ -12,6 +12,7 @@ from clipbatch.core import layout
 from clipbatch.core.curation import parse_input, read_metadata, read_rows
 from clipbatch.core.storage import Storage, open_storage, split
 from clipbatch.core.specs import ShardSpec
+from clipbatch.workers.boundary import apply_changes
 from clipbatch.workers.embed import ShardResult
 from clipbatch.workers.samples import CAPTION_EXT, IMAGE_EXTS, iter_raw_samples
 from clipbatch.workers.writers import write_tar
@@ -19,13 +20,15 @@ from clipbatch.workers.writers import write_tar
 
 def selection(output: Storage, index: int) -> list[dict[str, Any]]:
     """Tar ``index``'s pairs from its write plan: per scored shard, a range of the rows the dedup
-    stage kept (merged over clusters, in row order), with key, source shard and score."""
+    stage kept (merged over clusters, in row order) as the boundary pass changed them, with key,
+    source shard and score."""
     plan = json.loads(output.read(layout.write_plan(index)))
     scored = open_storage(plan["scored"])
     selected = []
     for entry in plan["parts"]:
         part = entry["part"]
         rows = np.sort(np.concatenate([read_rows(output, layout.kept(c, part)) for c in entry["clusters"]]))
+        rows = apply_changes(rows, [read_rows(output, layout.boundary_changes(b, part)) for b in entry["boundary"]])
         meta = read_metadata(scored, part, ["key", "shard", "clip_score"])
         for r in rows[entry["start"]:entry["stop"]].tolist():
             selected.append({"shard": meta["shard"][r], "key": meta["key"][r],
