@@ -14,7 +14,8 @@ from clipbatch.core.storage import Storage, open_storage, split
 from clipbatch.core.specs import ShardSpec
 from clipbatch.workers.boundary import apply_changes
 from clipbatch.workers.embed import ShardResult
-from clipbatch.workers.samples import CAPTION_EXT, IMAGE_EXTS, iter_raw_samples
+from clipbatch.workers.fasttar import iter_selected
+from clipbatch.workers.samples import CAPTION_EXT, IMAGE_EXTS
 from clipbatch.workers.writers import write_tar
 
 
@@ -37,17 +38,16 @@ def selection(output: Storage, index: int) -> list[dict[str, Any]]:
 
 
 def _originals(selected: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, bytes]]:
-    """Stream each source tar once; keep the members of the selected samples."""
+    """Stream each source tar once; keep the members of the selected samples (the others are skipped)."""
     wanted: dict[str, set[str]] = defaultdict(set)
     for row in selected:
         wanted[row["shard"]].add(row["key"])
     found: dict[tuple[str, str], dict[str, bytes]] = {}
     for source_uri in sorted(wanted):
         source_parent, source_name = split(source_uri)
-        with open_storage(source_parent).open_read(source_name) as stream:
-            for raw in iter_raw_samples(stream):
-                if raw.key in wanted[source_uri]:
-                    found[(source_uri, raw.key)] = raw.members
+        source = open_storage(source_parent)
+        members = iter_selected(lambda: source.open_read(source_name), wanted[source_uri])
+        found.update({(source_uri, key): m for key, m in members.items()})
     return found
 
 
