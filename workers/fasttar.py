@@ -5,12 +5,14 @@ and mode 0644 (what ``writers.write_tar`` asks for): a header built from a templ
 padded to 512 bytes, two zero blocks and padding to tarfile's record size. A name ``tarfile`` would encode
 otherwise (longer than 100 bytes, not ASCII) takes ``TarInfo.tobuf``'s header, so the bytes never differ.
 
-``iter_selected`` streams a tar once and returns the members of the wanted keys only; the others' data is
-skipped (a seek where the stream can). A tar with anything but plain file headers (pax, GNU long names,
+``iter_selected`` streams a tar once, up to the last wanted sample, and returns the members of the wanted
+keys only; the others' data is skipped (a seek where the stream can); a wanted member's header checksum is
+checked. A tar with anything but plain file headers (pax, GNU long names,
 links, compression) is left to ``samples.iter_raw_samples``.
 """
 from __future__ import annotations
 
+import functools
 import tarfile
 from typing import BinaryIO, Callable, Iterable, Iterator
 
@@ -37,6 +39,12 @@ def _template(mtime: int, mode: int) -> bytes:
     return bytes(buf)
 
 
+@functools.lru_cache(maxsize=8)
+def template_sum(template: bytes) -> int:
+    """The template's bytes but its (blank) size field."""
+    return sum(template) - sum(template[124:136])
+
+
 def _header(name: str, size: int, template: bytes, mtime: int, mode: int) -> bytes:
     raw = name.encode("ascii", "strict") if name.isascii() else b""
     if not raw or len(raw) > 100:
@@ -44,9 +52,11 @@ def _header(name: str, size: int, template: bytes, mtime: int, mode: int) -> byt
         info.size, info.mtime, info.mode = size, mtime, mode
         return info.tobuf(tarfile.USTAR_FORMAT, _ENCODING, _ERRORS)
     buf = bytearray(template)
-    buf[0:len(raw)] = raw
-    buf[124:136] = _octal(size, 12)
-    buf[148:156] = b"%06o\0 " % sum(buf)  # the checksum field counts as spaces, as tarfile's calc_chksums
+    field = _octal(size, 12)
+    buf[0:len(raw)], buf[124:136] = raw, field
+    # the checksum: every byte, the checksum field counted as spaces (tarfile's calc_chksums); the template's
+    # sum holds all but the name and the size
+    buf[148:156] = b"%06o\0 " % (template_sum(template) + sum(raw) + sum(field))
     return bytes(buf)
 
 
@@ -79,9 +89,6 @@ def _plain_members(stream: BinaryIO, wanted: set[str]) -> Iterator[tuple[str, st
             raise ValueError("truncated header")
         if head[156:157] not in _PLAIN or head[257:263] not in (b"ustar\x00", b"ustar "):
             raise ValueError("not a plain ustar member")
-        stored = sum(head[:148]) + sum(head[156:]) + 8 * 32
-        if int(head[148:156].split(b"\0", 1)[0].strip() or b"0", 8) != stored:
-            raise ValueError("bad checksum")
         name = head[:100].split(b"\0", 1)[0]
         prefix = head[345:500].split(b"\0", 1)[0]
         name = (prefix + b"/" + name if prefix else name).decode(_ENCODING, _ERRORS)
@@ -89,6 +96,8 @@ def _plain_members(stream: BinaryIO, wanted: set[str]) -> Iterator[tuple[str, st
         key, ext = split_name(name)
         padded = size + (-size % BLOCK)
         if key in wanted:
+            if int(head[148:156].split(b"\0", 1)[0].strip() or b"0", 8) != sum(head[:148]) + sum(head[156:]) + 256:
+                raise ValueError("bad checksum")
             data = stream.read(padded)[:size]
             if len(data) < size:
                 raise ValueError("truncated member")
@@ -106,13 +115,16 @@ def _plain_members(stream: BinaryIO, wanted: set[str]) -> Iterator[tuple[str, st
 
 
 def iter_selected(open_stream: Callable[[], BinaryIO], wanted: set[str]) -> dict[str, dict[str, bytes]]:
-    """The members of the ``wanted`` samples of a tar, streamed once (tarfile's reader where it is not plain)."""
+    """The members of the ``wanted`` samples of a tar, streamed once up to the last of them (a sample's members
+    are contiguous), with tarfile's reader where the tar is not plain."""
     found: dict[str, dict[str, bytes]] = {}
     try:
         with open_stream() as stream:
             for key, ext, data in _plain_members(stream, wanted):
                 if data is not None:
                     found.setdefault(key, {})[ext] = data
+                elif len(found) == len(wanted):
+                    break
         return found
     except ValueError:
         found = {}
