@@ -1,5 +1,6 @@
 """The compute of the curation stages (core/curation.py): k-means centroids, assignment of a scored
-shard's selected rows to clusters, and the dedup of one cluster. Pure functions of storage; faiss
+shard's selected rows to clusters (nearest and second centroid), and the dedup of one cluster, which
+also leaves its rows near a boundary for the boundary pass (workers/boundary.py). Pure functions of storage; faiss
 for k-means and nearest-centroid search, numpy for the exact greedy (core/selection.py)."""
 from __future__ import annotations
 
@@ -171,7 +172,8 @@ def _near_duplicates(rows: np.ndarray, cosine: float, cluster_size: int) -> tupl
 
 def dedup_cluster(plan: CurationPlan, output: Storage, cluster: int) -> tuple[Files, dict[str, Any]]:
     """The dedup stage for one cluster: every assign file of it, in descending score order; exact
-    duplicates (same image hash) then near duplicates dropped; a keep list per scored shard."""
+    duplicates (same image hash) then near duplicates dropped; a keep list per scored shard, and the
+    rows near a boundary per pair of clusters."""
     found = [read_rows(output, key) for key in sorted(output.list(layout.assigned_dir(cluster)))]
     rows = np.concatenate(found) if found else np.zeros(0, row_dtype(0))
     rows = rows[dedup_order(rows)]
