@@ -1,7 +1,7 @@
 """Curation on the workers against the exact single-machine greedy (issue 17).
 
     .venv/bin/python bench/curation.py --sizes 100000,1000000 --workers 1,2 --exact-max 1000000 \\
-        --out bench/results/<date>-curation.json
+        --exact-cap-factor 10 --out bench/results/<date>-curation.json --label "<what was measured>"
 
 For each size N it writes a synthetic scored output (tests/curation_data.py: fp16 512-d embeddings
 around topic centres, planted near-duplicate groups and exact duplicates, scores, metadata with
@@ -11,9 +11,13 @@ then for each worker count W runs ``clipbatch submit shards --top-fraction 0.9 -
 and records: the submit's wall time and peak RSS (its own process), each stage's wall time (from
 the commit times in the markers: a stage runs from the previous stage's last commit to its own),
 the whole job's wall time, and the peak RSS (VmHWM) of every worker process. The exact path
-(core/selection.exact_curation, one process) runs at N <= --exact-max under --exact-timeout; at
-the smallest N the recall and precision of the workers' result against it are computed exactly.
-Log-log slopes (numpy polyfit) of job time and producer RSS against N are printed and saved.
+(core/selection.exact_curation, one process) runs at N <= --exact-max under --exact-timeout, or, with
+--exact-cap-factor F, under F times the fastest worker run at that N: a run cut there is recorded as
+"did not finish within X s" and X / (that job's time) as a measured lower bound of the speed-up. Up to
+10^5 pairs the recall and precision of the workers' result against it are computed exactly. Every run
+records the load average (1, 5, 15 min) at its start and end: the machine may be shared. Log-log slopes
+(numpy polyfit) of job time and producer RSS against N are printed and saved. With --out and --label,
+the results are added to the file under the label (earlier labels kept).
 """
 from __future__ import annotations
 
@@ -99,6 +103,7 @@ print(json.dumps({"job_id": job.job_id, "submit_s": time.time() - t, "t_end": ti
 
 
 def run_job(scored: str, output: Path, workers: int, tmp: Path) -> dict[str, Any]:
+    load_start = os.getloadavg()
     queue = f"bench-{os.getpid()}-{workers}-{time.time_ns() % 10**6}"
     worker = start_worker(queue, workers, tmp / f"worker-{workers}.log")
     try:
@@ -116,6 +121,7 @@ def run_job(scored: str, output: Path, workers: int, tmp: Path) -> dict[str, Any
         worker.wait(timeout=60)
     record = json.loads((output / "_job.json").read_text())
     return {"workers": workers, "state": record["state"], **sub, **stage_times(output, sub["t_end"]),
+            "load_start": load_start, "load_end": os.getloadavg(),
             "worker_peak_rss_mb": sorted((v / 1024 for v in peaks.values()), reverse=True),
             "stats": json.loads((output / "stats.json").read_text())}
 
@@ -151,12 +157,14 @@ print(json.dumps({"exact_s": time.time() - t, "rss_mb": hwm(),
 
 
 def run_exact(scored: str, timeout: float) -> dict[str, Any]:
+    load_start = os.getloadavg()
     try:
         out = subprocess.run([sys.executable, "-c", _EXACT, scored], check=True, capture_output=True, text=True,
                              timeout=timeout).stdout
     except subprocess.TimeoutExpired:
-        return {"exact_s": None, "note": f"did not finish within {timeout:.0f} s"}
-    return json.loads(out)
+        return {"exact_s": None, "cap_s": timeout, "note": f"did not finish within {timeout:.0f} s",
+                "load_start": load_start, "load_end": os.getloadavg()}
+    return {**json.loads(out), "cap_s": timeout, "load_start": load_start, "load_end": os.getloadavg()}
 
 
 def quality(scored: str, output: Path, where: dict[str, tuple[int, int]]) -> dict[str, Any]:
@@ -167,9 +175,9 @@ def quality(scored: str, output: Path, where: dict[str, tuple[int, int]]) -> dic
     from clipbatch.core.selection import exact_curation
     from clipbatch.core.specs import TrainShardsSpec
 
-    t = time.time()
+    t, load_start = time.time(), os.getloadavg()
     ref = exact_curation(TrainShardsSpec(scored, "unused", top_fraction=0.9, dedup_cosine=COSINE, dedup_exact=True))
-    exact_s = time.time() - t
+    exact_s, load_end = time.time() - t, os.getloadavg()
     sizes = json.loads((output / "sizes.json").read_text())
     kept = {where[json.loads(s["json"])["key"]] for name in sizes
             for s in wds.WebDataset(str(output / name), shardshuffle=False)}
@@ -180,7 +188,8 @@ def quality(scored: str, output: Path, where: dict[str, tuple[int, int]]) -> dic
     keep = emb[[order[pr] for pr in sorted(kept)]]
     dropped = np.array([order[pr] for pr in sorted(removed)])
     closest = np.concatenate([(emb[dropped[i:i + 1024]] @ keep.T).max(axis=1) for i in range(0, len(dropped), 1024)])
-    return {"exact_s": exact_s, "pairs_exact_removes": len(removed_exact), "pairs_workers_remove": len(removed),
+    return {"exact_s": exact_s, "load_start": load_start, "load_end": load_end,
+            "pairs_exact_removes": len(removed_exact), "pairs_workers_remove": len(removed),
             "recall": len(removed & removed_exact) / max(1, len(removed_exact)),
             "precision": float((closest >= COSINE).mean()), "kept_workers": len(kept), "kept_exact": len(ref.kept)}
 
@@ -196,7 +205,9 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--exact-max", type=int, default=1_000_000)
     ap.add_argument("--exact-timeout", type=float, default=900)
+    ap.add_argument("--exact-cap-factor", type=float, help="cap the exact path at this many times the fastest run")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--label", default=time.strftime("%Y-%m-%d %H:%M"))
     args = ap.parse_args()
     rows = []
     for n in map(int, args.sizes.split(",")):
@@ -210,17 +221,21 @@ def main() -> None:
         if where is not None:
             row["quality"] = quality(str(tmp / "scored"), tmp / f"out-{args.workers.split(',')[0]}", where)
         if where is not None:  # the quality check ran the exact path (in this process: its time, not its RSS)
-            row["exact"] = {"exact_s": row["quality"]["exact_s"]}
+            row["exact"] = {k: row["quality"][k] for k in ("exact_s", "load_start", "load_end")}
         elif n <= args.exact_max:
-            row["exact"] = run_exact(str(tmp / "scored"), args.exact_timeout)
+            fastest = min(x["job_s"] for x in row["runs"])
+            cap = args.exact_timeout if args.exact_cap_factor is None else args.exact_cap_factor * fastest
+            row["exact"] = run_exact(str(tmp / "scored"), cap)
         print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
         rows.append(row)
         shutil.rmtree(tmp)
     summary = summarise(rows)
     print(json.dumps(summary, indent=2))
     if args.out:
-        args.out.write_text(json.dumps({"machine": f"{os.cpu_count()} cores", "rows": rows, "summary": summary},
-                                       indent=2))
+        saved = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
+        saved.setdefault("runs", {})[args.label] = {"machine": f"{os.cpu_count()} cores", "command": sys.argv,
+                                                    "rows": rows, "summary": summary}
+        args.out.write_text(json.dumps(saved, indent=2))
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -233,6 +248,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                                "slope_producer_rss": slope(sizes, [x["producer_rss_mb"] for x in runs])}
     out["speedup_vs_exact"] = [None if not (r.get("exact") or {}).get("exact_s") else
                                r["exact"]["exact_s"] / min(x["job_s"] for x in r["runs"]) for r in rows]
+    out["speedup_vs_exact_at_least"] = []  # where the exact path was cut at its cap: cap / fastest job
+    for r in rows:
+        exact, fastest = r.get("exact") or {}, min(x["job_s"] for x in r["runs"])
+        cut = not exact.get("exact_s") and "cap_s" in exact
+        out["speedup_vs_exact_at_least"].append(exact["cap_s"] / fastest if cut else None)
     return out
 
 

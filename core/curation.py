@@ -4,8 +4,12 @@ Every stage task commits at the output's root with the commit protocol, at a glo
 
     0                  clusters  k-means centroids from a bounded random sample (one task)
     1 .. S             assign    scored shard -> rows >= threshold -> nearest centroid -> per-cluster files
-    1+S .. S+K         dedup     cluster -> exact hash, then greedy cosine by descending score -> keep lists
-    1+S+K+j            write     training tar j from the keep lists, in source order
+    1+S .. S+K         dedup     cluster -> exact hash, then greedy cosine by descending score -> keep lists;
+                                 kept rows near a boundary -> per pair of clusters
+    1+S+K .. S+K+B     boundary  cluster a -> each pair (a, b > a): exact greedy over its rows -> changes
+    1+S+K+B+j          write     training tar j from the keep lists and the changes, in source order
+
+B is K with semantic dedup over several clusters, else 0 (the stage is skipped).
 
 The producer plans (threshold, S scored shards, K clusters) in O(scored shards) and enqueues the
 first stage not yet complete. The task that completes a stage launches the next one: the plan of
@@ -29,7 +33,7 @@ from clipbatch.core.scores import BINS, LOW, WIDTH, merge, quantile
 from clipbatch.core.specs import SpecError, TrainShardsSpec
 from clipbatch.core.storage import Storage, open_storage
 
-STAGES = ("clusters", "assign", "dedup", "write")
+STAGES = ("clusters", "assign", "dedup", "boundary", "write")
 # Routing of a selected row to its dedup task: by nearest centroid (semantic dedup), by image hash
 # (exact dedup alone: identical bytes meet in one task wherever they are), or by scored shard (no dedup).
 ROUTES = ("cluster", "hash", "part")
@@ -37,6 +41,18 @@ SAMPLE_PER_CLUSTER = 40  # k-means sample: this many selected rows per centroid 
 SAMPLE_MAX = 100_000  # ... at most
 SAMPLE_PARTS = 64  # read from at most this many scored shards (a random choice)
 SPLIT_FACTOR = 4  # a cluster over this many times the cluster size is split (sub-k-means) in its dedup task
+BOUNDARY_SIGMAS = 3.0  # boundary rows: nearest and second centroid within this many sigmas (boundary_margin)
+
+
+def boundary_margin(cosine: float, dim: int) -> float:
+    """How close a row's second centroid must be to its nearest for the row to join the boundary pass.
+
+    Two rows at cosine ``c`` differ by a vector of length sqrt(2 - 2c); its component along the difference
+    of two unit centroids (length <= sqrt 2) has a standard deviation of sqrt(2 (2 - 2c) / dim) when its
+    direction is random, and the gap between the two centroid similarities moves by that much. Rows whose
+    gap is within BOUNDARY_SIGMAS of it are the ones whose duplicates may sit across the boundary. (The
+    worst case, 2 sqrt(2 - 2c), would take nearly every row: the pass is an approximation, measured.)"""
+    return BOUNDARY_SIGMAS * math.sqrt(2.0 * (2.0 - 2.0 * cosine) / max(1, dim))
 
 
 @dataclass(frozen=True)
@@ -55,13 +71,24 @@ class CurationPlan:
     cluster_size: int
     samples_per_shard: int
 
+    @property
+    def boundary(self) -> int:
+        """Tasks of the boundary pass: one per cluster with semantic dedup over several clusters, else none."""
+        return self.clusters if self.route == "cluster" and self.clusters > 1 else 0
+
     def base(self, stage: str) -> int:
         """The global index of the stage's first task."""
-        return {"clusters": 0, "assign": 1, "dedup": 1 + self.parts, "write": 1 + self.parts + self.clusters}[stage]
+        dedup = 1 + self.parts
+        return {"clusters": 0, "assign": 1, "dedup": dedup, "boundary": dedup + self.clusters,
+                "write": dedup + self.clusters + self.boundary}[stage]
 
     def size(self, stage: str) -> int | None:
-        """Tasks in the stage; None for the write stage (known once dedup is done)."""
-        return {"clusters": 1, "assign": self.parts, "dedup": self.clusters}.get(stage)
+        """Tasks in the stage; None for the write stage (known once dedup and boundary are done)."""
+        return {"clusters": 1, "assign": self.parts, "dedup": self.clusters, "boundary": self.boundary}.get(stage)
+
+    def next_stage(self, stage: str) -> str:
+        """The stage after ``stage`` that has tasks (the write stage always follows)."""
+        return next(s for s in STAGES[STAGES.index(stage) + 1:] if self.size(s) != 0)
 
     def stage_of(self, index: int) -> str:
         return next(s for s in reversed(STAGES) if index >= self.base(s))
@@ -159,34 +186,43 @@ def plan_write(output: Storage, plan: CurationPlan, markers: dict[int, dict[str,
     tar and the job's summary (sizes, per-stage counts). Deterministic bytes: safe to run twice."""
     parts = load_parts(output)
     dedup = [markers[plan.base("dedup") + c] for c in range(plan.clusters)]
+    boundary = [markers[plan.base("boundary") + c] for c in range(plan.boundary)]
     by_part: dict[int, list[tuple[int, int]]] = {}
     for c, marker in enumerate(dedup):
         for part, n in marker["kept_parts"].items():
             by_part.setdefault(int(part), []).append((c, n))
-    counts = [(p, sum(n for _, n in by_part.get(p, ()))) for p in parts]
+    changes: dict[int, list[tuple[int, int]]] = {}  # per scored shard: (boundary task, rows back - rows dropped)
+    for c, marker in enumerate(boundary):
+        for part, (gone, back) in marker["changed_parts"].items():
+            changes.setdefault(int(part), []).append((c, back - gone))
+    counts = [(p, sum(n for _, n in by_part.get(p, ())) + sum(n for _, n in changes.get(p, ()))) for p in parts]
     kept = sum(n for _, n in counts)
     tars = math.ceil(kept / plan.samples_per_shard)
     entries: list[list[dict[str, Any]]] = [[] for _ in range(tars)]
     position = 0
     for part, n in counts:
         clusters = sorted(c for c, _ in by_part.get(part, ()))
+        changed = sorted(c for c, _ in changes.get(part, ()))
         start = 0
         while start < n:
             j, offset = divmod(position, plan.samples_per_shard)
             take = min(n - start, plan.samples_per_shard - offset)
-            entries[j].append({"part": part, "clusters": clusters, "start": start, "stop": start + take})
+            entries[j].append({"part": part, "clusters": clusters, "boundary": changed, "start": start,
+                               "stop": start + take})
             start, position = start + take, position + take
     for j, entry in enumerate(entries):
         output.write(layout.write_plan(j), json.dumps({"scored": plan.scored, "parts": entry}, sort_keys=True).encode())
-    _write_summary(output, plan, markers, dedup, kept, tars)
+    _write_summary(output, plan, markers, dedup, boundary, kept, tars)
     return tars
 
 
 def _write_summary(output: Storage, plan: CurationPlan, markers: dict[int, dict[str, Any]],
-                   dedup: list[dict[str, Any]], kept: int, tars: int) -> None:
+                   dedup: list[dict[str, Any]], boundary: list[dict[str, Any]], kept: int, tars: int) -> None:
     assign = [markers[plan.base("assign") + a] for a in range(plan.parts)]
     total, selected = sum(m["rows"] for m in assign), sum(m["selected"] for m in assign)
     exact, near = sum(m["exact_dropped"] for m in dedup), sum(m["near_dropped"] for m in dedup)
+    across = sum(m["near_dropped"] for m in boundary)
+    near += across
     sizes = {layout.training_shard(j): min(plan.samples_per_shard, kept - j * plan.samples_per_shard)
              for j in range(tars)}
     summary = {
@@ -197,7 +233,11 @@ def _write_summary(output: Storage, plan: CurationPlan, markers: dict[int, dict[
         "stages": {"route": plan.route, "clusters": plan.clusters, "cluster_size": plan.cluster_size,
                    "exact": plan.clusters == 1, "largest_cluster": max((m["selected"] for m in dedup), default=0),
                    "split_clusters": sum(1 for m in dedup if m.get("split", 1) > 1),
-                   "tasks": {"clusters": 1, "assign": plan.parts, "dedup": plan.clusters, "write": tars}},
+                   "boundary_rows": sum(m["rows"] for m in boundary), "boundary_dropped": across,
+                   "boundary_pairs": sum(m["pairs"] for m in boundary),
+                   "largest_boundary_pair": max((m["largest_pair"] for m in boundary), default=0),
+                   "tasks": {"clusters": 1, "assign": plan.parts, "dedup": plan.clusters,
+                             "boundary": plan.boundary, "write": tars}},
         "sizes": sizes,
     }
     output.write(layout.SELECTION_PLAN, json.dumps(summary, indent=2, sort_keys=True).encode())
@@ -227,7 +267,7 @@ class Resume:
 
 def resume(plan: CurationPlan, output_uri: str, output: Storage, markers: dict[int, dict[str, Any]]) -> Resume:
     """From the markers alone (the write stage's plan is rewritten, identically, once dedup is done)."""
-    total = 1 + plan.parts + plan.clusters
+    total = plan.base("write")
     tars = None
     for stage in STAGES:
         if stage == "write":

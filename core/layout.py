@@ -110,6 +110,20 @@ def kept(cluster: int, part: int) -> str:
     return f"{CURATION_DIR}/dedup/{cluster:05d}/{part:05d}.npy"
 
 
+def edge_dir(low: int) -> str:
+    return f"{CURATION_DIR}/edge/{low:05d}/"
+
+
+def edge(low: int, high: int, cluster: int) -> str:
+    """The kept rows of ``cluster`` (``low`` or ``high``) near the boundary between the two, for the boundary pass."""
+    return f"{edge_dir(low)}{high:05d}/{cluster:05d}.npy"
+
+
+def boundary_changes(low: int, part: int) -> str:
+    """The boundary pass's changes: the rows of scored shard ``part`` that task ``low`` drops or brings back."""
+    return f"{CURATION_DIR}/boundary/{low:05d}/{part:05d}.npy"
+
+
 def write_plan(index: int) -> str:
     """What training shard ``index`` holds: per scored shard, a range of its kept rows."""
     return f"{CURATION_DIR}/write/{index:05d}.json"

@@ -1,4 +1,4 @@
-"""The curation stage task (clusters, assign, dedup) and the chain between stages.
+"""The curation stage task (clusters, assign, dedup, boundary) and the chain between stages.
 
 Each stage task runs the usual shard life cycle (tasks/lifecycle.py: skip if committed, compute,
 commit at its global index, count once). Before it is counted, its ``after_commit`` records it
@@ -20,11 +20,11 @@ from clipbatch.core.specs import ShardSpec
 from clipbatch.core.storage import open_storage
 from clipbatch.tasks.app import app
 from clipbatch.tasks.lifecycle import ShardTask, run_message
+from clipbatch.workers.boundary import boundary_pass
 from clipbatch.workers.curation import assign_part, dedup_cluster, train_centroids
 from clipbatch.workers.embed import ShardResult
 
 log = logging.getLogger("clipbatch.curation")
-NEXT = {"clusters": "assign", "assign": "dedup", "dedup": "write"}
 
 
 def compute_stage(shard: ShardSpec, attempt: str) -> ShardResult:
@@ -38,6 +38,8 @@ def compute_stage(shard: ShardSpec, attempt: str) -> ShardResult:
         files, record = assign_part(plan, output, load_parts(output)[n])
     elif stage == "dedup":
         files, record = dedup_cluster(plan, output, n)
+    elif stage == "boundary":
+        files, record = boundary_pass(plan, output, n)
     else:
         raise ValueError(f"{shard.input}: the write stage runs as {TRAIN_SHARD}")
     return ShardResult(files, 0, 0, 0, "", record={"stage": stage, **record})
@@ -69,7 +71,7 @@ def chain(jobs: JobStore, shard: ShardSpec, marker: dict[str, Any]) -> None:
     plan = load_plan(open_storage(output_uri))
     done = StageCounts(jobs.r, jobs.ttl_s).committed(shard.job_id, stage, shard.index)
     if done == plan.size(stage):
-        launch(jobs, shard.job_id, shard.job.queue, plan, output_uri, NEXT[stage])
+        launch(jobs, shard.job_id, shard.job.queue, plan, output_uri, plan.next_stage(stage))
 
 
 @app.task(name=CURATE_STAGE, base=ShardTask, bind=True)

@@ -25,6 +25,7 @@ from clipbatch.core.curation import load_plan
 from clipbatch.core.selection import exact_curation, near_duplicates
 from clipbatch.core.specs import TrainShardsSpec
 from clipbatch.core.storage import open_storage
+from clipbatch.workers.boundary import boundary_greedy
 from tests.conftest import run_cli, service_env, wait_for
 from tests.curation_data import assigned_clusters, plant, straddling, write_scored
 
@@ -90,6 +91,26 @@ def test_blocked_near_duplicates_is_the_greedy(seed, n, dim, block, cosine):
     assert near_duplicates(emb, cosine, block=block).tolist() == _greedy(emb, cosine)
 
 
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 60), dim=st.integers(2, 5), cosine=st.floats(0.5, 0.99),
+       anchors=st.floats(0, 1))
+def test_the_boundary_greedy_drops_only_for_rows_that_stay_kept(seed, n, dim, cosine, anchors):
+    # given: rows with many close pairs, some of them anchors (rows a dedup task dropped another row for)
+    rng = np.random.default_rng(seed)
+    emb, anchor = rng.normal(size=(n, dim)), rng.random(n) < anchors
+    # when: the boundary pass's greedy runs over them
+    dropped = boundary_greedy(emb, anchor, cosine)
+    # then: no anchor is dropped, each dropped row has a kept row at the threshold (an anchor, or one before
+    # it), and without anchors it is the plain greedy
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    assert not (dropped & anchor).any()
+    for i in np.nonzero(dropped)[0]:
+        assert any(sims[i, k] >= cosine - 1e-6 for k in np.nonzero(~dropped)[0] if anchor[k] or k < i)
+    if not anchor.any():
+        assert dropped.tolist() == _greedy(emb, cosine)
+
+
 def test_bad_curation_options_are_refused_naming_the_option(scored, tmp_path, redis_url):
     # given: a scored output, and one written with --no-embeddings (no image embeddings to compare)
     scored_uri, _ = scored
@@ -126,44 +147,70 @@ def test_a_second_plan_on_the_same_output_is_refused(scored, tmp_path, redis_url
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["kept"] > 0
 
 
-def test_semantic_dedup_keeps_what_the_exact_greedy_keeps(scored, tmp_path, redis_url, start_worker):
-    # given: a scored output with planted duplicates, and a worker
-    scored_uri, where = scored
-    queue, env = f"cur-{uuid.uuid4().hex[:8]}", service_env(redis_url)
-    start_worker(queue, env)
-
-    # when: it is curated on the workers (several clusters) and by the exact single-machine greedy
-    status = submit(scored_uri, tmp_path / "out", queue, env)
-    spec = TrainShardsSpec(scored_uri, str(tmp_path / "out"), top_fraction=0.9, dedup_cosine=COSINE, dedup_exact=True)
+def check_quality(scored_uri: str, where: dict[str, tuple[int, int]], out: Path, pairs: int) -> dict:
+    """Against the exact greedy: the job's counts add up, the tars are in source order, recall >= 98% of the
+    pairs the exact greedy removes, and precision 1.0, exactly (every dropped pair has a kept pair at cosine
+    >= the threshold). Returns the job's stats."""
+    spec = TrainShardsSpec(scored_uri, str(out), top_fraction=0.9, dedup_cosine=COSINE, dedup_exact=True)
     ref = exact_curation(spec)
-
-    # then: the job succeeded in several clusters, its counts add up, the tars are in source order
-    assert status["state"] == "succeeded", status
-    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["stages"]["clusters"] == load_plan(open_storage(str(tmp_path / "out"))).clusters >= 10
-    assert stats["kept"] + stats["dropped_by_score"] + stats["dropped_as_duplicate"] == stats["total"] == PAIRS
-    kept = kept_rows(tmp_path / "out", where)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["kept"] + stats["dropped_by_score"] + stats["dropped_as_duplicate"] == stats["total"] == pairs
+    kept = kept_rows(out, where)
     assert kept == sorted(kept) and len(kept) == len(set(kept)) == stats["kept"]
 
-    # and: it removes >= 98% of the pairs the exact greedy removes
     order = {pr: k for k, pr in enumerate(zip(ref.part.tolist(), ref.row.tolist()))}
     selected = set(order)
     assert set(kept) <= selected
     removed_exact, removed = selected - set(ref.kept), selected - set(kept)
     recall = len(removed & removed_exact) / len(removed_exact)
-    across = straddling(ref, assigned_clusters(tmp_path / "out"), COSINE)
+    across = straddling(ref, assigned_clusters(out), COSINE)
     print(f"recall {recall:.4f} of {len(removed_exact)} pairs the exact greedy removes ({across} with their "
-          f"duplicates only in other clusters); removed {len(removed)}")
+          f"duplicates only in other clusters); removed {len(removed)}; boundary pass: "
+          f"{stats['stages']['boundary_rows']} rows, {stats['stages']['boundary_dropped']} dropped")
     assert across > 0, "no planted duplicate straddles a cluster boundary: the data tests nothing"
     assert recall >= 0.98 and stats["dropped_exact_duplicate"] == int(ref.exact.sum())
 
-    # and: precision 1.0, exactly: every pair it dropped has a kept pair at cosine >= the threshold
     emb = ref.embeddings.astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     keep = emb[[order[pr] for pr in kept]]
     dropped = np.array([order[pr] for pr in sorted(removed)])
     closest = np.concatenate([(emb[dropped[i:i + 1024]] @ keep.T).max(axis=1) for i in range(0, len(dropped), 1024)])
     assert (closest >= COSINE).all(), f"{(closest < COSINE).sum()} dropped pairs have no kept pair that close"
+    return stats
+
+
+def test_semantic_dedup_keeps_what_the_exact_greedy_keeps(scored, tmp_path, redis_url, start_worker):
+    # given: a scored output with planted duplicates, and a worker
+    scored_uri, where = scored
+    queue, env = f"cur-{uuid.uuid4().hex[:8]}", service_env(redis_url)
+    start_worker(queue, env)
+
+    # when: it is curated on the workers (several clusters)
+    status = submit(scored_uri, tmp_path / "out", queue, env)
+
+    # then: the job succeeded in several clusters, with a boundary pass that dropped pairs
+    assert status["state"] == "succeeded", status
+    stats = check_quality(scored_uri, where, tmp_path / "out", PAIRS)
+    assert stats["stages"]["clusters"] == load_plan(open_storage(str(tmp_path / "out"))).clusters >= 10
+    assert stats["stages"]["tasks"]["boundary"] == stats["stages"]["clusters"]
+
+
+def test_duplicates_that_all_straddle_cluster_boundaries(tmp_path, redis_url, start_worker):
+    # given: a harsh set: every planted group half-way between two topics, in clusters of 500
+    scored_uri, where = write_scored(tmp_path / "harsh", plant(PAIRS, seed=11, boundary_share=1.0), SHARDS)
+    queue, env = f"cur-{uuid.uuid4().hex[:8]}", service_env(redis_url)
+    start_worker(queue, env)
+
+    # when: it is curated on the workers
+    args = ["submit", "shards", "--scored", scored_uri, "--output", str(tmp_path / "out"), "--top-fraction", "0.9",
+            "--dedup-cosine", str(COSINE), "--dedup-exact", "--cluster-size", "500", "--queue", queue, "--wait",
+            "--json"]
+    result = run_cli(*args, env=env, timeout=600)
+
+    # then: the boundary pass brings recall to >= 98% of the exact greedy's, precision still 1.0
+    assert result.returncode == 0 and json.loads(result.stdout)["state"] == "succeeded", result.stderr
+    stats = check_quality(scored_uri, where, tmp_path / "out", PAIRS)
+    assert stats["stages"]["boundary_dropped"] > 0
 
 
 def test_exact_dedup_hashes_older_outputs_from_their_source_tars(tmp_path, redis_url, start_worker):
@@ -221,7 +268,7 @@ def _reference(scored_uri: str, tmp_path: Path, env: dict[str, str], start_worke
     return _REFERENCE[scored_uri]
 
 
-@pytest.mark.parametrize("stage", ["assign", "dedup"])
+@pytest.mark.parametrize("stage", ["assign", "dedup", "boundary"])
 def test_sigkill_during_a_stage_gives_the_fault_free_output(stage, scored, tmp_path, redis_url, start_worker):
     # given: the fault-free output, and a job whose worker is killed as a task of ``stage`` starts
     scored_uri, _ = scored
@@ -261,7 +308,7 @@ def test_duplicate_chaining_messages_and_resubmits_change_nothing(scored, tmp_pa
 
     # when: every stage's last task is delivered again after the end (each relaunches the next stage)
     plan = load_plan(open_storage(str(out)))
-    for stage in ("clusters", "assign", "dedup"):
+    for stage in ("clusters", "assign", "dedup", "boundary"):
         n = plan.size(stage) - 1
         app.send_task(CURATE_STAGE, args=[job, plan.base(stage) + n, f"{out}#{stage}={n}", None], queue=queue)
     time.sleep(1)
@@ -292,7 +339,8 @@ def test_resubmit_after_redis_state_loss_runs_only_what_is_missing(scored, tmp_p
 
     # when: Redis loses its state, and the job is resubmitted to a fresh worker
     redis.Redis.from_url(redis_url).flushdb()
-    missing = set(range(1 + SHARDS + load_plan(open_storage(str(tmp_path / "out"))).clusters))
+    write_base = load_plan(open_storage(str(tmp_path / "out"))).base("write")
+    missing = set(range(write_base))
     missing -= set(commit.list_markers(open_storage(str(tmp_path / "out"))))
     fresh = start_worker(queue, env)
     status = submit(scored_uri, tmp_path / "out", queue, env)
@@ -300,6 +348,5 @@ def test_resubmit_after_redis_state_loss_runs_only_what_is_missing(scored, tmp_p
     # then: only the tasks without a commit ran (and then the write stage), and the output is the same
     assert status["state"] == "succeeded"
     ran = starts(fresh.log())
-    write_base = 1 + SHARDS + load_plan(open_storage(str(tmp_path / "out"))).clusters
     assert {i for i in ran if i < write_base} == missing and missing
     assert outputs(tmp_path / "out") == reference

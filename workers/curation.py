@@ -1,5 +1,6 @@
 """The compute of the curation stages (core/curation.py): k-means centroids, assignment of a scored
-shard's selected rows to clusters, and the dedup of one cluster. Pure functions of storage; faiss
+shard's selected rows to clusters (nearest and second centroid), and the dedup of one cluster, which
+also leaves its rows near a boundary for the boundary pass (workers/boundary.py). Pure functions of storage; faiss
 for k-means and nearest-centroid search, numpy for the exact greedy (core/selection.py)."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from clipbatch.core import layout
 from clipbatch.core.curation import (SAMPLE_MAX, SAMPLE_PARTS, SAMPLE_PER_CLUSTER, SPLIT_FACTOR, CurationPlan,
-                                     load_parts, read_metadata, read_rows)
+                                     boundary_margin, load_parts, read_metadata, read_rows)
 from clipbatch.core.selection import near_duplicates
 from clipbatch.core.storage import Storage, open_storage, split
 from clipbatch.workers.samples import IMAGE_EXTS, content_hash, iter_raw_samples
@@ -21,13 +22,13 @@ SEED = 1234
 Files = dict[str, bytes]
 
 
-def _npy(array: np.ndarray) -> bytes:
+def npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
 
 
-def _normalised(emb: np.ndarray) -> np.ndarray:
+def normalised(emb: np.ndarray) -> np.ndarray:
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     return emb
@@ -47,7 +48,7 @@ def train_centroids(plan: CurationPlan, output: Storage) -> tuple[Files, dict[st
     """The clusters stage: centroids from a seeded random sample of the selected rows of at most
     SAMPLE_PARTS scored shards (at most SAMPLE_MAX rows), whatever the size of the output."""
     if plan.route != "cluster" or plan.clusters == 1:
-        return {layout.CENTROIDS: _npy(np.zeros((0, 0), np.float32))}, {"sample": 0}
+        return {layout.CENTROIDS: npy(np.zeros((0, 0), np.float32))}, {"sample": 0}
     rng = np.random.default_rng(SEED)
     parts = load_parts(output)
     chosen = sorted(rng.choice(parts, min(len(parts), SAMPLE_PARTS), replace=False).tolist())
@@ -60,13 +61,22 @@ def train_centroids(plan: CurationPlan, output: Storage) -> tuple[Files, dict[st
         rows = np.sort(rng.choice(rows, min(per_part, len(rows)), replace=False))
         sample.append(np.load(io.BytesIO(scored.read(layout.embed_files(part)["img"])))[rows])
     points = np.concatenate(sample)
-    centroids = _kmeans(_normalised(points), plan.clusters)
-    return {layout.CENTROIDS: _npy(centroids)}, {"sample": len(points)}
+    centroids = _kmeans(normalised(points), plan.clusters)
+    return {layout.CENTROIDS: npy(centroids)}, {"sample": len(points)}
 
 
 def row_dtype(dim: int) -> np.dtype:
-    """One selected row on its way to dedup: where it came from, its score, its image hash, its embedding."""
-    return np.dtype([("part", "<i4"), ("row", "<i4"), ("score", "<f4"), ("hash", "S32"), ("emb", "<f2", (dim,))])
+    """One selected row on its way to dedup: where it came from, its score, its image hash, its second
+    nearest centroid and how much less similar it is than the nearest (-1 and inf: none), its embedding."""
+    return np.dtype([("part", "<i4"), ("row", "<i4"), ("score", "<f4"), ("hash", "S32"), ("second", "<i4"),
+                     ("gap", "<f4"), ("emb", "<f2", (dim,))])
+
+
+def edge_dtype(dim: int) -> np.dtype:
+    """A row near a boundary, for the boundary pass: a kept one (``anchor`` = 1: it must stay kept), or one
+    dropped (``dropped`` = 1) only for kept rows near the same boundary (it comes back if they go)."""
+    return np.dtype([("part", "<i4"), ("row", "<i4"), ("score", "<f4"), ("dropped", "u1"), ("anchor", "u1"),
+                     ("emb", "<f2", (dim,))])
 
 
 def _hashes_from_source(scored: Storage, part: int, keys: list[str], shards: list[str]) -> list[str]:
@@ -93,6 +103,7 @@ def _selected_rows(plan: CurationPlan, scored: Storage, part: int) -> tuple[np.n
         else np.zeros((len(scores), 0), np.float16)
     rows = np.zeros(len(chosen), row_dtype(emb.shape[1]))
     rows["part"], rows["row"], rows["score"] = part, chosen, scores[chosen]
+    rows["second"], rows["gap"] = -1, np.inf
     rows["emb"] = emb[chosen]
     if plan.dedup_exact and len(chosen):
         hashes = meta.get("image_hash")
@@ -113,18 +124,22 @@ def assign_part(plan: CurationPlan, output: Storage, part: int) -> tuple[Files, 
         centroids = read_rows(output, layout.CENTROIDS).astype(np.float32)
         index = faiss.IndexFlatIP(centroids.shape[1])
         index.add(centroids)
-        cluster = index.search(_normalised(rows["emb"]), 1)[1][:, 0]
+        similarity, nearest = index.search(normalised(rows["emb"]), 2)
+        cluster = nearest[:, 0]
+        second = nearest[:, 1] >= 0
+        rows["second"][second] = nearest[second, 1]
+        rows["gap"][second] = similarity[second, 0] - similarity[second, 1]
     elif plan.route == "hash":
         cluster = np.array([int(h[:15] or b"0", 16) % plan.clusters for h in rows["hash"]], np.int64)
     elif plan.route == "part":
         cluster = np.full(len(rows), load_parts(output).index(part) % plan.clusters)
     else:
         cluster = np.zeros(len(rows), np.int64)
-    files = {layout.assigned(int(c), part): _npy(rows[cluster == c]) for c in np.unique(cluster)}
+    files = {layout.assigned(int(c), part): npy(rows[cluster == c]) for c in np.unique(cluster)}
     return files, {"rows": total, "selected": len(rows), "clusters_reached": len(files)}
 
 
-def _dedup_order(rows: np.ndarray) -> np.ndarray:
+def dedup_order(rows: np.ndarray) -> np.ndarray:
     """Highest score first, so the best of a group of duplicates is kept; ties by source order."""
     return np.lexsort((rows["row"], rows["part"], -rows["score"]))
 
@@ -142,7 +157,7 @@ def _near_duplicates(rows: np.ndarray, cosine: float, cluster_size: int) -> tupl
     by a seeded sub-k-means, and each piece deduped on its own (in the same order)."""
     if len(rows) <= SPLIT_FACTOR * cluster_size:
         return near_duplicates(rows["emb"], cosine), 1
-    emb = _normalised(rows["emb"])
+    emb = normalised(rows["emb"])
     pieces = -(-len(rows) // cluster_size)
     centroids = _kmeans(emb[:: max(1, len(emb) // (SAMPLE_PER_CLUSTER * pieces))], pieces)
     index = faiss.IndexFlatIP(centroids.shape[1])
@@ -157,10 +172,11 @@ def _near_duplicates(rows: np.ndarray, cosine: float, cluster_size: int) -> tupl
 
 def dedup_cluster(plan: CurationPlan, output: Storage, cluster: int) -> tuple[Files, dict[str, Any]]:
     """The dedup stage for one cluster: every assign file of it, in descending score order; exact
-    duplicates (same image hash) then near duplicates dropped; a keep list per scored shard."""
+    duplicates (same image hash) then near duplicates dropped; a keep list per scored shard, and the
+    rows near a boundary per pair of clusters."""
     found = [read_rows(output, key) for key in sorted(output.list(layout.assigned_dir(cluster)))]
     rows = np.concatenate(found) if found else np.zeros(0, row_dtype(0))
-    rows = rows[_dedup_order(rows)]
+    rows = rows[dedup_order(rows)]
     exact = _exact_duplicates(rows) if plan.dedup_exact else np.zeros(len(rows), bool)
     near, split_into = np.zeros(len(rows), bool), 1
     if plan.dedup_cosine is not None and len(rows):
@@ -168,11 +184,55 @@ def dedup_cluster(plan: CurationPlan, output: Storage, cluster: int) -> tuple[Fi
         near_rest, split_into = _near_duplicates(rows[rest], plan.dedup_cosine, plan.cluster_size)
         near[rest] = near_rest
     kept = rows[~(exact | near)]
-    files, kept_parts = {}, {}
+    files, edges = _edges(plan, cluster, rows, exact, near)
+    kept_parts = {}
     for part in np.unique(kept["part"]):
         mine = np.sort(kept["row"][kept["part"] == part]).astype(np.int32)
-        files[layout.kept(cluster, int(part))] = _npy(mine)
+        files[layout.kept(cluster, int(part))] = npy(mine)
         kept_parts[str(int(part))] = len(mine)
     record = {"selected": len(rows), "exact_dropped": int(exact.sum()), "near_dropped": int(near.sum()),
-              "kept_parts": kept_parts, "split": split_into}
+              "kept_parts": kept_parts, "split": split_into, "boundary_rows": edges}
     return files, record
+
+
+def _dependents(emb: np.ndarray, edge: np.ndarray, others: np.ndarray, near: np.ndarray, pair: np.ndarray,
+                cosine: float, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """The near-dropped rows that no kept row off the boundary is close to. One whose close kept rows are all
+    in one pair of clusters follows them there (its pair; -1 for the others); for one whose close rows are in
+    several pairs, the closest is made an anchor (it stays kept, so the row stays dropped)."""
+    edge_idx, other_idx, near_idx = np.nonzero(edge)[0], np.nonzero(others)[0], np.nonzero(near)[0]
+    follows, anchor = np.full(len(emb), -1), np.zeros(len(emb), bool)
+    for start in range(0, len(near_idx), block):
+        mine = near_idx[start:start + block]
+        alone = (emb[mine] @ emb[other_idx].T).max(axis=1) < cosine if len(other_idx) else np.ones(len(mine), bool)
+        sims = emb[mine[alone]] @ emb[edge_idx].T
+        for row, sim in zip(mine[alone].tolist(), sims):
+            pairs = np.unique(pair[edge_idx[sim >= cosine]])
+            if len(pairs) == 1:
+                follows[row] = pairs[0]
+            else:
+                anchor[edge_idx[sim.argmax()]] = True
+    return follows, anchor
+
+
+def _edges(plan: CurationPlan, cluster: int, rows: np.ndarray, exact: np.ndarray,
+           near: np.ndarray) -> tuple[Files, int]:
+    """The cluster's kept rows whose second centroid is within the boundary margin, one file per pair of
+    clusters (theirs and the second), with the rows dropped only for rows of one such pair."""
+    if not plan.boundary or not len(rows):
+        return {}, 0
+    kept = ~(exact | near)
+    edge = kept & (rows["second"] >= 0) & (rows["gap"] <= boundary_margin(plan.dedup_cosine, rows["emb"].shape[1]))
+    if not edge.any():
+        return {}, 0
+    other = np.where(edge, rows["second"], -1)
+    follows, anchor = _dependents(normalised(rows["emb"]), edge, kept & ~edge, near, other, plan.dedup_cosine)
+    other[follows >= 0] = follows[follows >= 0]
+    out = np.zeros(len(rows), edge_dtype(rows["emb"].shape[1]))
+    for name in ("part", "row", "score", "emb"):
+        out[name] = rows[name]
+    out["dropped"], out["anchor"] = near, anchor
+    files = {}
+    for o in np.unique(other[other >= 0]).tolist():
+        files[layout.edge(min(cluster, o), max(cluster, o), cluster)] = npy(out[other == o])
+    return files, int((other >= 0).sum())

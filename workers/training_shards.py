@@ -12,20 +12,24 @@ from clipbatch.core import layout
 from clipbatch.core.curation import parse_input, read_metadata, read_rows
 from clipbatch.core.storage import Storage, open_storage, split
 from clipbatch.core.specs import ShardSpec
+from clipbatch.workers.boundary import apply_changes
 from clipbatch.workers.embed import ShardResult
-from clipbatch.workers.samples import CAPTION_EXT, IMAGE_EXTS, iter_raw_samples
+from clipbatch.workers.fasttar import iter_selected
+from clipbatch.workers.samples import CAPTION_EXT, IMAGE_EXTS
 from clipbatch.workers.writers import write_tar
 
 
 def selection(output: Storage, index: int) -> list[dict[str, Any]]:
     """Tar ``index``'s pairs from its write plan: per scored shard, a range of the rows the dedup
-    stage kept (merged over clusters, in row order), with key, source shard and score."""
+    stage kept (merged over clusters, in row order) as the boundary pass changed them, with key,
+    source shard and score."""
     plan = json.loads(output.read(layout.write_plan(index)))
     scored = open_storage(plan["scored"])
     selected = []
     for entry in plan["parts"]:
         part = entry["part"]
         rows = np.sort(np.concatenate([read_rows(output, layout.kept(c, part)) for c in entry["clusters"]]))
+        rows = apply_changes(rows, [read_rows(output, layout.boundary_changes(b, part)) for b in entry["boundary"]])
         meta = read_metadata(scored, part, ["key", "shard", "clip_score"])
         for r in rows[entry["start"]:entry["stop"]].tolist():
             selected.append({"shard": meta["shard"][r], "key": meta["key"][r],
@@ -34,17 +38,16 @@ def selection(output: Storage, index: int) -> list[dict[str, Any]]:
 
 
 def _originals(selected: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, bytes]]:
-    """Stream each source tar once; keep the members of the selected samples."""
+    """Stream each source tar once; keep the members of the selected samples (the others are skipped)."""
     wanted: dict[str, set[str]] = defaultdict(set)
     for row in selected:
         wanted[row["shard"]].add(row["key"])
     found: dict[tuple[str, str], dict[str, bytes]] = {}
     for source_uri in sorted(wanted):
         source_parent, source_name = split(source_uri)
-        with open_storage(source_parent).open_read(source_name) as stream:
-            for raw in iter_raw_samples(stream):
-                if raw.key in wanted[source_uri]:
-                    found[(source_uri, raw.key)] = raw.members
+        source = open_storage(source_parent)
+        members = iter_selected(lambda: source.open_read(source_name), wanted[source_uri])
+        found.update({(source_uri, key): m for key, m in members.items()})
     return found
 
 

@@ -1,0 +1,98 @@
+"""Recall of the curation stages on the harsh straddling set, at sizes the test does not run (issue 17).
+
+    .venv/bin/python bench/curation_boundary.py --pairs 12000,40000 --seeds 11,12,13 --cluster-size 500
+
+Every planted near-duplicate group sits half-way between two topics (tests/curation_data.plant with
+boundary_share=1), so its rows straddle cluster boundaries. The stage functions (clusters, assign,
+dedup, boundary, the write plan and each tar's selection) run in this process, in order, on local
+storage: the same code as the tasks, without Redis or workers (the tests run it through them). Recall
+(of the pairs the exact greedy removes) and precision (every dropped pair has a kept pair at cosine >=
+the threshold) are computed exactly against core/selection.exact_curation; the pass-1-only recall
+(dedup keep lists alone) is printed beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from clipbatch.core import layout  # noqa: E402
+from clipbatch.core.curation import load_parts, plan_curation, plan_write  # noqa: E402
+from clipbatch.core.selection import exact_curation  # noqa: E402
+from clipbatch.core.specs import TrainShardsSpec  # noqa: E402
+from clipbatch.core.storage import open_storage  # noqa: E402
+from clipbatch.workers.boundary import boundary_pass  # noqa: E402
+from clipbatch.workers.curation import assign_part, dedup_cluster, train_centroids  # noqa: E402
+from clipbatch.workers.training_shards import selection  # noqa: E402
+from tests.curation_data import plant, write_scored  # noqa: E402
+
+COSINE, SHARDS = 0.95, 6
+
+
+def curate(root: Path, pairs: int, seed: int, cluster_size: int) -> dict:
+    scored, where = write_scored(root, plant(pairs, seed=seed, boundary_share=1.0), SHARDS)
+    spec = TrainShardsSpec(scored, str(root / "out"), top_fraction=0.9, dedup_cosine=COSINE, dedup_exact=True,
+                           cluster_size=cluster_size, samples_per_shard=2500)
+    out = open_storage(spec.output)
+    plan, _ = plan_curation(spec, out)
+    markers: dict[int, dict] = {}
+
+    def run(index: int, result: tuple[dict[str, bytes], dict]) -> None:
+        for key, data in result[0].items():
+            out.write(key, data)
+        markers[index] = result[1]
+
+    run(0, train_centroids(plan, out))
+    for a, part in enumerate(load_parts(out)):
+        run(plan.base("assign") + a, assign_part(plan, out, part))
+    for c in range(plan.clusters):
+        run(plan.base("dedup") + c, dedup_cluster(plan, out, c))
+    pass_one = {(int(p), int(r)) for c in range(plan.clusters)
+                for p in markers[plan.base("dedup") + c]["kept_parts"]
+                for r in np.load(root / "out" / layout.kept(c, int(p)))}
+    for c in range(plan.boundary):
+        run(plan.base("boundary") + c, boundary_pass(plan, out, c))
+    kept = {where[s["key"]] for j in range(plan_write(out, plan, markers)) for s in selection(out, j)}
+    return {**score(spec, kept), "recall_dedup_only": score(spec, pass_one)["recall"], "clusters": plan.clusters,
+            "boundary_rows": sum(markers[plan.base("boundary") + c]["rows"] for c in range(plan.boundary))}
+
+
+def score(spec: TrainShardsSpec, kept: set[tuple[int, int]]) -> dict:
+    ref = exact_curation(spec)
+    order = {pr: k for k, pr in enumerate(zip(ref.part.tolist(), ref.row.tolist()))}
+    removed_exact, removed = set(order) - set(ref.kept), set(order) - kept
+    emb = ref.embeddings.astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    keep = emb[[order[pr] for pr in sorted(kept)]]
+    dropped = np.array([order[pr] for pr in sorted(removed)])
+    closest = np.concatenate([(emb[dropped[i:i + 1024]] @ keep.T).max(axis=1) for i in range(0, len(dropped), 1024)])
+    return {"selected": len(order), "pairs_exact_removes": len(removed_exact), "pairs_workers_remove": len(removed),
+            "recall": len(removed & removed_exact) / len(removed_exact), "precision": float((closest >= COSINE).mean())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", default="12000,40000")
+    ap.add_argument("--seeds", default="11,12,13")
+    ap.add_argument("--cluster-size", type=int, default=500)
+    args = ap.parse_args()
+    for pairs in map(int, args.pairs.split(",")):
+        for seed in map(int, args.seeds.split(",")):
+            root = Path(tempfile.mkdtemp(prefix="curation-boundary-"))
+            try:
+                print(json.dumps({"pairs": pairs, "seed": seed, "cluster_size": args.cluster_size,
+                                  **curate(root, pairs, seed, args.cluster_size)}), flush=True)
+            finally:
+                shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()
