@@ -74,16 +74,23 @@ COMMIT_LINE = re.compile(r"shard committed .*?samples=(\d+).*?setup_s=([\d.]+) c
 
 
 def build_input(folder: Path, shards: int, samples_per_shard: int, max_side: int, seed: int = 0) -> list[Path]:
-    """Shards of JPEG variants of the shipped real photos (plus one corrupt sample each)."""
+    """Shards of JPEG variants of the shipped real photos (plus one corrupt sample each). Every caption is
+    distinct, as in a crawl: the shipped photos have one caption each, and the worker embeds a repeated
+    caption once, which would leave most of the text tower's work out of the task path."""
     rng, photos = random.Random(seed), find_photos()
     paths = []
     for s in range(shards):
-        samples = [(f"{s:05d}{i:05d}", photo_sample(photos[rng.randrange(len(photos))], rng, max_side))
+        samples = [(f"{s:05d}{i:05d}", distinct_caption(photo_sample(photos[rng.randrange(len(photos))], rng,
+                                                                     max_side), s, i))
                    for i in range(samples_per_shard)]
         samples += [(key, members) for key, members, _ in corrupt_samples(f"{s:05d}bad")[:1]]
         write_shard(folder / f"{s:05d}.tar", samples)
         paths.append(folder / f"{s:05d}.tar")
     return paths
+
+
+def distinct_caption(sample: dict[str, bytes], shard: int, index: int) -> dict[str, bytes]:
+    return {**sample, "txt": sample["txt"] + f", variant {shard}-{index}".encode()}
 
 
 def count_good(paths: list[Path]) -> int:

@@ -43,11 +43,13 @@ from typing import Any
 import click
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.throughput import _commit, build_input, count_good, save  # noqa: E402
+from clipbatch.workers.compute import effective_precision  # noqa: E402
 from clipbatch.workers.models import save_seeded_checkpoint  # noqa: E402
 
 CLIP_RETRIEVAL_VENV = ROOT / ".venv" / "clip-retrieval"
@@ -279,7 +281,10 @@ def main(model, input_, shards, samples_per_shard, max_side, rounds, batch_size,
 
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu", "precision": "fp32"},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu",
+                    "precision": {n: "fp32" if n == "clip-retrieval" else effective_precision(
+                        torch.device("cpu"), env.get("CLIPBATCH_PRECISION", "bf16"))
+                        for n, (env, _) in contenders.items()}},
         "model": model, "pretrained": "seeded random (one checkpoint file, both tools)",
         "weights_for_clip_retrieval": f"--clip_model open_clip:{model}/<checkpoint>: all_clip splits at the first "
                                       "'/', open_clip loads the local path as pretrained; no shim",

@@ -5,10 +5,11 @@ its last row and the rows it asked for are sliced off the result, so each tower 
 model and batch size. Inductor's on-disk caches (its FX graph cache among them) live under the
 worker's cache dir, so a restarted worker loads the compiled code instead of compiling again.
 
-``CLIPBATCH_COMPILE`` = ``1`` | ``0`` | ``auto`` (default): auto compiles on CUDA only. On 2 CPU cores
-(bench/results/2026-11-29-cpu.json, ViT-B-32, batch 64, interleaved rounds) the compiled forward
-beat the eager one alone (1.17x) but the worker's task path ran slower with it in every round
-(0.53x), and a decode-bound model (the tiny one) has nothing to gain: no CPU model compiles unless asked.
+``CLIPBATCH_COMPILE`` = ``1`` | ``0`` | ``auto`` (default): auto compiles on CUDA only. On 2 quiet CPU cores
+(bench/results/2026-11-29-cpu.json ``ViT-B-32-compile``: ViT-B-32, batch 64, bf16, interleaved rounds) the
+compiled forward ran 1.035x the eager one alone and the task path 1.015x, for 32 s of compiling per new
+process; on oversubscribed cores it ran slower (0.53x; most likely each fused kernel's OpenMP region waits for a
+descheduled thread). A decode-bound model (the tiny one) has nothing to gain: no CPU model compiles unless asked.
 """
 from __future__ import annotations
 
