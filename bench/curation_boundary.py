@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from bench.curation import recall_precision  # noqa: E402
 from clipbatch.core import layout  # noqa: E402
 from clipbatch.core.curation import load_parts, plan_curation, plan_write  # noqa: E402
 from clipbatch.core.selection import exact_curation  # noqa: E402
@@ -66,16 +67,7 @@ def curate(root: Path, pairs: int, seed: int, cluster_size: int) -> dict:
 
 
 def score(spec: TrainShardsSpec, kept: set[tuple[int, int]]) -> dict:
-    ref = exact_curation(spec)
-    order = {pr: k for k, pr in enumerate(zip(ref.part.tolist(), ref.row.tolist()))}
-    removed_exact, removed = set(order) - set(ref.kept), set(order) - kept
-    emb = ref.embeddings.astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    keep = emb[[order[pr] for pr in sorted(kept)]]
-    dropped = np.array([order[pr] for pr in sorted(removed)])
-    closest = np.concatenate([(emb[dropped[i:i + 1024]] @ keep.T).max(axis=1) for i in range(0, len(dropped), 1024)])
-    return {"selected": len(order), "pairs_exact_removes": len(removed_exact), "pairs_workers_remove": len(removed),
-            "recall": len(removed & removed_exact) / len(removed_exact), "precision": float((closest >= COSINE).mean())}
+    return recall_precision(exact_curation(spec), kept)
 
 
 def main() -> None:
