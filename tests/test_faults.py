@@ -21,7 +21,7 @@ from clipbatch.sample_data import build_collection
 
 pytestmark = pytest.mark.integration
 SAMPLES_PER_SHARD = 300
-LONG_SAMPLES_PER_SHARD = 1500
+LONG_SAMPLES_PER_SHARD = 4000
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,9 @@ def big_shards(tmp_path_factory) -> tuple[Path, dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def long_shards(tmp_path_factory) -> tuple[Path, dict[str, int]]:
-    """Shards that outlast a 1 s visibility timeout with room to spare: about 2 s of work each
-    for one worker alone on this machine's 2 cores (the tiny model decodes ~700 samples/s)."""
+    """Shards that outlast a 1 s visibility timeout with room to spare: 4,000 samples, about 5 s of work
+    each for a worker with one decode thread on this machine (1,500 samples on two threads took 0.95 s
+    on a quiet machine, and then no shard was ever redelivered)."""
     folder = tmp_path_factory.mktemp("long")
     return folder, build_collection(folder, shards=3, samples_per_shard=LONG_SAMPLES_PER_SHARD, seed=4)
 
@@ -132,7 +133,8 @@ def test_visibility_timeout_duplicate_is_harmless(redis_url, long_shards, checkp
     # given: a visibility timeout shorter than one shard, and two workers
     folder, built = long_shards
     queue, out = f"vt-{uuid.uuid4().hex[:8]}", tmp_path / "out"
-    env = service_env(redis_url, CLIPBATCH_VISIBILITY_TIMEOUT="1")
+    env = service_env(redis_url, CLIPBATCH_VISIBILITY_TIMEOUT="1", CLIPBATCH_DECODE_THREADS="1",
+                      CLIPBATCH_TORCH_THREADS="1")
     workers = [start_worker(queue, env), start_worker(queue, env)]
 
     # when: a job runs, so running shards are redelivered to the other worker while still in progress

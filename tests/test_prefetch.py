@@ -121,7 +121,8 @@ def test_a_failing_read_ahead_is_requeued_and_retried_by_celery(small_world, che
     (blocker / "in-the-way").mkdir(parents=True)
 
     # when: a worker with prefetch on runs the job, and the blocker goes once Celery retries the shard
-    worker = start_worker(queue, service_env(redis_url, **PREFETCH_ON))
+    # (retries back off 1, 2, 4... s: with 6 of them the blocker is gone long before the last one)
+    worker = start_worker(queue, service_env(redis_url, CLIPBATCH_MAX_RETRIES="6", **PREFETCH_ON))
     wait_for(lambda: "retry: Retry in" in worker.log(), 180, "Celery to retry the requeued shard")
     shutil.rmtree(blocker)
     status = job.wait(timeout_s=240)
