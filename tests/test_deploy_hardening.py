@@ -65,6 +65,7 @@ def test_compose_redis_command_starts_a_redis_that_needs_the_password(tmp_path):
     # given: compose's own Redis command (compose writes $$ for a literal $), on a free port here
     script = compose()["services"]["redis"]["command"][0].replace("$$", "$")
     script = script.replace("--appendonly yes", "--appendonly no --save ''") + f" --port {free_port()} --dir {tmp_path}"
+    script = script.replace("/tmp/redis-auth.conf", str(tmp_path / "redis-auth.conf"))
     port = int(script.rsplit("--port ", 1)[1].split()[0])
     password = "compose-pass-7Yq"
     proc = subprocess.Popen(["sh", "-c", script], env={**os.environ, "REDIS_PASSWORD": password},
@@ -77,6 +78,9 @@ def test_compose_redis_command_starts_a_redis_that_needs_the_password(tmp_path):
             redis.Redis(port=port).ping()
         pid = authed.info("server")["process_id"]
         assert password not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        # and: redis-server replaced the shell (in the container it is PID 1 and gets the stop signal itself)
+        assert pid == proc.pid
+        assert (tmp_path / "redis-auth.conf").stat().st_mode & 0o077 == 0
         assert authed.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
         assert int(authed.config_get("maxmemory")["maxmemory"]) > 0
     finally:
