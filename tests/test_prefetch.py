@@ -257,7 +257,7 @@ def test_a_warm_input_goes_only_to_its_own_shard_and_any_other_is_closed(tmp_pat
     parts = _Closes()
 
     def warm() -> readahead.ShardInput:
-        return readahead.ShardInput(readahead.shard_key(ours), None, parts, parts, 0.0)
+        return readahead.ShardInput(readahead.shard_key(ours), None, parts, parts)
 
     # given a warm input held for shard 1: shard 2 does not get it, and it is closed (reader and feeder)
     readahead.hold(warm())

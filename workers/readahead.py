@@ -35,7 +35,6 @@ class ShardInput:
     info: ObjectInfo
     source: ContextManager[Any]
     batches: PrefetchedBatches
-    opened_at: float
 
     def close(self) -> None:
         try:
@@ -59,7 +58,7 @@ def open_input(shard: ShardSpec, batch_size: int, steps: tuple[Callable[[Any], A
     except BaseException:
         source.__exit__(*sys.exc_info())
         raise
-    return ShardInput(shard_key(shard), info, source, batches, time.perf_counter())
+    return ShardInput(shard_key(shard), info, source, batches)
 
 
 _slot: list[ShardInput] = []  # at most one warm input per process
