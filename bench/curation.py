@@ -15,7 +15,10 @@ the whole job's wall time, and the peak RSS (VmHWM) of every worker process. The
 --exact-cap-factor F, under F times the fastest worker run at that N: a run cut there is recorded as
 "did not finish within X s" and X / (that job's time) as a measured lower bound of the speed-up. Up to
 10^5 pairs the recall and precision of the workers' result against it are computed exactly. Every run
-records the load average (1, 5, 15 min) at its start and end: the machine may be shared. Log-log slopes
+records the load average (1, 5, 15 min) at its start and end (the machine may be shared) and the files
+the job left per kind (assign, dedup, edge, boundary partitions and the rest). With --data, a size's
+scored output is kept in DATA/c<N> and reused by later runs (10^7 pairs take some 30 GB and an hour to
+build); each worker run's output is removed once measured, but for the one the quality check reads. Log-log slopes
 (numpy polyfit) of job time and producer RSS against N are printed and saved. With --out and --label,
 the results are added to the file under the label (earlier labels kept).
 """
@@ -142,7 +145,7 @@ def stage_times(output: Path, submitted: float) -> dict[str, Any]:
         if stage in ends:
             seconds[stage] = ends[stage] - last
             last = ends[stage]
-    return {"stage_s": seconds, "job_s": last - submitted + 0.0, "clusters": plan.clusters}
+    return {"stage_s": seconds, "job_s": last - submitted + 0.0, "clusters": plan.clusters, "groups": plan.groups}
 
 
 _EXACT = _HWM + """
@@ -202,6 +205,16 @@ def recall_precision(ref: Any, kept: set[tuple[int, int]]) -> dict[str, Any]:
             "precision": float((closest >= COSINE).mean()) if len(closest) else 1.0}
 
 
+def count_files(output: Path) -> dict[str, int]:
+    """Files the job left, per top folder of ``_curation`` (assign, dedup, edge, ...) and in all."""
+    counts: dict[str, int] = {}
+    for path, _, names in os.walk(output):
+        rel = Path(path).relative_to(output).parts
+        key = rel[1] if len(rel) > 1 and rel[0] == "_curation" else "other"
+        counts[key] = counts.get(key, 0) + len(names)
+    return {**counts, "total": sum(counts.values())}
+
+
 def slope(xs: list[float], ys: list[float]) -> float | None:
     pts = [(x, y) for x, y in zip(xs, ys) if y]
     return float(np.polyfit(np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), 1)[0]) if len(pts) > 1 else None
@@ -214,26 +227,39 @@ def main() -> None:
     ap.add_argument("--exact-max", type=int, default=1_000_000)
     ap.add_argument("--exact-timeout", type=float, default=900)
     ap.add_argument("--exact-cap-factor", type=float, help="cap the exact path at this many times the fastest run")
+    ap.add_argument("--data", type=Path, help="keep each size's scored output in DATA/c<N> and reuse it when "
+                                              "it is already built there (large sizes take long to build)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--label", default=time.strftime("%Y-%m-%d %H:%M"))
     args = ap.parse_args()
     rows = []
     for n in map(int, args.sizes.split(",")):
         tmp = Path(tempfile.mkdtemp(prefix=f"curation-{n}-"))
+        data = tmp if args.data is None else args.data / f"c{n}"
         t = time.time()
-        where = build(tmp, n)
-        row: dict[str, Any] = {"pairs": n, "build_s": time.time() - t, "runs": []}
+        if (data / "BUILT").exists():  # built before (by this bench, or by build() and then marked)
+            where, build_s = None, float((data / "BUILT").read_text() or "nan")
+        else:
+            where = build(data, n)
+            build_s = time.time() - t
+            if args.data is not None and where is None:
+                (data / "BUILT").write_text(str(build_s))
+        row: dict[str, Any] = {"pairs": n, "build_s": build_s, "runs": []}
+        first = args.workers.split(",")[0]
         for w in map(int, args.workers.split(",")):
-            row["runs"].append(run_job(str(tmp / "scored"), tmp / f"out-{w}", w, tmp))
+            out = tmp / f"out-{w}"
+            row["runs"].append({**run_job(str(data / "scored"), out, w, tmp), "files": count_files(out)})
             print(json.dumps({"pairs": n, **{k: v for k, v in row["runs"][-1].items() if k != "stats"}}), flush=True)
+            if not (where is not None and str(w) == first):
+                shutil.rmtree(out)  # the disk: a 10^7 output is some 20 GB of tars
         if where is not None:
-            row["quality"] = quality(str(tmp / "scored"), tmp / f"out-{args.workers.split(',')[0]}", where)
+            row["quality"] = quality(str(data / "scored"), tmp / f"out-{first}", where)
         if where is not None:  # the quality check ran the exact path (in this process: its time, not its RSS)
             row["exact"] = {k: row["quality"][k] for k in ("exact_s", "load_start", "load_end")}
         elif n <= args.exact_max:
             fastest = min(x["job_s"] for x in row["runs"])
             cap = args.exact_timeout if args.exact_cap_factor is None else args.exact_cap_factor * fastest
-            row["exact"] = run_exact(str(tmp / "scored"), cap)
+            row["exact"] = run_exact(str(data / "scored"), cap)
         print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
         rows.append(row)
         shutil.rmtree(tmp)

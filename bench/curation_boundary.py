@@ -22,48 +22,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-
 from bench.curation import recall_precision  # noqa: E402
-from clipbatch.core import layout  # noqa: E402
-from clipbatch.core.curation import load_parts, plan_curation, plan_write  # noqa: E402
 from clipbatch.core.selection import exact_curation  # noqa: E402
 from clipbatch.core.specs import TrainShardsSpec  # noqa: E402
-from clipbatch.core.storage import open_storage  # noqa: E402
-from clipbatch.workers.boundary import boundary_pass  # noqa: E402
-from clipbatch.workers.curation import assign_part, dedup_cluster, train_centroids  # noqa: E402
-from clipbatch.workers.training_shards import selection  # noqa: E402
-from tests.curation_data import plant, write_scored  # noqa: E402
+from tests.curation_data import plant, run_stages, write_scored  # noqa: E402
 
 COSINE, SHARDS = 0.95, 6
 
 
-def curate(root: Path, pairs: int, seed: int, cluster_size: int) -> dict:
+def curate(root: Path, pairs: int, seed: int, cluster_size: int, per_task: int | None) -> dict:
     scored, where = write_scored(root, plant(pairs, seed=seed, boundary_share=1.0), SHARDS)
     spec = TrainShardsSpec(scored, str(root / "out"), top_fraction=0.9, dedup_cosine=COSINE, dedup_exact=True,
-                           cluster_size=cluster_size, samples_per_shard=2500)
-    out = open_storage(spec.output)
-    plan, _ = plan_curation(spec, out)
-    markers: dict[int, dict] = {}
-
-    def run(index: int, result: tuple[dict[str, bytes], dict]) -> None:
-        for key, data in result[0].items():
-            out.write(key, data)
-        markers[index] = result[1]
-
-    run(0, train_centroids(plan, out))
-    for a, part in enumerate(load_parts(out)):
-        run(plan.base("assign") + a, assign_part(plan, out, part))
-    for c in range(plan.clusters):
-        run(plan.base("dedup") + c, dedup_cluster(plan, out, c))
-    pass_one = {(int(p), int(r)) for c in range(plan.clusters)
-                for p in markers[plan.base("dedup") + c]["kept_parts"]
-                for r in np.load(root / "out" / layout.kept(c, int(p)))}
-    for c in range(plan.boundary):
-        run(plan.base("boundary") + c, boundary_pass(plan, out, c))
-    kept = {where[s["key"]] for j in range(plan_write(out, plan, markers)) for s in selection(out, j)}
+                           cluster_size=cluster_size, samples_per_shard=2500, clusters_per_task=per_task)
+    plan, markers, kept_rows, pass_one = run_stages(spec)
+    kept = {where[row["key"]] for row in kept_rows}
+    pass_one = {where[key] for key in pass_one}
     return {**score(spec, kept), "recall_dedup_only": score(spec, pass_one)["recall"], "clusters": plan.clusters,
-            "boundary_rows": sum(markers[plan.base("boundary") + c]["rows"] for c in range(plan.boundary))}
+            "groups": plan.groups,
+            "boundary_rows": sum(markers[plan.base("boundary") + g]["rows"] for g in range(plan.boundary))}
 
 
 def score(spec: TrainShardsSpec, kept: set[tuple[int, int]]) -> dict:
@@ -75,13 +51,14 @@ def main() -> None:
     ap.add_argument("--pairs", default="12000,40000")
     ap.add_argument("--seeds", default="11,12,13")
     ap.add_argument("--cluster-size", type=int, default=500)
+    ap.add_argument("--clusters-per-task", type=int, help="default: the job's (about 100,000 pairs' worth)")
     args = ap.parse_args()
     for pairs in map(int, args.pairs.split(",")):
         for seed in map(int, args.seeds.split(",")):
             root = Path(tempfile.mkdtemp(prefix="curation-boundary-"))
             try:
                 print(json.dumps({"pairs": pairs, "seed": seed, "cluster_size": args.cluster_size,
-                                  **curate(root, pairs, seed, args.cluster_size)}), flush=True)
+                                  **curate(root, pairs, seed, args.cluster_size, args.clusters_per_task)}), flush=True)
             finally:
                 shutil.rmtree(root)
 

@@ -3,13 +3,17 @@
 Every stage task commits at the output's root with the commit protocol, at a global index::
 
     0                  clusters  k-means centroids from a bounded random sample (one task)
-    1 .. S             assign    scored shard -> rows >= threshold -> nearest centroid -> per-cluster files
-    1+S .. S+K         dedup     cluster -> exact hash, then greedy cosine by descending score -> keep lists;
-                                 kept rows near a boundary -> per pair of clusters
-    1+S+K .. S+K+B     boundary  cluster a -> each pair (a, b > a): exact greedy over its rows -> changes
-    1+S+K+B+j          write     training tar j from the keep lists and the changes, in source order
+    1 .. S             assign    scored shard -> rows >= threshold -> nearest centroid -> one file per
+                                 group of clusters reached
+    1+S .. S+G         dedup     group of clusters -> per cluster: exact hash, then greedy cosine by
+                                 descending score -> keep lists; kept rows near a boundary -> per group
+                                 of the pair's lower cluster
+    1+S+G .. S+G+B     boundary  group g -> each pair (a in g, b > a): exact greedy over its rows -> changes
+    1+S+G+B+j          write     training tar j from the keep lists and the changes, in source order
 
-B is K with semantic dedup over several clusters, else 0 (the stage is skipped).
+The K clusters are dealt to G = ceil(K / clusters_per_task) tasks (groups of consecutive clusters), so the
+files between two stages number S x G, not S x K. B is G with semantic dedup over several clusters, else 0
+(the stage is skipped).
 
 The producer plans (threshold, S scored shards, K clusters) in O(scored shards) and enqueues the
 first stage not yet complete. The task that completes a stage launches the next one: the plan of
@@ -41,6 +45,7 @@ SAMPLE_PER_CLUSTER = 40  # k-means sample: this many selected rows per centroid 
 SAMPLE_MAX = 100_000  # ... at most
 SAMPLE_PARTS = 64  # read from at most this many scored shards (a random choice)
 SPLIT_FACTOR = 4  # a cluster over this many times the cluster size is split (sub-k-means) in its dedup task
+TASK_ROWS = 100_000  # clusters per dedup task, by default: about this many selected rows in all
 BOUNDARY_SIGMAS = 3.0  # boundary rows: nearest and second centroid within this many sigmas (boundary_margin)
 
 
@@ -70,21 +75,30 @@ class CurationPlan:
     dedup_exact: bool
     cluster_size: int
     samples_per_shard: int
+    clusters_per_task: int  # a dedup (and boundary) task takes this many consecutive clusters: a group
+
+    @property
+    def groups(self) -> int:
+        """G: the dedup stage's tasks."""
+        return -(-self.clusters // self.clusters_per_task)
+
+    def group_of(self, cluster: np.ndarray | int) -> np.ndarray | int:
+        return cluster // self.clusters_per_task
 
     @property
     def boundary(self) -> int:
-        """Tasks of the boundary pass: one per cluster with semantic dedup over several clusters, else none."""
-        return self.clusters if self.route == "cluster" and self.clusters > 1 else 0
+        """Tasks of the boundary pass: one per group with semantic dedup over several clusters, else none."""
+        return self.groups if self.route == "cluster" and self.clusters > 1 else 0
 
     def base(self, stage: str) -> int:
         """The global index of the stage's first task."""
         dedup = 1 + self.parts
-        return {"clusters": 0, "assign": 1, "dedup": dedup, "boundary": dedup + self.clusters,
-                "write": dedup + self.clusters + self.boundary}[stage]
+        return {"clusters": 0, "assign": 1, "dedup": dedup, "boundary": dedup + self.groups,
+                "write": dedup + self.groups + self.boundary}[stage]
 
     def size(self, stage: str) -> int | None:
         """Tasks in the stage; None for the write stage (known once dedup and boundary are done)."""
-        return {"clusters": 1, "assign": self.parts, "dedup": self.clusters, "boundary": self.boundary}.get(stage)
+        return {"clusters": 1, "assign": self.parts, "dedup": self.groups, "boundary": self.boundary}.get(stage)
 
     def next_stage(self, stage: str) -> str:
         """The stage after ``stage`` that has tasks (the write stage always follows)."""
@@ -112,7 +126,8 @@ def parse_input(uri: str) -> tuple[str, str, int]:
 
 
 def load_plan(output: Storage) -> CurationPlan:
-    return CurationPlan(**json.loads(output.read(layout.CURATION_PLAN)))
+    """The saved plan (one saved before tasks took groups of clusters had one cluster per task)."""
+    return CurationPlan(**{"clusters_per_task": 1, **json.loads(output.read(layout.CURATION_PLAN))})
 
 
 def load_parts(output: Storage) -> list[int]:
@@ -154,8 +169,10 @@ def plan_curation(spec: TrainShardsSpec, output: Storage) -> tuple[CurationPlan,
     threshold = float(spec.min_score) if spec.min_score is not None else quantile(hist, 1.0 - spec.top_fraction)
     selected = _selected_estimate(hist, threshold)
     clusters = max(1, round(selected / spec.cluster_size)) if _route(spec) != "part" else max(1, len(parts))
+    per_task = spec.clusters_per_task or max(1, TASK_ROWS // spec.cluster_size)
     plan = CurationPlan(spec.scored, threshold, len(parts), clusters, _route(spec), hist["count"], selected,
-                        spec.dedup_cosine, spec.dedup_exact, spec.cluster_size, spec.samples_per_shard)
+                        spec.dedup_cosine, spec.dedup_exact, spec.cluster_size, spec.samples_per_shard,
+                        min(per_task, clusters))
     return plan, _save_plan(output, spec.output, plan, parts)
 
 
@@ -179,18 +196,18 @@ def stage_tasks(plan: CurationPlan, output: str, stage: str, count: int | None =
     return [(plan.base(stage) + k, task_input(output, stage, k)) for k in range(n)]
 
 
-# ---- the write stage's plan: from the dedup markers, O(clusters + scored shards) ----
+# ---- the write stage's plan: from the dedup markers, O(groups x scored shards) ----
 
 def plan_write(output: Storage, plan: CurationPlan, markers: dict[int, dict[str, Any]]) -> int:
     """Cut the kept rows, in source order, into tars of ``samples_per_shard``; write one write plan per
     tar and the job's summary (sizes, per-stage counts). Deterministic bytes: safe to run twice."""
     parts = load_parts(output)
-    dedup = [markers[plan.base("dedup") + c] for c in range(plan.clusters)]
-    boundary = [markers[plan.base("boundary") + c] for c in range(plan.boundary)]
-    by_part: dict[int, list[tuple[int, int]]] = {}
-    for c, marker in enumerate(dedup):
+    dedup = [markers[plan.base("dedup") + g] for g in range(plan.groups)]
+    boundary = [markers[plan.base("boundary") + g] for g in range(plan.boundary)]
+    by_part: dict[int, list[tuple[int, int]]] = {}  # per scored shard: (dedup task, rows kept)
+    for g, marker in enumerate(dedup):
         for part, n in marker["kept_parts"].items():
-            by_part.setdefault(int(part), []).append((c, n))
+            by_part.setdefault(int(part), []).append((g, n))
     changes: dict[int, list[tuple[int, int]]] = {}  # per scored shard: (boundary task, rows back - rows dropped)
     for c, marker in enumerate(boundary):
         for part, (gone, back) in marker["changed_parts"].items():
@@ -201,13 +218,13 @@ def plan_write(output: Storage, plan: CurationPlan, markers: dict[int, dict[str,
     entries: list[list[dict[str, Any]]] = [[] for _ in range(tars)]
     position = 0
     for part, n in counts:
-        clusters = sorted(c for c, _ in by_part.get(part, ()))
-        changed = sorted(c for c, _ in changes.get(part, ()))
+        groups = sorted(g for g, _ in by_part.get(part, ()))
+        changed = sorted(g for g, _ in changes.get(part, ()))
         start = 0
         while start < n:
             j, offset = divmod(position, plan.samples_per_shard)
             take = min(n - start, plan.samples_per_shard - offset)
-            entries[j].append({"part": part, "clusters": clusters, "boundary": changed, "start": start,
+            entries[j].append({"part": part, "groups": groups, "boundary": changed, "start": start,
                                "stop": start + take})
             start, position = start + take, position + take
     for j, entry in enumerate(entries):
@@ -231,12 +248,13 @@ def _write_summary(output: Storage, plan: CurationPlan, markers: dict[int, dict[
         "total": total, "kept": kept, "dropped_by_score": total - selected, "dropped_as_duplicate": exact + near,
         "dropped_exact_duplicate": exact, "dropped_near_duplicate": near,
         "stages": {"route": plan.route, "clusters": plan.clusters, "cluster_size": plan.cluster_size,
-                   "exact": plan.clusters == 1, "largest_cluster": max((m["selected"] for m in dedup), default=0),
-                   "split_clusters": sum(1 for m in dedup if m.get("split", 1) > 1),
+                   "clusters_per_task": plan.clusters_per_task, "exact": plan.clusters == 1,
+                   "largest_cluster": max((m["largest_cluster"] for m in dedup), default=0),
+                   "split_clusters": sum(m["split_clusters"] for m in dedup),
                    "boundary_rows": sum(m["rows"] for m in boundary), "boundary_dropped": across,
                    "boundary_pairs": sum(m["pairs"] for m in boundary),
                    "largest_boundary_pair": max((m["largest_pair"] for m in boundary), default=0),
-                   "tasks": {"clusters": 1, "assign": plan.parts, "dedup": plan.clusters,
+                   "tasks": {"clusters": 1, "assign": plan.parts, "dedup": plan.groups,
                              "boundary": plan.boundary, "write": tars}},
         "sizes": sizes,
     }

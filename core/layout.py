@@ -96,32 +96,33 @@ def replaced_stats(index: int) -> str:
     return f"{MERGED_DIR}/replaced/{index:05d}.json"
 
 
-def assigned_dir(cluster: int) -> str:
-    return f"{CURATION_DIR}/assign/{cluster:05d}/"
+def assigned_dir(group: int) -> str:
+    return f"{CURATION_DIR}/assign/{group:05d}/"
 
 
-def assigned(cluster: int, part: int) -> str:
-    """The assign stage's rows of scored shard ``part`` that fall in ``cluster`` (listed per cluster)."""
-    return f"{assigned_dir(cluster)}{part:05d}.npy"
+def assigned(group: int, part: int) -> str:
+    """The assign stage's rows of scored shard ``part`` that fall in a cluster of dedup task ``group``."""
+    return f"{assigned_dir(group)}{part:05d}.npy"
 
 
-def kept(cluster: int, part: int) -> str:
-    """The dedup stage's keep list: the rows of scored shard ``part`` that ``cluster`` keeps."""
-    return f"{CURATION_DIR}/dedup/{cluster:05d}/{part:05d}.npy"
+def kept(group: int, part: int) -> str:
+    """The dedup stage's keep list: the rows of scored shard ``part`` that dedup task ``group`` keeps."""
+    return f"{CURATION_DIR}/dedup/{group:05d}/{part:05d}.npy"
 
 
-def edge_dir(low: int) -> str:
-    return f"{CURATION_DIR}/edge/{low:05d}/"
+def edge_dir(group: int) -> str:
+    return f"{CURATION_DIR}/edge/{group:05d}/"
 
 
-def edge(low: int, high: int, cluster: int) -> str:
-    """The kept rows of ``cluster`` (``low`` or ``high``) near the boundary between the two, for the boundary pass."""
-    return f"{edge_dir(low)}{high:05d}/{cluster:05d}.npy"
+def edge(group: int, source: int) -> str:
+    """Dedup task ``source``'s kept rows near a boundary whose lower cluster is in ``group``, for the boundary pass."""
+    return f"{edge_dir(group)}{source:05d}.npy"
 
 
-def boundary_changes(low: int, part: int) -> str:
-    """The boundary pass's changes: the rows of scored shard ``part`` that task ``low`` drops or brings back."""
-    return f"{CURATION_DIR}/boundary/{low:05d}/{part:05d}.npy"
+def boundary_changes(group: int, part: int) -> str:
+    """The boundary pass's changes: the rows of scored shard ``part`` that boundary task ``group`` drops or
+    brings back."""
+    return f"{CURATION_DIR}/boundary/{group:05d}/{part:05d}.npy"
 
 
 def write_plan(index: int) -> str:

@@ -181,7 +181,8 @@ class TrainShardsSpec:
 
     ``dedup_exact`` drops pairs whose image bytes equal a kept pair's; ``dedup_cosine`` those whose
     image embedding is this close to a kept pair's, within k-means clusters of about
-    ``cluster_size`` selected pairs (one cluster, the exact greedy, when there are no more).
+    ``cluster_size`` selected pairs (one cluster, the exact greedy, when there are no more). A dedup task
+    takes ``clusters_per_task`` consecutive clusters (None: about 100,000 selected pairs' worth).
     """
 
     scored: str
@@ -194,6 +195,7 @@ class TrainShardsSpec:
     kind: str = "shards"
     dedup_exact: bool = False
     cluster_size: int = DEFAULT_CLUSTER_SIZE
+    clusters_per_task: int | None = None
 
     def validate(self) -> None:
         if not self.scored or not self.scored.strip():
@@ -213,6 +215,9 @@ class TrainShardsSpec:
             raise SpecError("samples_per_shard", f"{self.samples_per_shard!r} must be a positive integer")
         if isinstance(self.cluster_size, bool) or not isinstance(self.cluster_size, int) or self.cluster_size < 2:
             raise SpecError("cluster_size", f"{self.cluster_size!r} must be an integer of at least 2")
+        if self.clusters_per_task is not None and (isinstance(self.clusters_per_task, bool) or not isinstance(
+                self.clusters_per_task, int) or self.clusters_per_task < 1):
+            raise SpecError("clusters_per_task", f"{self.clusters_per_task!r} must be a positive integer")
         if not isinstance(self.dedup_exact, bool):
             raise SpecError("dedup_exact", f"{self.dedup_exact!r} must be true or false")
         if not _QUEUE_RE.match(self.queue or ""):

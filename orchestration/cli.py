@@ -143,16 +143,20 @@ for _kind, _help in KIND_HELP.items():
                                                   "(within k-means clusters; exact for a small selection).")
 @click.option("--dedup-exact", is_flag=True, help="Drop pairs whose image bytes equal a kept pair's.")
 @click.option("--cluster-size", type=int, default=DEFAULT_CLUSTER_SIZE, show_default=True,
-              help="Selected pairs per dedup task on average; a selection this small is deduped exactly.")
+              help="Selected pairs per k-means cluster on average (dedup compares pairs within a cluster); "
+                   "a selection this small is deduped exactly.")
+@click.option("--clusters-per-task", type=int, help="Clusters per dedup task [default: about 100,000 selected "
+                                                    "pairs' worth]; fewer means more, smaller tasks and more files.")
 @click.option("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_TRAIN_SHARD, show_default=True)
 @click.option("--queue", default="gpu", show_default=True)
 @click.option("--wait", is_flag=True, help="Wait for the job to end, with a progress bar.")
 @click.option("--json", "as_json", is_flag=True)
-def submit_shards(scored, output, min_score, top_fraction, dedup_cosine, dedup_exact, cluster_size, samples_per_shard,
-                  queue, wait, as_json) -> None:
+def submit_shards(scored, output, min_score, top_fraction, dedup_cosine, dedup_exact, cluster_size, clusters_per_task,
+                  samples_per_shard, queue, wait, as_json) -> None:
     """Curate open_clip-ready webdataset shards from a scored output, on the workers (docs/curation.md)."""
     _submit(TrainShardsSpec(scored, output, min_score, top_fraction, dedup_cosine, samples_per_shard, queue,
-                            dedup_exact=dedup_exact, cluster_size=cluster_size), wait, as_json)
+                            dedup_exact=dedup_exact, cluster_size=cluster_size, clusters_per_task=clusters_per_task),
+            wait, as_json)
 
 
 @submit.command("finetune")

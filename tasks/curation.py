@@ -21,7 +21,7 @@ from clipbatch.core.storage import open_storage
 from clipbatch.tasks.app import app
 from clipbatch.tasks.lifecycle import ShardTask, run_message
 from clipbatch.workers.boundary import boundary_pass
-from clipbatch.workers.curation import assign_part, dedup_cluster, train_centroids
+from clipbatch.workers.curation import assign_part, dedup_group, train_centroids
 from clipbatch.workers.embed import ShardResult
 
 log = logging.getLogger("clipbatch.curation")
@@ -37,7 +37,7 @@ def compute_stage(shard: ShardSpec, attempt: str) -> ShardResult:
     elif stage == "assign":
         files, record = assign_part(plan, output, load_parts(output)[n])
     elif stage == "dedup":
-        files, record = dedup_cluster(plan, output, n)
+        files, record = dedup_group(plan, output, n)
     elif stage == "boundary":
         files, record = boundary_pass(plan, output, n)
     else:

@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipbatch.core import commit, layout
+from clipbatch.core.curation import CurationPlan, load_parts, plan_curation, plan_write, read_rows
 from clipbatch.core.scores import histogram
+from clipbatch.core.specs import TrainShardsSpec
 from clipbatch.core.storage import open_storage
 from clipbatch.workers.samples import content_hash
 from clipbatch.workers.writers import npy_bytes, write_tar
@@ -124,7 +126,7 @@ def assigned_clusters(output: Path) -> dict[tuple[int, int], int]:
     found = {}
     for path in (output / layout.CURATION_DIR / "assign").glob("*/*.npy"):
         rows = np.load(path)
-        found.update({(int(p), int(r)): int(path.parent.name) for p, r in zip(rows["part"], rows["row"])})
+        found.update({(int(p), int(r)): int(c) for p, r, c in zip(rows["part"], rows["row"], rows["cluster"])})
     return found
 
 
@@ -143,3 +145,38 @@ def straddling(ref, clusters: dict[tuple[int, int], int], cosine: float) -> int:
         same = home[d][:, None] == home[kept_idx][None, :]
         count += int((~(near & same).any(axis=1)).sum())
     return count
+
+
+def run_stages(spec: TrainShardsSpec) -> tuple[CurationPlan, dict[int, dict], list[dict], set[str]]:
+    """Every stage's compute in this process, in order, on ``spec.output`` (the tasks' code without Redis or
+    workers): the plan, each task's marker record, the tars' selected rows in order, and the keys the dedup
+    stage alone keeps (before the boundary pass)."""
+    from clipbatch.workers.boundary import boundary_pass
+    from clipbatch.workers.curation import assign_part, dedup_group, train_centroids
+    from clipbatch.workers.training_shards import selection
+
+    out = open_storage(spec.output)
+    plan, _ = plan_curation(spec, out)
+    markers: dict[int, dict] = {}
+
+    def run(index: int, result: tuple[dict[str, bytes], dict]) -> None:
+        for key, data in result[0].items():
+            out.write(key, data)
+        markers[index] = result[1]
+
+    run(0, train_centroids(plan, out))
+    for a, part in enumerate(load_parts(out)):
+        run(plan.base("assign") + a, assign_part(plan, out, part))
+    for g in range(plan.groups):
+        run(plan.base("dedup") + g, dedup_group(plan, out, g))
+    scored = open_storage(plan.scored)
+    pass_one = set()
+    for g in range(plan.groups):
+        for p in markers[plan.base("dedup") + g]["kept_parts"]:
+            meta = pq.read_table(io.BytesIO(scored.read(layout.embed_files(int(p))["metadata"])), columns=["key"])
+            keys = meta.column("key").to_pylist()
+            pass_one.update(keys[r] for r in read_rows(out, layout.kept(g, int(p))).tolist())
+    for g in range(plan.boundary):
+        run(plan.base("boundary") + g, boundary_pass(plan, out, g))
+    kept = [row for j in range(plan_write(out, plan, markers)) for row in selection(out, j)]
+    return plan, markers, kept, pass_one

@@ -27,14 +27,14 @@ from clipbatch.core.specs import TrainShardsSpec
 from clipbatch.core.storage import open_storage
 from clipbatch.workers.boundary import boundary_greedy
 from tests.conftest import run_cli, service_env, wait_for
-from tests.curation_data import assigned_clusters, plant, straddling, write_scored
+from tests.curation_data import assigned_clusters, plant, run_stages, straddling, write_scored
 
 pytestmark = pytest.mark.integration
 
 COSINE = 0.95
 PAIRS, SHARDS, CLUSTER_SIZE = 12_000, 6, 1_000
 OPTIONS = ["--top-fraction", "0.9", "--dedup-cosine", str(COSINE), "--dedup-exact", "--cluster-size",
-           str(CLUSTER_SIZE), "--samples-per-shard", "2500"]
+           str(CLUSTER_SIZE), "--clusters-per-task", "3", "--samples-per-shard", "2500"]
 STAGE_START = re.compile(r"shard start job=(\w+) shard=(\d+) .*#(\w+)=(\d+)")
 
 
@@ -111,6 +111,23 @@ def test_the_boundary_greedy_drops_only_for_rows_that_stay_kept(seed, n, dim, co
         assert dropped.tolist() == _greedy(emb, cosine)
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_clusters_per_task_changes_the_files_not_the_selection(seed, tmp_path):
+    # given: a scored output with duplicates on cluster boundaries, curated in clusters of 200
+    scored_uri, _ = write_scored(tmp_path / "scored", plant(4_000, dim=64, seed=seed, boundary_share=0.5), 4)
+    kept, groups = {}, {}
+    # when: the stages run with 1, 2, 5 and the default number of clusters per dedup task
+    for per_task in (1, 2, 5, None):
+        spec = TrainShardsSpec(scored_uri, str(tmp_path / f"out-{per_task}"), top_fraction=0.9, dedup_cosine=COSINE,
+                               dedup_exact=True, cluster_size=200, samples_per_shard=1000, clusters_per_task=per_task)
+        plan, markers, rows, _ = run_stages(spec)
+        kept[per_task], groups[per_task] = [r["key"] for r in rows], plan.groups
+        assert sum(markers[plan.base("boundary") + g]["rows"] for g in range(plan.boundary)) > 0
+    # then: the tars hold the same pairs in the same order; only the task count differs
+    assert kept[1] == kept[2] == kept[5] == kept[None] and len(kept[1]) < 3_600
+    assert groups[1] == plan.clusters > groups[2] > groups[5] > groups[None] == 1
+
+
 def test_bad_curation_options_are_refused_naming_the_option(scored, tmp_path, redis_url):
     # given: a scored output, and one written with --no-embeddings (no image embeddings to compare)
     scored_uri, _ = scored
@@ -123,6 +140,7 @@ def test_bad_curation_options_are_refused_naming_the_option(scored, tmp_path, re
     cases = [
         (["--scored", scored_uri, "--top-fraction", "0.5", "--cluster-size", "1"], "--cluster-size:"),
         (["--scored", scored_uri, "--top-fraction", "0.5", "--dedup-cosine", "1.5"], "--dedup-cosine:"),
+        (["--scored", scored_uri, "--top-fraction", "0.5", "--clusters-per-task", "0"], "--clusters-per-task:"),
         (["--scored", str(bare), "--top-fraction", "0.5", "--dedup-cosine", "0.9"], "--dedup-cosine:"),
         (["--scored", str(tmp_path / "nothing"), "--top-fraction", "0.5"], "--scored:"),
     ]
@@ -191,8 +209,10 @@ def test_semantic_dedup_keeps_what_the_exact_greedy_keeps(scored, tmp_path, redi
     # then: the job succeeded in several clusters, with a boundary pass that dropped pairs
     assert status["state"] == "succeeded", status
     stats = check_quality(scored_uri, where, tmp_path / "out", PAIRS)
-    assert stats["stages"]["clusters"] == load_plan(open_storage(str(tmp_path / "out"))).clusters >= 10
-    assert stats["stages"]["tasks"]["boundary"] == stats["stages"]["clusters"]
+    plan = load_plan(open_storage(str(tmp_path / "out")))
+    assert stats["stages"]["clusters"] == plan.clusters >= 10 and stats["stages"]["clusters_per_task"] == 3
+    assert stats["stages"]["tasks"]["dedup"] == stats["stages"]["tasks"]["boundary"] == plan.groups
+    assert plan.groups == -(-plan.clusters // 3) > 1
 
 
 def test_duplicates_that_all_straddle_cluster_boundaries(tmp_path, redis_url, start_worker):

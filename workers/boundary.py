@@ -1,7 +1,8 @@
 """The boundary pass of curation (core/curation.py): near duplicates that k-means put in two different
 clusters. The dedup stage leaves, per pair of clusters, the kept rows whose second centroid is almost as
-close as the nearest, and the rows it dropped only for such rows; task ``low`` takes each pair (low, high)
-in turn (one pair in memory) and runs the greedy over it, by descending score, anchors always kept.
+close as the nearest, and the rows it dropped only for such rows; boundary task ``g`` takes each pair
+(low, high) whose lower cluster is in its group of clusters in turn, and runs the greedy over it, by
+descending score, anchors always kept.
 
 Precision holds by construction: every row is in one pair at most, so the rows a pair keeps stay kept. A
 kept row the pair drops has a kept row of the pair at the threshold; a dropped row comes back unless one of
@@ -11,7 +12,6 @@ rows outside any pair keep their fate and their reasons.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ from clipbatch.core import layout
 from clipbatch.core.curation import CurationPlan, read_rows
 from clipbatch.core.selection import near_duplicates
 from clipbatch.core.storage import Storage
-from clipbatch.workers.curation import Files, dedup_order, normalised, npy
+from clipbatch.workers.curation import Files, edge_dtype, normalised, npy
 
 CHANGE = np.dtype([("row", "<i4"), ("kept", "u1")])
 
@@ -41,36 +41,38 @@ def boundary_greedy(emb: np.ndarray, anchor: np.ndarray, cosine: float, block: i
     return dropped
 
 
-def boundary_pass(plan: CurationPlan, output: Storage, low: int) -> tuple[Files, dict[str, Any]]:
-    """The boundary task of cluster ``low``: every pair (low, high) the dedup stage left rows for, one at a
-    time; per scored shard, the rows whose fate changes (dropped, or back)."""
-    by_pair: dict[str, list[str]] = defaultdict(list)
-    for key in output.list(layout.edge_dir(low)):
-        by_pair[key.rsplit("/", 2)[-2]].append(key)
-    changed, rows_seen, largest = [], 0, 0
-    for pair in sorted(by_pair):
-        rows = np.concatenate([read_rows(output, key) for key in sorted(by_pair[pair])])
-        rows = rows[dedup_order(rows)]
+def boundary_pass(plan: CurationPlan, output: Storage, group: int) -> tuple[Files, dict[str, Any]]:
+    """The boundary task of group ``group``: every pair (low, high) with ``low`` in the group that the dedup
+    stage left rows for, one at a time; per scored shard, the rows whose fate changes (dropped, or back)."""
+    found = [read_rows(output, key) for key in sorted(output.list(layout.edge_dir(group)))]
+    every = np.concatenate(found) if found else np.zeros(0, edge_dtype(0))
+    every = every[np.lexsort((every["row"], every["part"], -every["score"], every["hi"], every["lo"]))]
+    bounds = np.flatnonzero((np.diff(every["lo"]) != 0) | (np.diff(every["hi"]) != 0)) + 1
+    changed, largest = [], 0
+    for start, stop in zip([0, *bounds.tolist()], [*bounds.tolist(), len(every)]):
+        rows = every[start:stop]  # one pair, in dedup order
+        if not len(rows):
+            continue
         dropped = boundary_greedy(rows["emb"], rows["anchor"].astype(bool), plan.dedup_cosine)
         flip = dropped != rows["dropped"].astype(bool)
         change = np.zeros(int(flip.sum()), [("part", "<i4"), *CHANGE.descr])
         change["part"], change["row"], change["kept"] = rows["part"][flip], rows["row"][flip], ~dropped[flip]
         changed.append(change)
-        rows_seen, largest = rows_seen + len(rows), max(largest, len(rows))
+        largest = max(largest, len(rows))
     files, changed_parts = {}, {}
     gone = back = 0
     if changed:
-        every = np.concatenate(changed)
-        for part in np.unique(every["part"]).tolist():
-            mine = every[every["part"] == part]
+        flips = np.concatenate(changed)
+        for part in np.unique(flips["part"]).tolist():
+            mine = flips[flips["part"] == part]
             mine = mine[np.argsort(mine["row"], kind="stable")]
             out = np.zeros(len(mine), CHANGE)
             out["row"], out["kept"] = mine["row"], mine["kept"]
-            files[layout.boundary_changes(low, part)] = npy(out)
+            files[layout.boundary_changes(group, part)] = npy(out)
             back_here = int(mine["kept"].sum())
             changed_parts[str(part)] = [len(mine) - back_here, back_here]
             gone, back = gone + len(mine) - back_here, back + back_here
-    record = {"rows": rows_seen, "pairs": len(by_pair), "largest_pair": largest, "near_dropped": gone - back,
+    record = {"rows": len(every), "pairs": len(changed), "largest_pair": largest, "near_dropped": gone - back,
               "dropped": gone, "back": back, "changed_parts": changed_parts}
     return files, record
 

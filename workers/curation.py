@@ -1,6 +1,6 @@
 """The compute of the curation stages (core/curation.py): k-means centroids, assignment of a scored
-shard's selected rows to clusters (nearest and second centroid), and the dedup of one cluster, which
-also leaves its rows near a boundary for the boundary pass (workers/boundary.py). Pure functions of storage; faiss
+shard's selected rows to clusters (nearest and second centroid), and the dedup of one group of clusters,
+cluster by cluster, which also leaves its rows near a boundary for the boundary pass (workers/boundary.py). Pure functions of storage; faiss
 for k-means and nearest-centroid search, numpy for the exact greedy (core/selection.py)."""
 from __future__ import annotations
 
@@ -66,17 +66,18 @@ def train_centroids(plan: CurationPlan, output: Storage) -> tuple[Files, dict[st
 
 
 def row_dtype(dim: int) -> np.dtype:
-    """One selected row on its way to dedup: where it came from, its score, its image hash, its second
-    nearest centroid and how much less similar it is than the nearest (-1 and inf: none), its embedding."""
-    return np.dtype([("part", "<i4"), ("row", "<i4"), ("score", "<f4"), ("hash", "S32"), ("second", "<i4"),
-                     ("gap", "<f4"), ("emb", "<f2", (dim,))])
+    """One selected row on its way to dedup: where it came from, its cluster, its score, its image hash, its
+    second nearest centroid and how much less similar it is than the nearest (-1 and inf: none), its embedding."""
+    return np.dtype([("part", "<i4"), ("row", "<i4"), ("cluster", "<i4"), ("score", "<f4"), ("hash", "S32"),
+                     ("second", "<i4"), ("gap", "<f4"), ("emb", "<f2", (dim,))])
 
 
 def edge_dtype(dim: int) -> np.dtype:
-    """A row near a boundary, for the boundary pass: a kept one (``anchor`` = 1: it must stay kept), or one
-    dropped (``dropped`` = 1) only for kept rows near the same boundary (it comes back if they go)."""
-    return np.dtype([("part", "<i4"), ("row", "<i4"), ("score", "<f4"), ("dropped", "u1"), ("anchor", "u1"),
-                     ("emb", "<f2", (dim,))])
+    """A row near the boundary of clusters ``lo`` < ``hi``, for the boundary pass: a kept one (``anchor`` = 1: it
+    must stay kept), or one dropped (``dropped`` = 1) only for kept rows near the same boundary (it comes back if
+    they go)."""
+    return np.dtype([("part", "<i4"), ("row", "<i4"), ("lo", "<i4"), ("hi", "<i4"), ("score", "<f4"),
+                     ("dropped", "u1"), ("anchor", "u1"), ("emb", "<f2", (dim,))])
 
 
 def _hashes_from_source(scored: Storage, part: int, keys: list[str], shards: list[str]) -> list[str]:
@@ -118,7 +119,7 @@ def _selected_rows(plan: CurationPlan, scored: Storage, part: int) -> tuple[np.n
 
 def assign_part(plan: CurationPlan, output: Storage, part: int) -> tuple[Files, dict[str, Any]]:
     """The assign stage for scored shard ``part``: its rows at or above the threshold, each routed to a
-    cluster (nearest centroid, image hash, or the shard itself), one file per cluster it reaches."""
+    cluster (nearest centroid, image hash, or the shard itself), one file per group of clusters it reaches."""
     rows, total = _selected_rows(plan, open_storage(plan.scored), part)
     if plan.route == "cluster" and plan.clusters > 1 and len(rows):
         centroids = read_rows(output, layout.CENTROIDS).astype(np.float32)
@@ -135,13 +136,10 @@ def assign_part(plan: CurationPlan, output: Storage, part: int) -> tuple[Files, 
         cluster = np.full(len(rows), load_parts(output).index(part) % plan.clusters)
     else:
         cluster = np.zeros(len(rows), np.int64)
-    files = {layout.assigned(int(c), part): npy(rows[cluster == c]) for c in np.unique(cluster)}
-    return files, {"rows": total, "selected": len(rows), "clusters_reached": len(files)}
-
-
-def dedup_order(rows: np.ndarray) -> np.ndarray:
-    """Highest score first, so the best of a group of duplicates is kept; ties by source order."""
-    return np.lexsort((rows["row"], rows["part"], -rows["score"]))
+    rows["cluster"] = cluster
+    group = plan.group_of(rows["cluster"])
+    files = {layout.assigned(int(g), part): npy(rows[group == g]) for g in np.unique(group)}
+    return files, {"rows": total, "selected": len(rows), "groups_reached": len(files)}
 
 
 def _exact_duplicates(rows: np.ndarray) -> np.ndarray:
@@ -170,28 +168,47 @@ def _near_duplicates(rows: np.ndarray, cosine: float, cluster_size: int) -> tupl
     return dropped, len(centroids)
 
 
-def dedup_cluster(plan: CurationPlan, output: Storage, cluster: int) -> tuple[Files, dict[str, Any]]:
-    """The dedup stage for one cluster: every assign file of it, in descending score order; exact
-    duplicates (same image hash) then near duplicates dropped; a keep list per scored shard, and the
-    rows near a boundary per pair of clusters."""
-    found = [read_rows(output, key) for key in sorted(output.list(layout.assigned_dir(cluster)))]
-    rows = np.concatenate(found) if found else np.zeros(0, row_dtype(0))
-    rows = rows[dedup_order(rows)]
+def _dedup(plan: CurationPlan, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """One cluster's rows, in dedup order: exact duplicates (same image hash), then near duplicates among
+    the rest; and how many pieces the cluster was split into."""
     exact = _exact_duplicates(rows) if plan.dedup_exact else np.zeros(len(rows), bool)
     near, split_into = np.zeros(len(rows), bool), 1
     if plan.dedup_cosine is not None and len(rows):
         rest = np.nonzero(~exact)[0]
         near_rest, split_into = _near_duplicates(rows[rest], plan.dedup_cosine, plan.cluster_size)
         near[rest] = near_rest
+    return exact, near, split_into
+
+
+def dedup_group(plan: CurationPlan, output: Storage, group: int) -> tuple[Files, dict[str, Any]]:
+    """The dedup stage for one group of clusters: every assign file of it; each cluster on its own, in
+    descending score order, exact then near duplicates dropped; a keep list per scored shard, and the rows
+    near a boundary per group of the pair's lower cluster."""
+    found = [read_rows(output, key) for key in sorted(output.list(layout.assigned_dir(group)))]
+    rows = np.concatenate(found) if found else np.zeros(0, row_dtype(0))
+    rows = rows[np.lexsort((rows["row"], rows["part"], -rows["score"], rows["cluster"]))]  # dedup order per cluster
+    exact, near = np.zeros(len(rows), bool), np.zeros(len(rows), bool)
+    edges, split, largest = [], 0, 0
+    bounds = np.flatnonzero(np.diff(rows["cluster"])) + 1
+    for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(rows)]):
+        if hi == lo:
+            continue
+        mine = rows[lo:hi]
+        exact[lo:hi], near[lo:hi], split_into = _dedup(plan, mine)
+        split, largest = split + (split_into > 1), max(largest, hi - lo)
+        edges.append(_edges(plan, int(mine["cluster"][0]), mine, exact[lo:hi], near[lo:hi]))
     kept = rows[~(exact | near)]
-    files, edges = _edges(plan, cluster, rows, exact, near)
-    kept_parts = {}
+    files, kept_parts = {}, {}
     for part in np.unique(kept["part"]):
         mine = np.sort(kept["row"][kept["part"] == part]).astype(np.int32)
-        files[layout.kept(cluster, int(part))] = npy(mine)
+        files[layout.kept(group, int(part))] = npy(mine)
         kept_parts[str(int(part))] = len(mine)
+    edge = np.concatenate(edges) if edges else np.zeros(0, edge_dtype(0))
+    to = plan.group_of(edge["lo"])
+    for g in np.unique(to).tolist():
+        files[layout.edge(g, group)] = npy(edge[to == g])
     record = {"selected": len(rows), "exact_dropped": int(exact.sum()), "near_dropped": int(near.sum()),
-              "kept_parts": kept_parts, "split": split_into, "boundary_rows": edges}
+              "kept_parts": kept_parts, "largest_cluster": largest, "split_clusters": split, "boundary_rows": len(edge)}
     return files, record
 
 
@@ -215,24 +232,22 @@ def _dependents(emb: np.ndarray, edge: np.ndarray, others: np.ndarray, near: np.
     return follows, anchor
 
 
-def _edges(plan: CurationPlan, cluster: int, rows: np.ndarray, exact: np.ndarray,
-           near: np.ndarray) -> tuple[Files, int]:
-    """The cluster's kept rows whose second centroid is within the boundary margin, one file per pair of
+def _edges(plan: CurationPlan, cluster: int, rows: np.ndarray, exact: np.ndarray, near: np.ndarray) -> np.ndarray:
+    """The cluster's kept rows whose second centroid is within the boundary margin, each for the pair of
     clusters (theirs and the second), with the rows dropped only for rows of one such pair."""
+    out = np.zeros(0, edge_dtype(rows["emb"].shape[1]))
     if not plan.boundary or not len(rows):
-        return {}, 0
+        return out
     kept = ~(exact | near)
     edge = kept & (rows["second"] >= 0) & (rows["gap"] <= boundary_margin(plan.dedup_cosine, rows["emb"].shape[1]))
     if not edge.any():
-        return {}, 0
+        return out
     other = np.where(edge, rows["second"], -1)
     follows, anchor = _dependents(normalised(rows["emb"]), edge, kept & ~edge, near, other, plan.dedup_cosine)
     other[follows >= 0] = follows[follows >= 0]
-    out = np.zeros(len(rows), edge_dtype(rows["emb"].shape[1]))
+    out = np.zeros(len(rows), out.dtype)
     for name in ("part", "row", "score", "emb"):
         out[name] = rows[name]
     out["dropped"], out["anchor"] = near, anchor
-    files = {}
-    for o in np.unique(other[other >= 0]).tolist():
-        files[layout.edge(min(cluster, o), max(cluster, o), cluster)] = npy(out[other == o])
-    return files, int((other >= 0).sum())
+    out["lo"], out["hi"] = np.minimum(cluster, other), np.maximum(cluster, other)
+    return out[other >= 0]

@@ -21,14 +21,14 @@ from clipbatch.workers.writers import write_tar
 
 def selection(output: Storage, index: int) -> list[dict[str, Any]]:
     """Tar ``index``'s pairs from its write plan: per scored shard, a range of the rows the dedup
-    stage kept (merged over clusters, in row order) as the boundary pass changed them, with key,
+    stage kept (merged over its tasks, in row order) as the boundary pass changed them, with key,
     source shard and score."""
     plan = json.loads(output.read(layout.write_plan(index)))
     scored = open_storage(plan["scored"])
     selected = []
     for entry in plan["parts"]:
         part = entry["part"]
-        rows = np.sort(np.concatenate([read_rows(output, layout.kept(c, part)) for c in entry["clusters"]]))
+        rows = np.sort(np.concatenate([read_rows(output, layout.kept(g, part)) for g in entry["groups"]]))
         rows = apply_changes(rows, [read_rows(output, layout.boundary_changes(b, part)) for b in entry["boundary"]])
         meta = read_metadata(scored, part, ["key", "shard", "clip_score"])
         for r in rows[entry["start"]:entry["stop"]].tolist():
