@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from tests.curation_data import plant, topics_for, write_scored, write_shard  # noqa: E402
+from tests.curation_data import plant, recall_precision, topics_for, write_scored, write_shard  # noqa: E402
 
 BIN = Path(sys.executable).parent
 DIM, SHARD, COSINE = 512, 10_000, 0.95
@@ -186,23 +186,6 @@ def quality(scored: str, output: Path, where: dict[str, tuple[int, int]]) -> dic
             for s in wds.WebDataset(str(output / name), shardshuffle=False)}
     return {"exact_s": exact_s, "load_start": load_start, "load_end": load_end, **recall_precision(ref, kept),
             "kept_workers": len(kept), "kept_exact": len(ref.kept)}
-
-
-def recall_precision(ref: Any, kept: set[tuple[int, int]]) -> dict[str, Any]:
-    """Of the selected pairs (``ref``: the exact greedy's curation), the share of those the exact greedy
-    removes that ``kept`` (scored shard, row) also removes, and the share of the pairs ``kept`` removes
-    that have a kept pair at cosine >= the threshold."""
-    order = {pr: k for k, pr in enumerate(zip(ref.part.tolist(), ref.row.tolist()))}
-    removed_exact, removed = set(order) - set(ref.kept), set(order) - kept
-    emb = ref.embeddings.astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    keep = emb[[order[pr] for pr in sorted(kept)]]
-    dropped = np.array([order[pr] for pr in sorted(removed)])
-    closest = np.concatenate([(emb[dropped[i:i + 1024]] @ keep.T).max(axis=1) for i in range(0, len(dropped), 1024)]
-                             or [np.zeros(0)])
-    return {"selected": len(order), "pairs_exact_removes": len(removed_exact), "pairs_workers_remove": len(removed),
-            "recall": len(removed & removed_exact) / max(1, len(removed_exact)),
-            "precision": float((closest >= COSINE).mean()) if len(closest) else 1.0}
 
 
 def count_files(output: Path) -> dict[str, int]:

@@ -22,10 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.curation import recall_precision  # noqa: E402
 from clipbatch.core.selection import exact_curation  # noqa: E402
 from clipbatch.core.specs import TrainShardsSpec  # noqa: E402
-from tests.curation_data import plant, run_stages, write_scored  # noqa: E402
+from tests.curation_data import plant, recall_precision, run_stages, write_scored  # noqa: E402
 
 COSINE, SHARDS = 0.95, 6
 

@@ -12,6 +12,10 @@ Taking a successor is idempotent per parent: the script records which entry pare
 publishes the same entry again (a duplicate message, which the commit protocol absorbs) and
 never takes a second one. The pending list and the ``fed`` hash expire with the job's hash.
 
+:func:`publish` is the one way a job's messages go out: the producer's first messages, and the stages
+of a curation job, which the task completing a stage publishes (tasks/curation.py). A pending entry
+says which task runs it (:func:`task_of`: a curation job's stage tasks and write tasks share a list).
+
 Cancelling drops the pending list and removes the job's queued messages from the broker's list
 (:func:`purge`), so queue-length autoscaling (KEDA reads the list's length) stops counting them.
 """
@@ -27,6 +31,7 @@ from clipbatch.core import keys
 
 Entry = tuple[int, str, "str | None"]  # (index, input URI, input version) — a shard message's arguments
 _BATCH = 5_000  # entries per round trip when loading the pending list
+_PUBLISH_BATCH = 500  # messages between progress updates
 
 # KEYS: job hash, pending list, fed hash. ARGV: parent, ttl. Returns the entry parent takes, or false.
 _NEXT = """
@@ -103,6 +108,34 @@ class Feed:
     def drop(self, job_id: str) -> None:
         """Forget the job's unpublished entries (a cancel)."""
         self.r.delete(pending_key(job_id), fed_key(job_id))
+
+
+WINDOWED = ("embed", "score", "shards")  # the job kinds whose messages go through the window
+
+
+def task_of(kind: str, entry: Entry) -> str:
+    """The task a job of a WINDOWED ``kind`` runs ``entry`` with: the shard task, or, in a curation job,
+    the stage task for a stage's input (``output#stage=n``) and the write task for a tar's."""
+    from clipbatch.core.broker import CURATE_STAGE, EMBED_SHARD, TRAIN_SHARD
+
+    if kind == "shards":
+        return TRAIN_SHARD if entry[1].rpartition("#")[2].startswith("write=") else CURATE_STAGE
+    return EMBED_SHARD
+
+
+def publish(app, feed: Feed, job_id: str, queue: str, entries: list[Entry], window: int,
+            task: Callable[[Entry], str], progress: Callable[[int], None] | None = None) -> None:
+    """The job's messages through its queue window: the entries past the first ``window`` go to the
+    pending list first (a fast shard may ask for its successor before the window is out), then the first
+    ``window`` to the broker, each as ``task(entry)``."""
+    feed.load(job_id, entries[window:], progress)
+    with app.producer_or_acquire() as producer:
+        for start in range(0, min(window, len(entries)), _PUBLISH_BATCH):
+            batch = entries[start:min(window, start + _PUBLISH_BATCH)]
+            for entry in batch:
+                app.send_task(task(entry), args=[job_id, *entry], queue=queue, producer=producer)
+            if progress is not None:
+                progress(len(batch))
 
 
 # kombu's Redis transport keeps a queue's messages in the list named after the queue, and a

@@ -13,6 +13,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import redis
@@ -27,13 +28,11 @@ from clipbatch.core.leases import OutputLeases
 from clipbatch.core.curation import plan_curation, resume
 from clipbatch.core.curation_state import StageCounts
 from clipbatch.core.storage import open_storage
-from clipbatch.core.broker import CURATE_STAGE, EMBED_SHARD, FINALIZE_JOB, FINETUNE_STEP, TRAIN_SHARD, make_app
+from clipbatch.core.broker import EMBED_SHARD, FINALIZE_JOB, FINETUNE_STEP, make_app
 from clipbatch.core.specs import FinetuneSpec, JobSpec, ModelSpec, SpecError, TrainShardsSpec
 
 # Called while a submit enqueues: (shards enqueued so far, shards to enqueue).
 SubmitProgress = Callable[[int, int], None]
-
-_PUBLISH_BATCH = 500  # messages between progress updates
 
 
 class BrokerUnavailable(RuntimeError):
@@ -111,8 +110,8 @@ class Client:
 
     def submit_shards(self, spec: TrainShardsSpec) -> Job:
         """Curate training shards on the workers (core/curation.py): plan the stages, then enqueue the
-        first stage not complete in storage; the task that completes a stage launches the next.
-        A whole stage is published at once (its size is the scored shards or the clusters)."""
+        first stage not complete in storage; the task that completes a stage launches the next. Each
+        stage's messages go through the job's queue window, as every job's."""
         spec.validate()
         spec = replace(spec, scored=absolute(spec.scored), output=absolute(spec.output))
         self.ping()
@@ -124,12 +123,11 @@ class Client:
             if start.stage is not None:
                 StageCounts(self.redis, self.settings.job_ttl_s).seed(job_id, start.stage, start.committed, start.tars)
             self.jobs.mark_submitting(job_id)
-            task = TRAIN_SHARD if start.stage == "write" else CURATE_STAGE
-            with self.app.producer_or_acquire() as producer:
-                for index, uri in start.todo:
-                    self.app.send_task(task, args=[job_id, index, uri, None], queue=spec.queue, producer=producer)
-                if not start.todo:
-                    self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue, producer=producer)
+            if start.todo:
+                feed.publish(self.app, self.feed, job_id, spec.queue, [(index, uri, None) for index, uri in start.todo],
+                             self.settings.queue_window, partial(feed.task_of, spec.kind))
+            else:
+                self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue)
             self.jobs.mark_submitted(job_id)
             return Job(self, job_id)
 
@@ -204,14 +202,10 @@ class Client:
             if self.progress is not None:
                 self.progress(done, len(entries))
 
-        self.feed.load(job_id, entries[window:], advance)  # before the window: a fast shard may ask for its successor
-        with self.app.producer_or_acquire() as producer:
-            for start in range(0, min(window, len(entries)), _PUBLISH_BATCH):
-                for entry in entries[start:min(window, start + _PUBLISH_BATCH)]:
-                    self.app.send_task(task, args=[job_id, *entry], queue=spec.queue, producer=producer)
-                advance(min(window, len(entries), start + _PUBLISH_BATCH) - start)
-            if not entries:
-                self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue, producer=producer)
+        if entries:
+            feed.publish(self.app, self.feed, job_id, spec.queue, entries, window, lambda _: task, advance)
+        else:
+            self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue)
         self.jobs.mark_submitted(job_id)
         return Job(self, job_id)
 

@@ -9,8 +9,10 @@ which the commit protocol absorbs, and the write stage's tars join the job's tot
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
+from clipbatch.core import feed
 from clipbatch.core.broker import CURATE_STAGE, TRAIN_SHARD
 from clipbatch.core.commit import list_markers
 from clipbatch.core.curation import CurationPlan, load_parts, load_plan, parse_input, plan_write, stage_tasks
@@ -19,6 +21,7 @@ from clipbatch.core.jobs import JobStore
 from clipbatch.core.specs import ShardSpec
 from clipbatch.core.storage import open_storage
 from clipbatch.tasks.app import app
+from clipbatch.tasks.context import SETTINGS
 from clipbatch.tasks.lifecycle import ShardTask, run_message
 from clipbatch.workers.boundary import boundary_pass
 from clipbatch.workers.curation import assign_part, dedup_group, train_centroids
@@ -45,15 +48,10 @@ def compute_stage(shard: ShardSpec, attempt: str) -> ShardResult:
     return ShardResult(files, 0, 0, 0, "", record={"stage": stage, **record})
 
 
-def send(job_id: str, queue: str, task: str, entries: list[tuple[int, str]]) -> None:
-    """Publish a stage's messages: ``[job_id, index, input, version]``, as every shard message."""
-    with app.producer_or_acquire() as producer:
-        for index, uri in entries:
-            app.send_task(task, args=[job_id, index, uri, None], queue=queue, producer=producer)
-
-
 def launch(jobs: JobStore, job_id: str, queue: str, plan: CurationPlan, output_uri: str, stage: str) -> None:
-    """Enqueue every task of ``stage`` (idempotent but for duplicate messages)."""
+    """Enqueue every task of ``stage`` through the job's queue window (core/feed.py: the first
+    CLIPBATCH_QUEUE_WINDOW to the broker, the rest drawn by finishing tasks); idempotent but for
+    duplicate messages."""
     if stage == "write":
         output = open_storage(output_uri)
         tars = plan_write(output, plan, list_markers(output))
@@ -62,7 +60,9 @@ def launch(jobs: JobStore, job_id: str, queue: str, plan: CurationPlan, output_u
     else:
         entries = stage_tasks(plan, output_uri, stage)
     log.info("curation stage launched job=%s stage=%s tasks=%d", job_id, stage, len(entries))
-    send(job_id, queue, TRAIN_SHARD if stage == "write" else CURATE_STAGE, entries)
+    # The completing task publishes one successor after this: its own slot of the window.
+    feed.publish(app, feed.Feed(jobs.r, jobs.ttl_s), job_id, queue, [(i, uri, None) for i, uri in entries],
+                 max(0, SETTINGS.queue_window - 1), partial(feed.task_of, "shards"))
 
 
 def chain(jobs: JobStore, shard: ShardSpec, marker: dict[str, Any]) -> None:

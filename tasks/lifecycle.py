@@ -15,8 +15,8 @@ from celery import Task
 from celery.utils.dispatch import Signal
 
 from clipbatch.core import commit
-from clipbatch.core.broker import EMBED_SHARD, FINALIZE_JOB, TRAIN_SHARD
-from clipbatch.core.feed import Feed
+from clipbatch.core.broker import FINALIZE_JOB
+from clipbatch.core.feed import WINDOWED, Feed, task_of
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.keys import JobState
 from clipbatch.core.specs import ShardSpec, SpecError
@@ -55,9 +55,6 @@ class ShardTask(Task):
 
 
 # The task that runs a shard of each kind of job fed from a pending list (a fine-tune is a chain).
-_SHARD_TASKS = {"embed": EMBED_SHARD, "score": EMBED_SHARD, "shards": TRAIN_SHARD}
-
-
 def decode(jobs: JobStore, args: list[Any]) -> ShardSpec | None:
     """A shard message's arguments -> its ShardSpec, the spec looked up by job id; None when the
     job's record is gone. A one-dict message is an older producer's, which carried the whole spec."""
@@ -80,10 +77,11 @@ def run_message(args: list[Any], compute: Callable[[ShardSpec, str], Any],
 def publish_successor(jobs: JobStore, shard: ShardSpec) -> None:
     """Keep the job's queue window full: publish the pending entry this shard takes (the same one
     if this shard's message is redelivered: a duplicate the commit protocol absorbs)."""
-    task = _SHARD_TASKS.get(shard.job.kind)
-    entry = Feed(jobs.r, jobs.ttl_s).successor(shard.job_id, shard.index) if task else None
+    if shard.job.kind not in WINDOWED:
+        return
+    entry = Feed(jobs.r, jobs.ttl_s).successor(shard.job_id, shard.index)
     if entry is not None:
-        app.send_task(task, args=[shard.job_id, *entry], queue=shard.job.queue)
+        app.send_task(task_of(shard.job.kind, entry), args=[shard.job_id, *entry], queue=shard.job.queue)
 
 
 def _dead_letter(jobs: JobStore, shard: ShardSpec, reason: str) -> None:

@@ -15,6 +15,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -180,3 +181,20 @@ def run_stages(spec: TrainShardsSpec) -> tuple[CurationPlan, dict[int, dict], li
         run(plan.base("boundary") + g, boundary_pass(plan, out, g))
     kept = [row for j in range(plan_write(out, plan, markers)) for row in selection(out, j)]
     return plan, markers, kept, pass_one
+
+
+def recall_precision(ref: Any, kept: set[tuple[int, int]], cosine: float = 0.95) -> dict[str, Any]:
+    """Of the selected pairs (``ref``: the exact greedy's curation), the share of those the exact greedy
+    removes that ``kept`` (scored shard, row) also removes, and the share of the pairs ``kept`` removes
+    that have a kept pair at cosine >= the threshold."""
+    order = {pr: k for k, pr in enumerate(zip(ref.part.tolist(), ref.row.tolist()))}
+    removed_exact, removed = set(order) - set(ref.kept), set(order) - kept
+    emb = ref.embeddings.astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    keep = emb[[order[pr] for pr in sorted(kept)]]
+    dropped = np.array([order[pr] for pr in sorted(removed)])
+    closest = np.concatenate([(emb[dropped[i:i + 1024]] @ keep.T).max(axis=1) for i in range(0, len(dropped), 1024)]
+                             or [np.zeros(0)])
+    return {"selected": len(order), "pairs_exact_removes": len(removed_exact), "pairs_workers_remove": len(removed),
+            "recall": len(removed & removed_exact) / max(1, len(removed_exact)),
+            "precision": float((closest >= cosine).mean()) if len(closest) else 1.0}
