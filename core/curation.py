@@ -45,8 +45,6 @@ SAMPLE_PER_CLUSTER = 40  # k-means sample: this many selected rows per centroid 
 SAMPLE_MAX = 100_000  # ... at most
 SAMPLE_PARTS = 64  # read from at most this many scored shards (a random choice)
 SPLIT_FACTOR = 4  # a cluster over this many times the cluster size is split (sub-k-means) in its dedup task
-EXACT_ASSIGN_MAX = 1_024  # up to this many clusters a row is compared with every centroid; above, ...
-ASSIGN_PROBE = 8  # ... with those of the ASSIGN_PROBE nearest of sqrt(K) coarse lists (a faiss IVF index)
 TASK_ROWS = 100_000  # clusters per dedup task, by default: about this many selected rows in all
 BOUNDARY_SIGMAS = 3.0  # boundary rows: nearest and second centroid within this many sigmas (boundary_margin)
 

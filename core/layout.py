@@ -40,7 +40,6 @@ CURATION_DIR = "_curation"  # a training-shards job's stages: plan, centroids, p
 CURATION_PLAN = f"{CURATION_DIR}/plan.json"
 CURATION_PARTS = f"{CURATION_DIR}/parts.json"  # the scored shards the assign stage reads, in task order
 CENTROIDS = f"{CURATION_DIR}/clusters/centroids.npy"
-CENTROID_INDEX = f"{CURATION_DIR}/clusters/index.npy"  # many clusters: a faiss IVF index over the centroids
 
 
 def marker(index: int) -> str:

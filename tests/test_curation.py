@@ -130,64 +130,25 @@ def test_clusters_per_task_changes_the_files_not_the_selection(seed, tmp_path):
     assert groups[1] == plan.clusters > groups[2] > groups[5] > groups[None] == 1
 
 
-def test_many_clusters_are_searched_through_an_ivf_index_without_losing_precision(tmp_path, monkeypatch):
-    # given: a scored output with planted duplicates, curated in clusters of 100 (72 clusters)
-    import clipbatch.workers.curation as stages
-    scored_uri, where = write_scored(tmp_path / "scored", plant(8_000, seed=5, boundary_share=0.3), 4)
-
-    def curate(name: str) -> tuple:
-        spec = TrainShardsSpec(scored_uri, str(tmp_path / name), top_fraction=0.9, dedup_cosine=COSINE,
-                               dedup_exact=True, cluster_size=100, samples_per_shard=2000)
-        plan, markers, rows, _ = run_stages(spec)
-        return spec, plan, markers, {where[r["key"]] for r in rows}
-
-    # when: the stages run comparing every centroid, then through the IVF index (from 16 clusters on, not
-    # 1,024), probing 1 of its 8 lists so that the search is approximate
-    spec, _, _, exact_kept = curate("flat")
-    monkeypatch.setattr(stages, "EXACT_ASSIGN_MAX", 16)
-    monkeypatch.setattr(stages, "ASSIGN_PROBE", 1)
-    _, plan, markers, kept = curate("ivf")
-    # then: the clusters task saved the index (sqrt K lists); most rows land in their nearest centroid's
-    # cluster; precision stays 1.0 and recall against the exact greedy within a point of the exact search's
-    assert markers[0]["index"] == "ivf" and markers[0]["lists"] == round(plan.clusters ** 0.5) == 8
-    centroids = np.load(tmp_path / "ivf" / "_curation" / "clusters" / "centroids.npy")
-    ref = exact_curation(spec)
-    emb = ref.embeddings.astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    assigned = assigned_clusters(tmp_path / "ivf")
-    home = np.array([assigned[(p, r)] for p, r in zip(ref.part.tolist(), ref.row.tolist())])
-    agrees = (home == (emb @ centroids.T).argmax(axis=1)).mean()
-    with_index, without = recall_precision(ref, kept), recall_precision(ref, exact_kept)
-    print(f"nearest centroid agrees for {agrees:.4f}; recall {with_index['recall']:.4f} with the index, "
-          f"{without['recall']:.4f} without")
-    assert 0.9 <= agrees < 1.0
-    assert with_index["precision"] == without["precision"] == 1.0
-    assert with_index["recall"] >= without["recall"] - 0.01
-
-
 _STAGES_IN = """
 import sys
-import clipbatch.workers.curation as stages
 from clipbatch.core.specs import TrainShardsSpec
 from tests.curation_data import run_stages
-stages.EXACT_ASSIGN_MAX = int(sys.argv[3])
 run_stages(TrainShardsSpec(sys.argv[1], sys.argv[2], top_fraction=0.9, dedup_cosine=0.95, dedup_exact=True,
                            cluster_size=100, clusters_per_task=4, samples_per_shard=2000))
 """
 
 
-@pytest.mark.parametrize("index", ["flat", "ivf"])
-def test_the_stages_write_the_same_bytes_whatever_the_thread_count(index, tmp_path):
+def test_the_stages_write_the_same_bytes_whatever_the_thread_count(tmp_path):
     # given: a scored output, and the stages run in two processes, one thread and two (faiss and BLAS)
     scored_uri, _ = write_scored(tmp_path / "scored", plant(6_000, dim=64, seed=9, boundary_share=0.3), 3)
     for threads in ("1", "2"):
         env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        subprocess.run([sys.executable, "-c", _STAGES_IN, scored_uri, str(tmp_path / f"out-{threads}"),
-                        "1024" if index == "flat" else "8"], env=env, check=True, cwd=Path(__file__).parents[1])
+        subprocess.run([sys.executable, "-c", _STAGES_IN, scored_uri, str(tmp_path / f"out-{threads}")], env=env,
+                       check=True, cwd=Path(__file__).parents[1])
     # then: every file of every stage has the same bytes (the rows near a boundary depend on the last bits)
     one, two = outputs(tmp_path / "out-1"), outputs(tmp_path / "out-2")
     assert one.keys() == two.keys() and any("/edge/" in k for k in one)
-    assert ("_curation/clusters/index.npy" in one) == (index == "ivf")
     assert [k for k in one if one[k] != two[k]] == []
 
 

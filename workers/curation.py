@@ -11,9 +11,8 @@ import faiss
 import numpy as np
 
 from clipbatch.core import layout
-from clipbatch.core.curation import (ASSIGN_PROBE, EXACT_ASSIGN_MAX, SAMPLE_MAX, SAMPLE_PARTS, SAMPLE_PER_CLUSTER,
-                                     SPLIT_FACTOR, CurationPlan, boundary_margin, load_parts, read_metadata,
-                                     read_rows)
+from clipbatch.core.curation import (SAMPLE_MAX, SAMPLE_PARTS, SAMPLE_PER_CLUSTER, SPLIT_FACTOR, CurationPlan,
+                                     boundary_margin, load_parts, read_metadata, read_rows)
 from clipbatch.core.selection import near_duplicates
 from clipbatch.core.storage import Storage, open_storage, split
 from clipbatch.workers.samples import IMAGE_EXTS, content_hash, iter_raw_samples
@@ -63,48 +62,18 @@ def train_centroids(plan: CurationPlan, output: Storage) -> tuple[Files, dict[st
         sample.append(np.load(io.BytesIO(scored.read(layout.embed_files(part)["img"])))[rows])
     points = np.concatenate(sample)
     centroids = _kmeans(normalised(points), plan.clusters)
-    files = {layout.CENTROIDS: npy(centroids)}
-    record: dict[str, Any] = {"sample": len(points), "index": "flat"}
-    if plan.clusters > EXACT_ASSIGN_MAX:
-        files[layout.CENTROID_INDEX] = npy(faiss.serialize_index(_centroid_index(centroids)))
-        record.update(index="ivf", lists=_lists(len(centroids)), probe=ASSIGN_PROBE)
-    return files, record
+    return {layout.CENTROIDS: npy(centroids)}, {"sample": len(points)}
 
 
-def _lists(clusters: int) -> int:
-    return max(1, round(clusters ** 0.5))
-
-
-def _centroid_index(centroids: np.ndarray) -> faiss.Index:
-    """An IVF index over the centroids: sqrt(K) coarse lists (k-means of the centroids, faiss's fixed seed),
-    so a row is compared with ASSIGN_PROBE lists' centroids, O(sqrt K), not all K. Trained once, in the
-    clusters task, and saved: every assign task (and a rerun) searches the same index."""
-    quantizer = faiss.IndexFlatIP(centroids.shape[1])
-    index = faiss.IndexIVFFlat(quantizer, centroids.shape[1], _lists(len(centroids)), faiss.METRIC_INNER_PRODUCT)
-    index.cp.spherical, index.cp.seed, index.cp.min_points_per_centroid = True, SEED, 1
-    index.train(centroids)
-    index.add(centroids)
-    return index
-
-
-def nearest_centroids(plan: CurationPlan, output: Storage, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's two most similar centroids and their similarities (-1: none found): all K compared up to
-    EXACT_ASSIGN_MAX clusters, through the saved IVF index above. The similarities of the two are computed
-    again, row by row: faiss's batched products differ in the last bits with its thread count, and the
-    gap between them decides the boundary pass's rows (and is written to the assign files)."""
+def nearest_centroids(centroids: np.ndarray, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's two most similar centroids (faiss, every centroid compared) and their similarities (-1 and
+    -inf: none). The two similarities are computed again row by row: faiss's batched products differ in the
+    last bits with its thread count, and the gap between them decides the boundary pass's rows (and is
+    written to the assign files), so the stage's bytes would too."""
     emb = normalised(emb)
-    centroids = read_rows(output, layout.CENTROIDS).astype(np.float32)
-    flat = faiss.IndexFlatIP(centroids.shape[1])
-    flat.add(centroids)
-    if plan.clusters <= EXACT_ASSIGN_MAX:
-        nearest = flat.search(emb, 2)[1]
-    else:
-        index = faiss.deserialize_index(read_rows(output, layout.CENTROID_INDEX))
-        index.nprobe = ASSIGN_PROBE
-        nearest = index.search(emb, 2)[1]
-        short = np.nonzero(nearest[:, 1] < 0)[0]  # fewer than two centroids in the lists probed: compare all
-        if len(short):
-            nearest[short] = flat.search(emb[short], 2)[1]
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    nearest = index.search(emb, 2)[1]
     similarity = np.stack([np.einsum("ij,ij->i", emb, centroids[np.maximum(nearest[:, k], 0)]) for k in (0, 1)], 1)
     return np.where(nearest >= 0, similarity, -np.inf).astype(np.float32), nearest
 
@@ -166,7 +135,8 @@ def assign_part(plan: CurationPlan, output: Storage, part: int) -> tuple[Files, 
     cluster (nearest centroid, image hash, or the shard itself), one file per group of clusters it reaches."""
     rows, total = _selected_rows(plan, open_storage(plan.scored), part)
     if plan.route == "cluster" and plan.clusters > 1 and len(rows):
-        similarity, nearest = nearest_centroids(plan, output, rows["emb"])
+        centroids = read_rows(output, layout.CENTROIDS).astype(np.float32)
+        similarity, nearest = nearest_centroids(centroids, rows["emb"])
         cluster = nearest[:, 0]
         second = nearest[:, 1] >= 0
         rows["second"][second] = nearest[second, 1]
