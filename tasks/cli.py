@@ -22,6 +22,7 @@ def worker(queues: str, device: str, concurrency: int, loglevel: str, hostname: 
     if concurrency < 1:
         raise SpecError("concurrency", "must be at least 1")
     os.environ["CLIPBATCH_DEVICE"] = device
+    os.environ["CLIPBATCH_WORKER_PROCESSES"] = str(concurrency)  # they share the CPUs (tasks/curation.py)
     if metrics_port:
         from clipbatch.tasks.metrics import start as start_metrics
 

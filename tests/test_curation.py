@@ -152,6 +152,20 @@ def test_the_stages_write_the_same_bytes_whatever_the_thread_count(tmp_path):
     assert [k for k in one if one[k] != two[k]] == []
 
 
+def test_the_worker_processes_share_the_cpus_among_the_stages_threads(monkeypatch):
+    # given: a machine of 8 CPUs
+    from clipbatch.tasks import curation as stage_task
+    monkeypatch.setattr(stage_task, "available_cpus", lambda: 8)
+    for processes, threads in ((None, 8), ("1", 8), ("2", 4), ("3", 2), ("16", 1)):
+        # when: the worker runs this many processes (clipbatch worker --concurrency)
+        if processes is None:
+            monkeypatch.delenv("CLIPBATCH_WORKER_PROCESSES", raising=False)
+        else:
+            monkeypatch.setenv("CLIPBATCH_WORKER_PROCESSES", processes)
+        # then: each stage's faiss and BLAS get their share, at least one thread
+        assert stage_task.stage_threads() == threads
+
+
 def test_bad_curation_options_are_refused_naming_the_option(scored, tmp_path, redis_url):
     # given: a scored output, and one written with --no-embeddings (no image embeddings to compare)
     scored_uri, _ = scored
