@@ -5,7 +5,8 @@ candidate that was measured and not adopted (issue 17; docs/curation.md).
     .venv/bin/python bench/curation_assign.py --scored /work/data/c10000000/scored --parts 20 --probes 8,32
 
 Plans the job as `clipbatch submit shards --top-fraction 0.9 --dedup-cosine 0.95 --dedup-exact` would
-(default cluster size), trains the centroids with the clusters task's own code and the index on them,
+(default cluster size), trains the centroids with the clusters task's own code (its k-means at the time of the results was
+faiss's own, since replaced by a thread-count-independent one) and the index on them,
 then for the selected rows of --parts scored shards (a seeded random choice) runs both searches side by
 side, interleaved per shard, and prints: rows per second of each and their ratio; the share of rows whose
 nearest centroid (their cluster) agrees; the share whose second centroid agrees; and, of the rows the
@@ -31,7 +32,7 @@ from clipbatch.core import layout  # noqa: E402
 from clipbatch.core.curation import boundary_margin, load_parts, plan_curation, read_rows  # noqa: E402
 from clipbatch.core.specs import TrainShardsSpec  # noqa: E402
 from clipbatch.core.storage import open_storage  # noqa: E402
-from clipbatch.workers.curation import SEED, _selected_rows, nearest_centroids, normalised, train_centroids  # noqa: E402
+from clipbatch.workers.curation import SEED, _selected_rows, nearest, normalised, train_centroids  # noqa: E402
 
 
 def ivf_index(centroids: np.ndarray, probe: int) -> faiss.Index:
@@ -75,7 +76,7 @@ def compare(plan, centroids: np.ndarray, parts: list[int], probe: int) -> None:
     for part in parts:
         rows, _ = _selected_rows(plan, scored, part)
         t = time.perf_counter()
-        s_exact, n_exact = nearest_centroids(centroids, rows["emb"])
+        s_exact, n_exact = nearest(centroids, normalised(rows["emb"]), 2)
         seconds["exact"] += time.perf_counter() - t
         t = time.perf_counter()
         s_index, n_index = index.search(normalised(rows["emb"]), 2)

@@ -44,7 +44,8 @@ def stage_threads() -> int:
 
 def compute_stage(shard: ShardSpec, attempt: str) -> ShardResult:
     """One stage task's files and marker record (no samples: only the write stage counts pairs)."""
-    with threadpool_limits(limits=stage_threads()):
+    alone = parse_input(shard.input)[1] == "clusters"  # the one task of its stage: nothing else of the job runs
+    with threadpool_limits(limits=available_cpus() if alone else stage_threads()):
         return _compute_stage(shard)
 
 

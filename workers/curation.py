@@ -18,6 +18,7 @@ from clipbatch.core.storage import Storage, open_storage, split
 from clipbatch.workers.samples import IMAGE_EXTS, content_hash, iter_raw_samples
 
 KMEANS_ITERATIONS = 20
+CANDIDATES = 4  # centroids faiss proposes per row, re-ranked exactly (nearest)
 SEED = 1234
 Files = dict[str, bytes]
 
@@ -34,14 +35,45 @@ def normalised(emb: np.ndarray) -> np.ndarray:
     return emb
 
 
+def nearest(centroids: np.ndarray, emb: np.ndarray, n: int, block: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
+    """Each (unit) row's ``n`` most similar centroids, in order, with their similarities (-1 and -inf: none).
+
+    faiss proposes the CANDIDATES most similar by its batched products, which differ in the last bits with
+    its thread count; their similarities are then computed again row by row and ties go to the lower
+    centroid, so the answer is the same on any machine and thread count (unless a row's n-th and
+    (CANDIDATES + 1)-th centroids tie to the last bits)."""
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    k = min(len(centroids), max(n, CANDIDATES))
+    ids = index.search(emb, k)[1]
+    sims = np.empty(ids.shape, np.float32)
+    for start in range(0, len(emb), block):
+        rows, mine = emb[start:start + block], ids[start:start + block]
+        for j in range(k):
+            sims[start:start + block, j] = np.einsum("ij,ij->i", rows, centroids[np.maximum(mine[:, j], 0)])
+    sims[ids < 0] = -np.inf
+    order = np.lexsort((ids, -sims), axis=-1)[:, :n]
+    ids, sims = np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1)
+    if k < n:
+        ids, sims = np.pad(ids, ((0, 0), (0, n - k)), constant_values=-1), np.pad(sims, ((0, 0), (0, n - k)),
+                                                                                 constant_values=-np.inf)
+    return sims, ids
+
+
 def _kmeans(points: np.ndarray, k: int) -> np.ndarray:
-    """Spherical k-means with a fixed seed; fewer points than ``k`` are their own centroids."""
+    """Spherical k-means (Lloyd) from k seeded rows; fewer points than ``k`` are their own centroids.
+    Assignments by :func:`nearest` and sums in one fixed order (numpy), so the centroids are the same
+    whatever the thread count (faiss's own k-means was not: at 10^7 pairs one thread and two gave
+    centroids that kept 41 pairs apart). An empty cluster keeps its centroid."""
     if len(points) <= k:
         return points.copy()
-    km = faiss.Kmeans(points.shape[1], k, niter=KMEANS_ITERATIONS, seed=SEED, spherical=True,
-                      max_points_per_centroid=len(points), verbose=False)
-    km.train(points)
-    return km.centroids.copy()
+    centroids = points[np.sort(np.random.default_rng(SEED).choice(len(points), k, replace=False))].copy()
+    for _ in range(KMEANS_ITERATIONS):
+        assign = nearest(centroids, points, 1)[1][:, 0]
+        order = np.argsort(assign, kind="stable")
+        present, starts = np.unique(assign[order], return_index=True)
+        centroids[present] = normalised(np.add.reduceat(points[order], starts, axis=0))
+    return centroids
 
 
 def train_centroids(plan: CurationPlan, output: Storage) -> tuple[Files, dict[str, Any]]:
@@ -63,19 +95,6 @@ def train_centroids(plan: CurationPlan, output: Storage) -> tuple[Files, dict[st
     points = np.concatenate(sample)
     centroids = _kmeans(normalised(points), plan.clusters)
     return {layout.CENTROIDS: npy(centroids)}, {"sample": len(points)}
-
-
-def nearest_centroids(centroids: np.ndarray, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's two most similar centroids (faiss, every centroid compared) and their similarities (-1 and
-    -inf: none). The two similarities are computed again row by row: faiss's batched products differ in the
-    last bits with its thread count, and the gap between them decides the boundary pass's rows (and is
-    written to the assign files), so the stage's bytes would too."""
-    emb = normalised(emb)
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(centroids)
-    nearest = index.search(emb, 2)[1]
-    similarity = np.stack([np.einsum("ij,ij->i", emb, centroids[np.maximum(nearest[:, k], 0)]) for k in (0, 1)], 1)
-    return np.where(nearest >= 0, similarity, -np.inf).astype(np.float32), nearest
 
 
 def row_dtype(dim: int) -> np.dtype:
@@ -136,10 +155,10 @@ def assign_part(plan: CurationPlan, output: Storage, part: int) -> tuple[Files, 
     rows, total = _selected_rows(plan, open_storage(plan.scored), part)
     if plan.route == "cluster" and plan.clusters > 1 and len(rows):
         centroids = read_rows(output, layout.CENTROIDS).astype(np.float32)
-        similarity, nearest = nearest_centroids(centroids, rows["emb"])
-        cluster = nearest[:, 0]
-        second = nearest[:, 1] >= 0
-        rows["second"][second] = nearest[second, 1]
+        similarity, best = nearest(centroids, normalised(rows["emb"]), 2)
+        cluster = best[:, 0]
+        second = best[:, 1] >= 0
+        rows["second"][second] = best[second, 1]
         rows["gap"][second] = similarity[second, 0] - similarity[second, 1]
     elif plan.route == "hash":
         cluster = np.array([int(h[:15] or b"0", 16) % plan.clusters for h in rows["hash"]], np.int64)
@@ -169,9 +188,7 @@ def _near_duplicates(rows: np.ndarray, cosine: float, cluster_size: int) -> tupl
     emb = normalised(rows["emb"])
     pieces = -(-len(rows) // cluster_size)
     centroids = _kmeans(emb[:: max(1, len(emb) // (SAMPLE_PER_CLUSTER * pieces))], pieces)
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(centroids)
-    piece = index.search(emb, 1)[1][:, 0]
+    piece = nearest(centroids, emb, 1)[1][:, 0]
     dropped = np.zeros(len(rows), bool)
     for p in np.unique(piece):
         where = np.nonzero(piece == p)[0]
