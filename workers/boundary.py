@@ -20,7 +20,7 @@ from clipbatch.core import layout
 from clipbatch.core.curation import CurationPlan, read_rows
 from clipbatch.core.selection import near_duplicates
 from clipbatch.core.storage import Storage
-from clipbatch.workers.curation import Files, edge_dtype, normalised, npy
+from clipbatch.workers.curation import Files, edge_dtype, normalised, npy, runs
 
 CHANGE = np.dtype([("row", "<i4"), ("kept", "u1")])
 
@@ -46,13 +46,10 @@ def boundary_pass(plan: CurationPlan, output: Storage, group: int) -> tuple[File
     stage left rows for, one at a time; per scored shard, the rows whose fate changes (dropped, or back)."""
     found = [read_rows(output, key) for key in sorted(output.list(layout.edge_dir(group)))]
     every = np.concatenate(found) if found else np.zeros(0, edge_dtype(0))
-    every = every[np.lexsort((every["row"], every["part"], -every["score"], every["hi"], every["lo"]))]
-    bounds = np.flatnonzero((np.diff(every["lo"]) != 0) | (np.diff(every["hi"]) != 0)) + 1
+    every, spans = runs(every, "lo", "hi")
     changed, largest = [], 0
-    for start, stop in zip([0, *bounds.tolist()], [*bounds.tolist(), len(every)]):
+    for start, stop in spans:
         rows = every[start:stop]  # one pair, in dedup order
-        if not len(rows):
-            continue
         dropped = boundary_greedy(rows["emb"], rows["anchor"].astype(bool), plan.dedup_cosine)
         flip = dropped != rows["dropped"].astype(bool)
         change = np.zeros(int(flip.sum()), [("part", "<i4"), *CHANGE.descr])

@@ -1,6 +1,7 @@
 """The compute of the curation stages (core/curation.py): k-means centroids, assignment of a scored
 shard's selected rows to clusters (nearest and second centroid), and the dedup of one group of clusters,
-cluster by cluster, which also leaves its rows near a boundary for the boundary pass (workers/boundary.py). Pure functions of storage; faiss
+cluster by cluster, which also leaves its rows near a boundary for the boundary pass (workers/boundary.py).
+Pure functions of storage; faiss
 for k-means and nearest-centroid search, numpy for the exact greedy (core/selection.py)."""
 from __future__ import annotations
 
@@ -196,6 +197,17 @@ def _near_duplicates(rows: np.ndarray, cosine: float, cluster_size: int) -> tupl
     return dropped, len(centroids)
 
 
+def runs(rows: np.ndarray, *keys: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """``rows`` sorted by ``keys``, then in dedup order (highest score first, so the best of a group of
+    duplicates is kept; ties by source order), and the (start, stop) of each run of equal keys."""
+    rows = rows[np.lexsort((rows["row"], rows["part"], -rows["score"], *(rows[k] for k in reversed(keys))))]
+    change = np.zeros(max(0, len(rows) - 1), bool)
+    for k in keys:
+        change |= np.diff(rows[k]) != 0
+    bounds = (np.flatnonzero(change) + 1).tolist()
+    return rows, list(zip([0, *bounds], [*bounds, len(rows)])) if len(rows) else []
+
+
 def _dedup(plan: CurationPlan, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """One cluster's rows, in dedup order: exact duplicates (same image hash), then near duplicates among
     the rest; and how many pieces the cluster was split into."""
@@ -214,13 +226,10 @@ def dedup_group(plan: CurationPlan, output: Storage, group: int) -> tuple[Files,
     near a boundary per group of the pair's lower cluster."""
     found = [read_rows(output, key) for key in sorted(output.list(layout.assigned_dir(group)))]
     rows = np.concatenate(found) if found else np.zeros(0, row_dtype(0))
-    rows = rows[np.lexsort((rows["row"], rows["part"], -rows["score"], rows["cluster"]))]  # dedup order per cluster
+    rows, spans = runs(rows, "cluster")
     exact, near = np.zeros(len(rows), bool), np.zeros(len(rows), bool)
     edges, split, largest = [], 0, 0
-    bounds = np.flatnonzero(np.diff(rows["cluster"])) + 1
-    for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(rows)]):
-        if hi == lo:
-            continue
+    for lo, hi in spans:
         mine = rows[lo:hi]
         exact[lo:hi], near[lo:hi], split_into = _dedup(plan, mine)
         split, largest = split + (split_into > 1), max(largest, hi - lo)
