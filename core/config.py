@@ -23,6 +23,10 @@ DEFAULT_QUEUE_WINDOW = 1_000
 DEFAULT_SUBMIT_STALE_S = 600
 
 
+class ConfigError(ValueError):
+    """An environment variable a user set holds a value clipbatch cannot use (named in the message)."""
+
+
 def _int_env(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -30,9 +34,9 @@ def _int_env(name: str, default: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r}: must be an integer") from None
+        raise ConfigError(f"{name}={raw!r}: must be an integer") from None
     if value <= 0:
-        raise ValueError(f"{name}={raw!r}: must be positive")
+        raise ConfigError(f"{name}={raw!r}: must be positive")
     return value
 
 

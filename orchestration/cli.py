@@ -18,7 +18,7 @@ import click
 import kombu.exceptions
 import redis
 
-from clipbatch.core.config import Settings, redact
+from clipbatch.core.config import ConfigError, Settings, redact
 from clipbatch.core.keys import JobState
 from clipbatch.orchestration.cli_options import KIND_HELP, spec_from_options, with_kind_options
 from clipbatch.core.specs import (DEFAULT_CLUSTER_SIZE, DEFAULT_SAMPLES_PER_TRAIN_SHARD, FinetuneSpec, ModelSpec,
@@ -58,7 +58,7 @@ class Group(click.Group):
             return super().invoke(ctx)
         except (BrokerUnavailable, EmbeddedError, StorageUnavailable) as exc:
             raise ServiceError(str(exc)) from None
-        except (SpecError, UnknownJob, StorageError) as exc:
+        except (SpecError, UnknownJob, StorageError, ConfigError) as exc:
             raise UserError(str(exc).strip("'\"")) from None
         except redis.ConnectionError as exc:
             url = redact(Settings.from_env().broker_url)

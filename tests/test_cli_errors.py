@@ -96,3 +96,9 @@ def test_hostile_model_names_and_configs_are_refused_at_submit(env, tmp_path, ch
                           "--model:", "'clipbatch-tiny'")
     assert_one_line_error(run_cli(*base[:-2], "--model-config", str(config), "--pretrained", "openai", env=env), 2,
                           "--pretrained:")
+
+
+@pytest.mark.parametrize("command", [["worker", "--queues", "q"], ["status", "nope"]])
+def test_a_bad_setting_in_the_environment_is_one_line_naming_it(env, command):
+    result = run_cli(*command, env={**env, "CLIPBATCH_MAX_RETRIES": "0"}, timeout=120)
+    assert_one_line_error(result, 2, "CLIPBATCH_MAX_RETRIES", "must be positive")
