@@ -16,10 +16,10 @@ files between two stages number S x G, not S x K. B is G with semantic dedup ove
 (the stage is skipped).
 
 The producer plans (threshold, S scored shards, K clusters) in O(scored shards) and enqueues the
-first stage not yet complete. The task that completes a stage launches the next one: the plan of
-a stage is a function of storage alone, so a second launch (a redelivery) enqueues duplicates the
-commit protocol absorbs. Only the write stage's size (tars) is learnt on the way, from the dedup
-markers. This module is pure storage and numpy: no faiss, no Celery.
+first stage not yet complete. The stage engine (core/stages.py, core/curation_stages.py) launches
+each next one, once: the plan of a stage is a function of storage alone. Only the write stage's size
+(tars) is learnt on the way, from the dedup markers. This module is pure storage and numpy: no
+faiss, no Celery.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clipbatch.core import commit, layout
+from clipbatch.core.pins import check_pins_unchanged, pins
 from clipbatch.core.scores import BINS, LOW, WIDTH, merge, quantile
 from clipbatch.core.specs import SpecError, TrainShardsSpec
 from clipbatch.core.storage import Storage, open_storage
@@ -173,18 +174,23 @@ def plan_curation(spec: TrainShardsSpec, output: Storage) -> tuple[CurationPlan,
     plan = CurationPlan(spec.scored, threshold, len(parts), clusters, _route(spec), hist["count"], selected,
                         spec.dedup_cosine, spec.dedup_exact, spec.cluster_size, spec.samples_per_shard,
                         min(per_task, clusters))
-    return plan, _save_plan(output, spec.output, plan, parts)
+    return plan, _save_plan(output, spec.output, plan, parts, markers)
 
 
-def _save_plan(output: Storage, uri: str, plan: CurationPlan, parts: list[int]) -> dict[int, dict[str, Any]]:
+def _save_plan(output: Storage, uri: str, plan: CurationPlan, parts: list[int],
+               scored: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
     try:
         previous = load_plan(output)
     except FileNotFoundError:
         previous = None
     markers = commit.list_markers(output)
+    pinned = pins(scored, parts)
+    if markers:
+        check_pins_unchanged(output, uri, pinned)
     if previous is not None and previous != plan and markers:
         raise SpecError("output", f"{uri} already holds shards of a different selection; use a new output")
     check_markers(plan, uri, markers)
+    output.write(layout.CURATION_PINS, json.dumps(pinned, sort_keys=True).encode())
     output.write(layout.CURATION_PARTS, json.dumps(parts).encode())
     output.write(layout.CURATION_PLAN, plan.to_json())
     return markers
@@ -274,13 +280,12 @@ def check_markers(plan: CurationPlan, output: str, markers: dict[int, dict[str, 
 @dataclass(frozen=True)
 class Resume:
     """Where a (re)submitted job starts: the first stage not complete (None: all done), the job's
-    task total so far, that stage's tasks to enqueue and those already committed, and the tars."""
+    task total so far, that stage's tasks to enqueue and those already committed."""
 
     stage: str | None
     total: int
     todo: list[tuple[int, str]]
     committed: list[int]
-    tars: int | None
 
 
 def resume(plan: CurationPlan, output_uri: str, output: Storage, markers: dict[int, dict[str, Any]]) -> Resume:
@@ -294,8 +299,8 @@ def resume(plan: CurationPlan, output_uri: str, output: Storage, markers: dict[i
         tasks = stage_tasks(plan, output_uri, stage, tars)
         todo = [(i, uri) for i, uri in tasks if i not in markers]
         if todo:
-            return Resume(stage, total, todo, [i for i, _ in tasks if i in markers], tars)
-    return Resume(None, total, [], [], tars)
+            return Resume(stage, total, todo, [i for i, _ in tasks if i in markers])
+    return Resume(None, total, [], [])
 
 
 def read_rows(storage: Storage, key: str) -> np.ndarray:

@@ -5,16 +5,14 @@ shards queued whole would hold ~110 MB. Instead the producer publishes the first
 messages and appends the rest to the job's *pending* list as compact entries
 (``[index, input, version]``, ~100 bytes). Each shard message that reaches its end (committed,
 found committed, lost a race, dead-lettered) publishes one successor taken from the pending list,
-so the window stays full until the list is empty.
+so the window stays full until the list is empty. What goes out, and when, is decided by the stage
+engine (core/stages.py); this module keeps the list.
 
 Taking a successor is idempotent per parent: the script records which entry parent ``p`` took
-(``fed`` hash), so a redelivered parent (its worker died after publishing, before the ack)
-publishes the same entry again (a duplicate message, which the commit protocol absorbs) and
-never takes a second one. The pending list and the ``fed`` hash expire with the job's hash.
-
-:func:`publish` is the one way a job's messages go out: the producer's first messages, and the stages
-of a curation job, which the task completing a stage publishes (tasks/curation.py). A pending entry
-says which task runs it (:func:`task_of`: a curation job's stage tasks and write tasks share a list).
+(``fed`` hash), so a redelivered parent (its worker died after taking it, before the message went
+out) publishes the same entry, and never takes a second one. Once the message is in the broker the
+entry is marked sent, and a duplicate of the parent publishes nothing: a duplicate message does not
+walk the rest of the job's chain of successors. The pending list and the ``fed`` hash expire with the job's hash.
 
 Cancelling drops the pending list and removes the job's queued messages from the broker's list
 (:func:`purge`), so queue-length autoscaling (KEDA reads the list's length) stops counting them.
@@ -31,7 +29,7 @@ from clipbatch.core import keys
 
 Entry = tuple[int, str, "str | None"]  # (index, input URI, input version) — a shard message's arguments
 _BATCH = 5_000  # entries per round trip when loading the pending list
-_PUBLISH_BATCH = 500  # messages between progress updates
+_SENT = "!"  # a fed entry so marked is in the broker
 
 # KEYS: job hash, pending list, fed hash. ARGV: parent, ttl. Returns the entry parent takes, or false.
 _NEXT = """
@@ -49,14 +47,12 @@ return entry
 """
 
 
-def pending_key(job_id: str) -> str:
-    """List: the job's shard entries not yet published, in plan order."""
-    return f"{keys.PREFIX}:job:{job_id}:pending"
-
-
-def fed_key(job_id: str) -> str:
-    """Hash: parent (shard index) -> the pending entry it published as its successor."""
-    return f"{keys.PREFIX}:job:{job_id}:fed"
+# KEYS: fed hash. ARGV: parent. Marks the entry parent took as sent.
+_MARK_SENT = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v and string.sub(v, 1, 1) ~= '!' then redis.call('HSET', KEYS[1], ARGV[1], '!' .. v) end
+return 1
+"""
 
 
 def encode(entry: Entry) -> str:
@@ -75,6 +71,7 @@ class Feed:
         self.r = client
         self.ttl_s = ttl_s
         self._next = client.register_script(_NEXT)
+        self._sent = client.register_script(_MARK_SENT)
 
     def load(self, job_id: str, entries: Iterable[Entry], progress: Callable[[int], None] | None = None) -> int:
         """Append ``entries`` to the pending list in batches; returns how many went in."""
@@ -90,52 +87,29 @@ class Feed:
 
     def _push(self, job_id: str, batch: list[str], progress: Callable[[int], None] | None) -> int:
         pipe = self.r.pipeline(transaction=False)
-        pipe.rpush(pending_key(job_id), *batch)
-        pipe.expire(pending_key(job_id), self.ttl_s)
+        pipe.rpush(keys.job_pending(job_id), *batch)
+        pipe.expire(keys.job_pending(job_id), self.ttl_s)
         pipe.execute()
         if progress is not None:
             progress(len(batch))
         return len(batch)
 
     def successor(self, job_id: str, parent: int | str) -> Entry | None:
-        """The entry ``parent`` publishes next (the same one however often it asks), or None."""
-        raw = self._next(keys=[keys.job(job_id), pending_key(job_id), fed_key(job_id)], args=[parent, self.ttl_s])
-        return decode(raw) if raw else None
+        """The entry ``parent`` publishes next (the same one however often it asks, until :meth:`sent`
+        records that it went out), or None."""
+        raw = self._next(keys=[keys.job(job_id), keys.job_pending(job_id), keys.job_fed(job_id)], args=[parent, self.ttl_s])
+        return decode(raw) if raw and raw[:1] not in (_SENT, _SENT.encode()) else None
+
+    def sent(self, job_id: str, parent: int | str) -> None:
+        """``parent``'s successor is in the broker: a duplicate of ``parent`` publishes nothing more."""
+        self._sent(keys=[keys.job_fed(job_id)], args=[parent])
 
     def remaining(self, job_id: str) -> int:
-        return int(self.r.llen(pending_key(job_id)))
+        return int(self.r.llen(keys.job_pending(job_id)))
 
     def drop(self, job_id: str) -> None:
         """Forget the job's unpublished entries (a cancel)."""
-        self.r.delete(pending_key(job_id), fed_key(job_id))
-
-
-WINDOWED = ("embed", "score", "shards")  # the job kinds whose messages go through the window
-
-
-def task_of(kind: str, entry: Entry) -> str:
-    """The task a job of a WINDOWED ``kind`` runs ``entry`` with: the shard task, or, in a curation job,
-    the stage task for a stage's input (``output#stage=n``) and the write task for a tar's."""
-    from clipbatch.core.broker import CURATE_STAGE, EMBED_SHARD, TRAIN_SHARD
-
-    if kind == "shards":
-        return TRAIN_SHARD if entry[1].rpartition("#")[2].startswith("write=") else CURATE_STAGE
-    return EMBED_SHARD
-
-
-def publish(app, feed: Feed, job_id: str, queue: str, entries: list[Entry], window: int,
-            task: Callable[[Entry], str], progress: Callable[[int], None] | None = None) -> None:
-    """The job's messages through its queue window: the entries past the first ``window`` go to the
-    pending list first (a fast shard may ask for its successor before the window is out), then the first
-    ``window`` to the broker, each as ``task(entry)``."""
-    feed.load(job_id, entries[window:], progress)
-    with app.producer_or_acquire() as producer:
-        for start in range(0, min(window, len(entries)), _PUBLISH_BATCH):
-            batch = entries[start:min(window, start + _PUBLISH_BATCH)]
-            for entry in batch:
-                app.send_task(task(entry), args=[job_id, *entry], queue=queue, producer=producer)
-            if progress is not None:
-                progress(len(batch))
+        self.r.delete(keys.job_pending(job_id), keys.job_fed(job_id))
 
 
 # kombu's Redis transport keeps a queue's messages in the list named after the queue, and a

@@ -57,6 +57,31 @@ def job_merged(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:merged"
 
 
+def job_pending(job_id: str) -> str:
+    """List: the job's task entries not yet published, in plan order (core/feed.py)."""
+    return f"{PREFIX}:job:{job_id}:pending"
+
+
+def job_fed(job_id: str) -> str:
+    """Hash: parent -> the pending entry it published as its successor (core/feed.py)."""
+    return f"{PREFIX}:job:{job_id}:fed"
+
+
+def job_stage(job_id: str, stage: str) -> str:
+    """Set: the global indices of the stage's tasks committed or given up on (core/stages.py)."""
+    return f"{PREFIX}:job:{job_id}:stage:{stage}"
+
+
+def job_stage_given_up(job_id: str, stage: str) -> str:
+    """Set: the stage's tasks given up on (dead-lettered); any one ends the job at the stage's end."""
+    return f"{PREFIX}:job:{job_id}:stage:{stage}:given_up"
+
+
+def job_stage_claim(job_id: str, stage: str) -> str:
+    """String: who moves the job past the stage ('claimed:<index>', then 'launched'), or 'ended'."""
+    return f"{PREFIX}:job:{job_id}:stage:{stage}:next"
+
+
 def job_keys(job_id: str) -> list[str]:
     return [job(job_id), job_done(job_id), job_failed(job_id), job_deliveries(job_id), job_commits(job_id),
             job_merged(job_id)]

@@ -39,6 +39,7 @@ MARKER_INDEX = "_index/markers.jsonl.gz"  # a checked cache of the markers, so a
 CURATION_DIR = "_curation"  # a training-shards job's stages: plan, centroids, partitions, keep lists (core/curation.py)
 CURATION_PLAN = f"{CURATION_DIR}/plan.json"
 CURATION_PARTS = f"{CURATION_DIR}/parts.json"  # the scored shards the assign stage reads, in task order
+CURATION_PINS = f"{CURATION_DIR}/pins.json"  # scored shard -> the attempt of its commit the plan read
 CENTROIDS = f"{CURATION_DIR}/clusters/centroids.npy"
 
 

@@ -13,7 +13,6 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import replace
-from functools import partial
 from typing import Any, Callable, Iterator
 
 import redis
@@ -26,9 +25,9 @@ from clipbatch.core.inputs import InputError, expand_input
 from clipbatch.orchestration.planner import absolute, normalise_model, own_markers, plan
 from clipbatch.core.leases import OutputLeases
 from clipbatch.core.curation import plan_curation, resume
-from clipbatch.core.curation_state import StageCounts
 from clipbatch.core.storage import open_storage
-from clipbatch.core.broker import EMBED_SHARD, FINALIZE_JOB, FINETUNE_STEP, make_app
+from clipbatch.core.broker import FINALIZE_JOB, make_app
+from clipbatch.core.stages import Engine, Stage
 from clipbatch.core.specs import FinetuneSpec, JobSpec, ModelSpec, SpecError, TrainShardsSpec
 
 # Called while a submit enqueues: (shards enqueued so far, shards to enqueue).
@@ -53,6 +52,7 @@ class Client:
         self.leases = OutputLeases(self.redis, self.settings.job_ttl_s)
         self.feed = feed.Feed(self.redis, self.settings.job_ttl_s)
         self.app = make_app(self.settings)
+        self.engine = Engine(self.redis, self.settings.job_ttl_s, self.app, self.settings.queue_window)
         self.progress: SubmitProgress | None = None  # set by the CLI to draw the submit's progress
 
     def ping(self) -> None:
@@ -105,13 +105,12 @@ class Client:
         with self._leased(absolute(spec.output)) as job_id:
             planned = plan(spec)
             messages = [(i, planned.shards[i], planned.versions.get(i)) for i in planned.todo]
-            return self._launch(job_id, planned.spec, EMBED_SHARD, len(planned.shards), planned.committed,
-                                messages, len(planned.rescored))
+            return self._launch(job_id, planned.spec, len(planned.shards), planned.committed, messages,
+                                len(planned.rescored))
 
     def submit_shards(self, spec: TrainShardsSpec) -> Job:
         """Curate training shards on the workers (core/curation.py): plan the stages, then enqueue the
-        first stage not complete in storage; the task that completes a stage launches the next. Each
-        stage's messages go through the job's queue window, as every job's."""
+        first stage not complete in storage; the stage engine launches each next one (core/stages.py)."""
         spec.validate()
         spec = replace(spec, scored=absolute(spec.scored), output=absolute(spec.output))
         self.ping()
@@ -119,17 +118,10 @@ class Client:
             output = open_storage(spec.output)
             planned, markers = plan_curation(spec, output)
             start = resume(planned, spec.output, output, markers)
-            self.jobs.create(job_id, spec.to_dict(), start.total, markers)
-            if start.stage is not None:
-                StageCounts(self.redis, self.settings.job_ttl_s).seed(job_id, start.stage, start.committed, start.tars)
-            self.jobs.mark_submitting(job_id)
-            if start.todo:
-                feed.publish(self.app, self.feed, job_id, spec.queue, [(index, uri, None) for index, uri in start.todo],
-                             self.settings.queue_window, partial(feed.task_of, spec.kind))
-            else:
-                self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue)
-            self.jobs.mark_submitted(job_id)
-            return Job(self, job_id)
+            todo = [(index, uri, None) for index, uri in start.todo]
+            # the stages before the first unfinished one are complete in storage (all of them, with none left)
+            first = Stage(start.stage, planned.base(start.stage), 0) if start.stage else Stage("end", start.total, 0)
+            return self._launch(job_id, spec, start.total, markers, todo, seed=(first, start.committed))
 
     def submit_finetune(self, spec: FinetuneSpec) -> Job:
         """Plan the step chain over the training shards and enqueue its first uncommitted step."""
@@ -146,9 +138,10 @@ class Client:
             markers = own_markers(open_storage(spec.output), "finetune", steps)
             resume = next(k for k in range(spec.steps + 1) if k not in markers)  # committed steps are a prefix
             committed = {k: markers[k] for k in range(resume)}
-            # Only the first missing step is sent: each step enqueues the next once it commits.
-            messages = [(resume, steps[resume])] if resume < spec.steps else []
-            return self._launch(job_id, spec, FINETUNE_STEP, spec.steps, committed, messages)
+            # Only the first missing step is sent: the stage engine launches each next one once it commits.
+            messages = [(resume, steps[resume], None)] if resume < spec.steps else []
+            return self._launch(job_id, spec, spec.steps, committed, messages,
+                                seed=(Stage(f"step{resume}", resume, 1), []))
 
     @contextmanager
     def _leased(self, output: str) -> Iterator[str]:
@@ -180,20 +173,22 @@ class Client:
             return False
         return self.job(holder).cancel()
 
-    def _launch(self, job_id: str, spec: JobSpec | TrainShardsSpec | FinetuneSpec, task: str, total: int,
-                committed: dict[int, dict[str, Any]], messages: list[tuple], rescored: int = 0) -> Job:
-        """Write the job record, then its messages: the first CLIPBATCH_QUEUE_WINDOW go to the broker,
-        the rest to the job's pending list, which finished shards draw their successors from
-        (core/feed.py). A message carries the shard's identity (job id, index, input, version); the
-        spec is stored once, in the record.
+    def _launch(self, job_id: str, spec: JobSpec | TrainShardsSpec | FinetuneSpec, total: int,
+                committed: dict[int, dict[str, Any]], entries: list[feed.Entry], rescored: int = 0,
+                seed: tuple[Stage, list[int]] | None = None) -> Job:
+        """Write the job record, then the first stage's messages through the stage engine: the first
+        CLIPBATCH_QUEUE_WINDOW go to the broker, the rest to the job's pending list, which finished
+        tasks draw their successors from (core/feed.py). A message carries the task's identity (job
+        id, index, input, version); the spec is stored once, in the record. ``seed``: a resubmit that
+        starts inside a stage, and that stage's tasks already committed.
 
         A job with nothing to run gets one finalise message instead: a worker ends it (writes
         ``_job.json`` and the report), so the producer never writes to the output.
         """
         self.jobs.create(job_id, spec.to_dict(), total, committed, rescored)
+        if seed is not None:
+            self.engine.seed(job_id, *seed)
         self.jobs.mark_submitting(job_id)
-        entries = [(index, uri, version[0] if version else None) for index, uri, *version in messages]
-        window = self.settings.queue_window
         done = 0
 
         def advance(count: int) -> None:
@@ -203,7 +198,7 @@ class Client:
                 self.progress(done, len(entries))
 
         if entries:
-            feed.publish(self.app, self.feed, job_id, spec.queue, entries, window, lambda _: task, advance)
+            self.engine.publish(job_id, spec.kind, spec.queue, entries, advance)
         else:
             self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue)
         self.jobs.mark_submitted(job_id)

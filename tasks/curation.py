@@ -1,30 +1,24 @@
-"""The curation stage task (clusters, assign, dedup, boundary) and the chain between stages.
+"""The curation stage task (clusters, assign, dedup, boundary): each runs the usual shard life cycle
+(tasks/lifecycle.py: skip if committed, compute, commit at its global index, settle with the stage
+engine, count once). The engine (tasks/stages.py) launches the next stage when a stage is complete.
 
-Each stage task runs the usual shard life cycle (tasks/lifecycle.py: skip if committed, compute,
-commit at its global index, count once). Before it is counted, its ``after_commit`` records it
-in its stage's set; the task that finds its stage complete launches the next stage, which is
-planned from storage alone. A redelivered completing task launches again: the same messages,
-which the commit protocol absorbs, and the write stage's tars join the job's total once.
+A stage that reads the scored output checks the commits its plan pinned before and after its reads
+(core/pins.py), so a rescore of the scored output while the job runs fails the task, naming the shard.
 """
 from __future__ import annotations
 
 import logging
 import os
-from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 from threadpoolctl import threadpool_limits
 
-from clipbatch.core import feed
 from clipbatch.core.broker import CURATE_STAGE, TRAIN_SHARD
-from clipbatch.core.commit import list_markers
-from clipbatch.core.curation import CurationPlan, load_parts, load_plan, parse_input, plan_write, stage_tasks
-from clipbatch.core.curation_state import StageCounts
-from clipbatch.core.jobs import JobStore
+from clipbatch.core.curation import CurationPlan, load_parts, load_plan, parse_input
+from clipbatch.core.pins import check_pins
 from clipbatch.core.specs import ShardSpec
-from clipbatch.core.storage import open_storage
+from clipbatch.core.storage import Storage, open_storage
 from clipbatch.tasks.app import app
-from clipbatch.tasks.context import SETTINGS
 from clipbatch.tasks.lifecycle import ShardTask, run_message
 from clipbatch.workers.boundary import boundary_pass
 from clipbatch.workers.curation import assign_part, dedup_group, train_centroids
@@ -32,6 +26,37 @@ from clipbatch.workers.embed import ShardResult
 from clipbatch.workers.runtime import available_cpus
 
 log = logging.getLogger("clipbatch.curation")
+
+Files = dict[str, bytes]
+
+
+def _clusters(plan: CurationPlan, output: Storage, n: int) -> tuple[Files, dict[str, Any]]:
+    return train_centroids(plan, output)
+
+
+def _assign(plan: CurationPlan, output: Storage, n: int) -> tuple[Files, dict[str, Any]]:
+    return assign_part(plan, output, load_parts(output)[n])
+
+
+def _every_part(plan: CurationPlan, output: Storage, n: int) -> list[int]:
+    return load_parts(output)
+
+
+def _its_part(plan: CurationPlan, output: Storage, n: int) -> list[int]:
+    return [load_parts(output)[n]]
+
+
+def _no_part(plan: CurationPlan, output: Storage, n: int) -> list[int]:
+    return []
+
+
+# stage -> (its compute, the scored shards it reads, checked against the plan's pins)
+STAGES: dict[str, tuple[Callable[..., tuple[Files, dict[str, Any]]], Callable[..., list[int]]]] = {
+    "clusters": (_clusters, _every_part),
+    "assign": (_assign, _its_part),
+    "dedup": (dedup_group, _no_part),
+    "boundary": (boundary_pass, _no_part),
+}
 
 
 def stage_threads() -> int:
@@ -44,54 +69,21 @@ def stage_threads() -> int:
 
 def compute_stage(shard: ShardSpec, attempt: str) -> ShardResult:
     """One stage task's files and marker record (no samples: only the write stage counts pairs)."""
-    alone = parse_input(shard.input)[1] == "clusters"  # the one task of its stage: nothing else of the job runs
-    with threadpool_limits(limits=available_cpus() if alone else stage_threads()):
-        return _compute_stage(shard)
-
-
-def _compute_stage(shard: ShardSpec) -> ShardResult:
     output_uri, stage, n = parse_input(shard.input)
+    if stage not in STAGES:
+        raise ValueError(f"{shard.input}: the write stage runs as {TRAIN_SHARD}")
+    compute, reads = STAGES[stage]
     output = open_storage(output_uri)
     plan = load_plan(output)
-    if stage == "clusters":
-        files, record = train_centroids(plan, output)
-    elif stage == "assign":
-        files, record = assign_part(plan, output, load_parts(output)[n])
-    elif stage == "dedup":
-        files, record = dedup_group(plan, output, n)
-    elif stage == "boundary":
-        files, record = boundary_pass(plan, output, n)
-    else:
-        raise ValueError(f"{shard.input}: the write stage runs as {TRAIN_SHARD}")
+    parts = reads(plan, output, n)
+    check_pins(output, plan.scored, parts)
+    # the clusters task is alone in its stage: nothing else of the job runs beside it
+    with threadpool_limits(limits=available_cpus() if stage == "clusters" else stage_threads()):
+        files, record = compute(plan, output, n)
+    check_pins(output, plan.scored, parts)
     return ShardResult(files, 0, 0, 0, "", record={"stage": stage, **record})
-
-
-def launch(jobs: JobStore, job_id: str, queue: str, plan: CurationPlan, output_uri: str, stage: str) -> None:
-    """Enqueue every task of ``stage`` through the job's queue window (core/feed.py: the first
-    CLIPBATCH_QUEUE_WINDOW to the broker, the rest drawn by finishing tasks); idempotent but for
-    duplicate messages."""
-    if stage == "write":
-        output = open_storage(output_uri)
-        tars = plan_write(output, plan, list_markers(output))
-        StageCounts(jobs.r, jobs.ttl_s).add_write(job_id, tars)
-        entries = stage_tasks(plan, output_uri, "write", tars)
-    else:
-        entries = stage_tasks(plan, output_uri, stage)
-    log.info("curation stage launched job=%s stage=%s tasks=%d", job_id, stage, len(entries))
-    # The completing task publishes one successor after this: its own slot of the window.
-    feed.publish(app, feed.Feed(jobs.r, jobs.ttl_s), job_id, queue, [(i, uri, None) for i, uri in entries],
-                 max(0, SETTINGS.queue_window - 1), partial(feed.task_of, "shards"))
-
-
-def chain(jobs: JobStore, shard: ShardSpec, marker: dict[str, Any]) -> None:
-    """After the commit, before the count: launch the next stage if this task completed its own."""
-    output_uri, stage, _ = parse_input(shard.input)
-    plan = load_plan(open_storage(output_uri))
-    done = StageCounts(jobs.r, jobs.ttl_s).committed(shard.job_id, stage, shard.index)
-    if done == plan.size(stage):
-        launch(jobs, shard.job_id, shard.job.queue, plan, output_uri, plan.next_stage(stage))
 
 
 @app.task(name=CURATE_STAGE, base=ShardTask, bind=True)
 def curate_stage(self: ShardTask, *message: Any) -> dict[str, Any]:
-    return run_message(list(message), compute_stage, after_commit=chain)
+    return run_message(list(message), compute_stage)

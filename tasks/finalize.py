@@ -85,6 +85,8 @@ def _end_other(jobs: JobStore, storage: Storage, record: dict[str, Any]) -> _End
     """A training-shards or fine-tune job's end (no score report to merge)."""
     markers = commit.list_markers(storage)
     end = _End(_incomplete(jobs, record["job_id"], storage, markers, record["kind"]), markers)
+    if record["shards_failed"] or end.problems:  # ended at a stage that did not complete: nothing to sum up
+        return end
     if record["kind"] == "shards":
         finish_train_shards(storage)
     else:

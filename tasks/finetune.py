@@ -1,26 +1,22 @@
-"""The fine-tuning step task: train one shard, commit the next checkpoint, enqueue the next step."""
+"""The fine-tuning step task: train one shard and commit the next checkpoint; the stage engine
+(tasks/stages.py) launches the next step once this one is committed."""
 from __future__ import annotations
 
 from typing import Any
 
-from clipbatch.core.jobs import JobStore
 from clipbatch.core.broker import FINETUNE_STEP
+from clipbatch.core.jobs import JobStore
+from clipbatch.core.specs import ShardSpec
 from clipbatch.tasks.app import app
 from clipbatch.tasks.lifecycle import ShardTask, run_message
-from clipbatch.core.specs import ShardSpec
 from clipbatch.workers.finetune import train_step
 
 
-def enqueue_next(jobs: JobStore, shard: ShardSpec, marker: dict[str, Any]) -> None:
-    """Publish the live step and loss, then the next step's message (harmless if sent twice)."""
-    spec = shard.job
+def show_step(jobs: JobStore, shard: ShardSpec, marker: dict[str, Any]) -> None:
+    """Publish the live step and loss (``status`` shows them)."""
     jobs.set_progress(shard.job_id, marker["step"], marker["loss"])
-    following = shard.index + 1
-    if following < spec.steps:
-        message = ShardSpec(shard.job_id, following, spec.shards[following % len(spec.shards)], spec).message()
-        app.send_task(FINETUNE_STEP, args=message, queue=spec.queue)
 
 
 @app.task(name=FINETUNE_STEP, base=ShardTask, bind=True)
 def finetune_step(self: ShardTask, *message: Any) -> dict[str, Any]:
-    return run_message(list(message), train_step, after_commit=enqueue_next)
+    return run_message(list(message), train_step, after_commit=show_step)

@@ -1,8 +1,9 @@
 """The life of one shard message, the same for every kind of shard task.
 
 decode (look the job's spec up by id) -> skip if the job was cancelled -> skip (and finish the
-move) if the marker exists -> compute -> commit (conditional marker) -> publish a successor from
-the job's pending list (core/feed.py) -> count once in Redis -> finalize if last.
+move) if the marker exists -> compute -> commit (conditional marker) -> settle it with the stage
+engine (tasks/stages.py: the next stage, once, and a successor from the job's pending list) ->
+count once in Redis -> finalize if last.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from celery.utils.dispatch import Signal
 
 from clipbatch.core import commit
 from clipbatch.core.broker import FINALIZE_JOB
-from clipbatch.core.feed import WINDOWED, Feed, task_of
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.keys import JobState
 from clipbatch.core.specs import ShardSpec, SpecError
@@ -24,6 +24,7 @@ from clipbatch.core.storage import PERMANENT_ERRORS, open_storage
 from clipbatch.tasks.app import app
 from clipbatch.tasks.context import SETTINGS, job_spec, job_store
 from clipbatch.tasks.finalize import finalize, report_committed
+from clipbatch.tasks.stages import settle
 from clipbatch.workers.writers import UnreadableOutput
 
 log = logging.getLogger("clipbatch.shard")
@@ -74,20 +75,10 @@ def run_message(args: list[Any], compute: Callable[[ShardSpec, str], Any],
     return run_shard(shard, compute, after_commit)
 
 
-def publish_successor(jobs: JobStore, shard: ShardSpec) -> None:
-    """Keep the job's queue window full: publish the pending entry this shard takes (the same one
-    if this shard's message is redelivered: a duplicate the commit protocol absorbs)."""
-    if shard.job.kind not in WINDOWED:
-        return
-    entry = Feed(jobs.r, jobs.ttl_s).successor(shard.job_id, shard.index)
-    if entry is not None:
-        app.send_task(task_of(shard.job.kind, entry), args=[shard.job_id, *entry], queue=shard.job.queue)
-
-
 def _dead_letter(jobs: JobStore, shard: ShardSpec, reason: str) -> None:
     """Record the shard as failed; the job's end, if this was its last shard, goes out as a message
     (``on_failure`` runs after the message is settled, so an inline finalise would have no redelivery)."""
-    publish_successor(jobs, shard)
+    settle(jobs, shard, given_up=True)
     if jobs.dead_letter(shard.job_id, shard.index, shard.input, reason):
         app.send_task(FINALIZE_JOB, args=[shard.job_id], queue=shard.job.queue)
 
@@ -109,7 +100,7 @@ def run_shard(
     """Run ``compute`` for ``shard`` unless it is already committed; count it exactly once.
 
     ``after_commit`` runs with the winning marker once the shard is committed (by this attempt
-    or an earlier one), before the shard is counted: a chain enqueues its next step there.
+    or an earlier one), before the shard is settled and counted (a fine-tune shows its step there).
 
     The outcome line splits the seconds: ``setup_s`` (start -> compute starts: job record, marker,
     delivery count), ``compute_s`` (the compute call) and ``commit_s`` (compute end -> marker
@@ -154,7 +145,7 @@ def run_shard(
     shard_finished.send(sender=None, shard=shard, outcome=outcome, result=result, marker=marker, timings=timings)
     if after_commit is not None:
         after_commit(jobs, shard, marker)
-    publish_successor(jobs, shard)
+    settle(jobs, shard)
     if report_committed(jobs, shard, marker, result, storage):
         finalize(jobs, shard.job_id)
     return {"outcome": outcome, "attempt": attempt, "committed_attempt": marker["attempt"],

@@ -99,8 +99,8 @@ def write_scored(root: Path, planted: Planted, shards: int,
 
 
 def write_shard(root: Path, i: int, emb: np.ndarray, scores: np.ndarray, image: np.ndarray,
-                hashes: bool = True) -> list[str]:
-    """Commit scored shard ``i`` (and write its source tar); returns its keys in row order."""
+                hashes: bool = True, attempt: str | None = None) -> list[str]:
+    """Commit scored shard ``i`` (and write its source tar) as ``attempt``; returns its keys in row order."""
     (root / "src").mkdir(parents=True, exist_ok=True)
     keys = [f"{i:05d}{r:07d}" for r in range(len(scores))]
     images = [image_bytes(n) for n in image]
@@ -118,7 +118,7 @@ def write_shard(root: Path, i: int, emb: np.ndarray, scores: np.ndarray, image: 
              names["stats"]: json.dumps({"clip_score": histogram(scores)}).encode()}
     record = {"kind": "score", "input": str(tar), "samples_ok": len(keys), "samples_failed": 0, "modality": "pairs",
               "input_etag": None, "input_size": tar.stat().st_size}
-    commit.commit(open_storage(str(root / "scored")), i, f"synthetic{i}", files, record)
+    commit.commit(open_storage(str(root / "scored")), i, attempt or f"synthetic{i}", files, record)
     return keys
 
 

@@ -20,7 +20,7 @@ import redis
 import webdataset as wds
 from hypothesis import given, settings, strategies as st
 
-from clipbatch.core import commit, feed
+from clipbatch.core import commit, keys
 from clipbatch.core.broker import CURATE_STAGE, make_app
 from clipbatch.core.config import Settings
 from clipbatch.core.curation import load_plan
@@ -429,7 +429,7 @@ def test_every_stage_goes_through_the_queue_window(scored, tmp_path, redis_url, 
     assert status["state"] == "succeeded" and status["shards_done"] == status["shards_total"]
     assert outputs(tmp_path / "out") == reference
     assert 1 <= longest <= 2, longest
-    assert r.llen(feed.pending_key(job)) == 0
+    assert r.llen(keys.job_pending(job)) == 0
 
 
 def test_resubmit_after_redis_state_loss_runs_only_what_is_missing(scored, tmp_path, redis_url, start_worker):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from clipbatch.core import feed
+from clipbatch.core import feed, keys
 from clipbatch.core.config import Settings
 from clipbatch.core.specs import JobSpec, ModelSpec
 from clipbatch.orchestration import Client
@@ -96,7 +96,12 @@ def test_a_redelivered_shard_publishes_the_same_successor(redis_url):
 
     assert first == again == (0, "/in/0.tar", "v0") and other == (1, "/in/1.tar", "v1")
     assert pending.remaining(job_id) == 3
-    assert r.ttl(feed.fed_key(job_id)) > 0 and r.ttl(feed.pending_key(job_id)) > 0
+    assert r.ttl(keys.job_fed(job_id)) > 0 and r.ttl(keys.job_pending(job_id)) > 0
+    # once parent 0's successor is in the broker, a duplicate of parent 0 publishes nothing, ever
+    pending.sent(job_id, 0)
+    pending.sent(job_id, 0)
+    assert pending.successor(job_id, 0) is None and pending.remaining(job_id) == 3
+    assert pending.successor(job_id, 1) == (1, "/in/1.tar", "v1")
 
 
 def test_cancel_empties_the_queue_keda_reads_and_leaves_other_jobs_messages(world, checkpoint, redis_url, tmp_path):

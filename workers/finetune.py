@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from open_clip.loss import ClipLoss
 
-from clipbatch.core import layout
+from clipbatch.core import commit, layout
 from clipbatch.core.storage import open_storage, split
 from clipbatch.core.specs import FinetuneSpec, ModelSpec, ShardSpec
 from clipbatch.workers import runtime
@@ -49,6 +49,13 @@ def _load_state(spec: FinetuneSpec, step: int, device: torch.device):
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
     return bundle, optimizer
+
+
+def _previous_attempt(spec: FinetuneSpec, step: int) -> str | None:
+    """The commit of step - 1 this step trained on (its checkpoint is never replaced once committed): the
+    chain of steps is checkable from the markers alone."""
+    marker = commit.read_marker(open_storage(spec.output), step - 1) if step > 0 else None
+    return None if marker is None else marker["attempt"]
 
 
 def _pairs(shard_uri: str, preprocess) -> list[tuple[torch.Tensor, str]]:
@@ -98,7 +105,8 @@ def train_step(shard: ShardSpec, attempt: str) -> ShardResult:
     files = {layout.checkpoint(step): buf.getvalue(), layout.step_metrics(step): json.dumps(metrics, indent=2).encode()}
     info = open_storage(split(shard.input)[0]).info(split(shard.input)[1])
     return ShardResult(files, len(pairs), 0, info.size if info else 0, info.etag if info else "",
-                       record={"step": step, "loss": metrics["loss"], "logit_scale": logit_scale})
+                       record={"step": step, "loss": metrics["loss"], "logit_scale": logit_scale,
+                               "from_attempt": _previous_attempt(spec, step)})
 
 
 @torch.inference_mode()
