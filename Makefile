@@ -49,10 +49,11 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed $(CHECKOV)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# The interleaving search at length: many seeds, longer runs of operations (tests/test_interleavings.py).
+# The interleaving searches at length: many seeds, longer runs of operations (tests/test_interleavings*.py:
+# embed and score jobs; curation and fine-tune jobs).
 soak: $(BIN)/.installed
 	CLIPBATCH_INTERLEAVING_SEEDS=$${SEEDS:-40} CLIPBATCH_INTERLEAVING_STEPS=$${STEPS:-14} \
-		$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_interleavings.py
+		$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_interleavings.py tests/test_interleavings_stages.py
 
 clean:
 	rm -rf $(VENV) demo
