@@ -7,6 +7,7 @@ relative to the root the storage was opened on.
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import stat
@@ -20,6 +21,12 @@ from typing import BinaryIO, Protocol
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
 _S3_RETRIES = {"mode": "standard", "max_attempts": 8}
+# Unconditional writes above MULTIPART_THRESHOLD (training shards, large staging bundles) go up in
+# parts of MULTIPART_PART_BYTES (boto3 enlarges them past 10,000 parts), _MULTIPART_THREADS at a
+# time: a failed part is retried alone, and one PUT's 5 GiB cap does not apply.
+MULTIPART_THRESHOLD = 64 << 20
+MULTIPART_PART_BYTES = 16 << 20
+_MULTIPART_THREADS = 4
 _PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 
 
@@ -282,15 +289,30 @@ class S3Storage:
 
     def write(self, key: str, data: bytes) -> None:
         with _s3_errors(join(self.uri, key)):
-            s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+            if len(data) <= MULTIPART_THRESHOLD:
+                s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+            else:
+                self._put_parts(self._key(key), data)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
+        """One PutObject with If-None-Match: * at any size (up to S3's 5 GiB): racing multipart
+        completions with If-None-Match can all succeed on SeaweedFS 4.48 and moto 5.2 (docs/reliability.md),
+        racing PUTs cannot. Large files are staged unconditionally and committed by a small marker."""
         try:
             with _s3_errors(join(self.uri, key)):
                 s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
             return True
         except PreconditionFailed:
             return False
+
+    def _put_parts(self, key: str, data: bytes) -> None:
+        """boto3's managed upload: parts in parallel, and on any failure the upload is aborted, so no
+        parts are left behind (an open upload keeps them, billed and invisible to LIST, until aborted)."""
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_PART_BYTES,
+                                max_concurrency=_MULTIPART_THREADS, preferred_transfer_client="classic")
+        s3_client().upload_fileobj(io.BytesIO(data), self.bucket, key, Config=config)
 
     def exists(self, key: str) -> bool:
         return self.info(key) is not None

@@ -12,13 +12,15 @@ import pytest
 
 from clipbatch.core import commit, layout
 from clipbatch.core.storage import open_storage
+from tests.conftest import S3_SERVERS, new_bucket, use_s3_server
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", *S3_SERVERS])
 def storage(request, tmp_path):
     if request.param == "local":
         return open_storage(str(tmp_path / "out"))
-    return open_storage(f"s3://{request.getfixturevalue('bucket')}/out")
+    use_s3_server(request, request.param)
+    return open_storage(f"s3://{new_bucket()}/out")
 
 
 def files_for(tag: str) -> dict[str, bytes]:

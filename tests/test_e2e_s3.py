@@ -1,5 +1,5 @@
 """End to end against real services: the CLI submits to Redis, a real ``clipbatch worker``
-subprocess embeds shards of real photos read from S3 (moto on loopback) and writes there."""
+subprocess embeds shards of real photos read from S3 (moto, and SeaweedFS, on loopback) and writes there."""
 from __future__ import annotations
 
 import io
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import run_cli, service_env
+from tests.conftest import S3_SERVERS, run_cli, service_env
 from clipbatch.workers.compute import effective_precision
 
 pytestmark = pytest.mark.integration
@@ -74,6 +74,7 @@ def reference_embeddings(checkpoint, image_bytes: list[bytes], captions: list[st
     return norm(img), norm(txt)
 
 
+@pytest.mark.parametrize("s3_endpoint", S3_SERVERS, indirect=True)
 def test_submit_embed_s3_end_to_end_then_resubmit(redis_url, bucket, photo_shards, checkpoint, start_worker, tmp_path):
     # given: shards of real photos and the checkpoint in S3, and one real worker on its own queue
     folder, built = photo_shards

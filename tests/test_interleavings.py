@@ -2,11 +2,12 @@
 
 Each seed drives a random interleaving of submits (overlapping ones included), new and changed
 input shards, duplicate deliveries, worker SIGKILLs, cancels and Redis state loss against the
-real Redis, the moto S3 server and real worker subprocesses, with tiny shards; then lets every
-job end, resubmits until a job succeeds, and checks the invariant from storage alone.
+real Redis, an S3 server and real worker subprocesses, with tiny shards; then lets every job end,
+resubmits until a job succeeds, and checks the invariant from storage alone. Every seed runs twice:
+on moto and on SeaweedFS (a real S3 server, whose conditional puts the commit protocol relies on).
 
 ``CLIPBATCH_INTERLEAVING_SEEDS`` (default 3) and ``_STEPS`` (default 10) size the search; ``make soak``
-runs 40 seeds of 14 steps.
+runs 40 seeds of 14 steps (on both servers; ``-k moto`` or ``-k seaweedfs`` picks one).
 A failure names its seed and its operations: rerun it with ``CLIPBATCH_INTERLEAVING_FIRST_SEED``.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from clipbatch.core.specs import JobSpec, ModelSpec, SpecError
 from clipbatch.orchestration.client import Client, UnknownJob
 from clipbatch.sample_data import find_photos, photo_sample
 from clipbatch.workers.writers import write_tar
-from tests.conftest import service_env
+from tests.conftest import S3_SERVERS, service_env
 from tests.invariant import check_output
 
 pytestmark = pytest.mark.integration
@@ -158,9 +159,10 @@ def settle(world: World, checkpoint, timeout_s: float = 240) -> dict:
     raise AssertionError(f"no job succeeded within {timeout_s}s")
 
 
+@pytest.mark.parametrize("s3_endpoint", S3_SERVERS, indirect=True)
 @pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + SEEDS))
 def test_any_interleaving_keeps_every_sample_exactly_once(seed, redis_url, s3_endpoint, bucket, checkpoint,
-                                                          start_worker):
+                                                          start_worker, request):
     # given: two real workers, an input of two tiny shards, and a seeded sequence of operations
     base, _, db = redis_url.rpartition("/")
     own_redis = f"{base}/{int(db) + 3 + seed % 2}"  # flushed by lose_redis: not the suite's database
@@ -180,6 +182,7 @@ def test_any_interleaving_keeps_every_sample_exactly_once(seed, redis_url, s3_en
         # then: every input sample is in the output exactly once, from storage alone
         counts = check_output(world.output, world.inputs)
     except AssertionError as exc:
-        raise AssertionError(f"seed {seed} (rerun: CLIPBATCH_INTERLEAVING_FIRST_SEED={seed} "
-                             f"CLIPBATCH_INTERLEAVING_SEEDS=1): {exc}\noperations: {world.log}") from None
+        server = request.node.callspec.params["s3_endpoint"]
+        raise AssertionError(f"seed {seed} on {server} (rerun: CLIPBATCH_INTERLEAVING_FIRST_SEED={seed} "
+                             f"CLIPBATCH_INTERLEAVING_SEEDS=1, -k {server}): {exc}\noperations: {world.log}") from None
     print(f"\n[interleaving seed {seed}] {counts}, {world.tally}, jobs {len(world.jobs)}: {world.log}")

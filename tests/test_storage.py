@@ -1,4 +1,4 @@
-"""Storage semantics both backends must share, against a real local folder and moto's S3 server."""
+"""Storage semantics both backends must share, against a real local folder and two S3 servers (moto, SeaweedFS)."""
 from __future__ import annotations
 
 import multiprocessing
@@ -7,14 +7,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from clipbatch.core.storage import clients_built, open_storage, s3_client, split
+from tests.conftest import S3_SERVERS, new_bucket, use_s3_server
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", *S3_SERVERS])
 def storage(request, tmp_path):
     if request.param == "local":
         return open_storage(str(tmp_path / "root"))
-    bucket = request.getfixturevalue("bucket")
-    return open_storage(f"s3://{bucket}/some/prefix")
+    use_s3_server(request, request.param)
+    return open_storage(f"s3://{new_bucket()}/some/prefix")
 
 
 def test_write_read_list_delete(storage):
