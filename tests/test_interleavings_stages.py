@@ -1,8 +1,9 @@
 """The seeded search of tests/test_interleavings.py for the job kinds of several stages: curation and
 fine-tune jobs through the same faults (overlapping submits, duplicate messages of any committed task,
 worker SIGKILLs, cancels, Redis state loss), plus dead-lettered tasks (an input hidden for a while) and,
-for curation, a rescore of the scored input while jobs run. Then every job is let end, the output is
-resubmitted to success, and each kind's invariant is checked from storage alone:
+for curation, a rescore of the scored input while jobs run. Outputs are on S3, on moto and on SeaweedFS
+(inputs local). Then every job is let end, the output is resubmitted to success, and each kind's
+invariant is checked from storage alone:
 
 * curation: every output whose job reports ``succeeded`` holds the bytes of a fault-free run on the
   scored data its plan pinned (a rescore mid-run fails the job instead; a resubmit then goes to a new
@@ -10,8 +11,8 @@ resubmitted to success, and each kind's invariant is checked from storage alone:
 * fine-tune: steps 0..n-1 committed once each, every step trained on its predecessor's committed
   checkpoint (the chain of markers), and the final checkpoint is the last step's.
 
-``CLIPBATCH_INTERLEAVING_SEEDS`` / ``_STEPS`` / ``_FIRST_SEED`` size it as the embed search; ``make soak``
-runs both files at length.
+``CLIPBATCH_INTERLEAVING_STAGE_SEEDS`` (default 1 per kind and server), ``CLIPBATCH_INTERLEAVING_STEPS``
+and ``_FIRST_SEED`` size it; ``make soak`` runs both files at length.
 """
 from __future__ import annotations
 
@@ -36,12 +37,12 @@ from clipbatch.core.stages import task_of
 from clipbatch.core.storage import open_storage
 from clipbatch.orchestration.client import Client, UnknownJob
 from clipbatch.sample_data import shape_collection
-from tests.conftest import service_env
+from tests.conftest import S3_SERVERS, service_env
 from tests.curation_data import plant, write_scored, write_shard
 
 pytestmark = pytest.mark.integration
 
-SEEDS = int(os.environ.get("CLIPBATCH_INTERLEAVING_SEEDS", "2"))
+SEEDS = int(os.environ.get("CLIPBATCH_INTERLEAVING_STAGE_SEEDS", "1"))
 FIRST_SEED = int(os.environ.get("CLIPBATCH_INTERLEAVING_FIRST_SEED", "0"))
 STEPS = int(os.environ.get("CLIPBATCH_INTERLEAVING_STEPS", "8"))
 VISIBILITY_TIMEOUT_S = 4
@@ -58,7 +59,8 @@ class World:
     redis_url: str
     queue: str
     kind: str
-    outputs: list[Path] = field(default_factory=list)
+    bucket: str
+    outputs: list[str] = field(default_factory=list)
     jobs: list[str] = field(default_factory=list)
     hidden: list[tuple[Path, Path]] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
@@ -88,8 +90,8 @@ def client(world: World) -> Client:
 
 def spec(world: World, checkpoint: Path):
     if world.kind == "shards":
-        return TrainShardsSpec(str(world.root / "scored"), str(world.outputs[-1]), queue=world.queue, **CURATION)
-    return FinetuneSpec(f"{world.root}/train/{{00000..00002}}.tar", str(world.outputs[-1]),
+        return TrainShardsSpec(str(world.root / "scored"), world.outputs[-1], queue=world.queue, **CURATION)
+    return FinetuneSpec(f"{world.root}/train/{{00000..00002}}.tar", world.outputs[-1],
                         ModelSpec("clipbatch-tiny", str(checkpoint)), batch_size=8, queue=world.queue)
 
 
@@ -98,7 +100,7 @@ def submit(world: World, checkpoint: Path) -> str | None:
         job = client(world).submit(spec(world, checkpoint))
     except SpecError as exc:
         if "rescored since" in str(exc):  # the refusal says: a new output
-            world.outputs.append(world.root / f"out{len(world.outputs)}")
+            world.outputs.append(f"s3://{world.bucket}/out{len(world.outputs)}")
             world.count("new_output")
             return None
         assert "one job per output" in str(exc), exc
@@ -110,7 +112,7 @@ def submit(world: World, checkpoint: Path) -> str | None:
 
 def duplicate(world: World) -> str:
     """A duplicate message of a random committed task of the newest job (a stage's last task included)."""
-    markers = commit.list_markers(open_storage(str(world.outputs[-1])))
+    markers = commit.list_markers(open_storage(world.outputs[-1]))
     if not world.jobs or not markers:
         return "duplicate: nothing committed"
     index = world.rng.choice(sorted(markers))
@@ -193,11 +195,11 @@ def settle(world: World, checkpoint: Path, timeout_s: float = 400) -> dict:
 
 # ---- each kind's invariant, from storage alone ----
 
-def curated(output: Path) -> dict[str, bytes]:
+def curated(output: str) -> dict[str, bytes]:
     """What a curation job leaves but markers, its record, temporaries and the pins (attempt ids)."""
-    skip = ("_commits/", "_tmp/", "_job.json", layout.CURATION_PINS)
-    return {str(p.relative_to(output)): p.read_bytes() for p in sorted(output.rglob("*"))
-            if p.is_file() and not str(p.relative_to(output)).startswith(skip)}
+    storage = open_storage(output)
+    skip = (layout.MARKER_DIR + "/", layout.TMP_DIR + "/", layout.JOB_FILE, layout.CURATION_PINS)
+    return {key: storage.read(key) for key in sorted(storage.list("")) if not key.startswith(skip)}
 
 
 def set_version(root: Path, version: int, attempt: str) -> None:
@@ -221,41 +223,44 @@ def rescore(world: World) -> str:
     return f"rescore shard 2 (v{world.version})"
 
 
-def reference(world: World, output: Path, version: int, start_worker) -> dict[str, bytes]:
-    """A fault-free run on the same paths, scored shard 2 at ``version``: the output is moved aside and a
-    fresh job on a fresh worker writes it anew (paths are part of some files' bytes)."""
+def reference(world: World, output: str, version: int, start_worker) -> dict[str, bytes]:
+    """A fault-free run on the same paths (paths are part of some files' bytes), scored shard 2 at
+    ``version``: the output is emptied and a fresh job on a fresh worker writes it anew."""
     set_version(world.root, version, f"ref{version}")
-    aside = output.with_name(output.name + ".checked")
-    output.rename(aside)
+    storage = open_storage(output)
+    for key in storage.list(""):
+        storage.delete(key)
     queue = f"ref-{uuid.uuid4().hex[:6]}"
     worker = start_worker(queue, service_env(world.redis_url))
     c = Client(replace(Settings.from_env(), broker_url=world.redis_url))
-    job = c.submit(TrainShardsSpec(str(world.root / "scored"), str(output), queue=queue, **CURATION))
+    job = c.submit(TrainShardsSpec(str(world.root / "scored"), output, queue=queue, **CURATION))
     assert job.wait(timeout_s=300)["state"] == "succeeded", "the fault-free run failed"
     worker.stop()
-    expected = curated(output)
-    shutil.rmtree(output)
-    aside.rename(output)
-    return expected
+    return curated(output)
 
 
 def check_curation(world: World, start_worker) -> int:
     checked = 0
     for output in world.outputs:
-        record = output / layout.JOB_FILE
-        if not record.exists() or json.loads(record.read_text())["state"] != "succeeded":
+        storage = open_storage(output)
+        try:
+            record = json.loads(storage.read(layout.JOB_FILE))
+        except FileNotFoundError:
             continue
-        pinned = json.loads((output / layout.CURATION_PINS).read_text())["2"]
+        if record["state"] != "succeeded":
+            continue
+        pinned = json.loads(storage.read(layout.CURATION_PINS))["2"]
         version = 0 if pinned == "synthetic2" else int(pinned.removeprefix("v"))
-        assert curated(output) == reference(world, output, version, start_worker), \
-            f"{output.name}: not the fault-free bytes for scored shard 2 at {pinned}"
+        found = curated(output)
+        assert found == reference(world, output, version, start_worker), \
+            f"{output}: not the fault-free bytes for scored shard 2 at {pinned}"
         checked += 1
     assert checked, "no output holds a succeeded job"
     return checked
 
 
 def check_finetune(world: World, status: dict) -> None:
-    output = open_storage(str(world.outputs[-1]))
+    output = open_storage(world.outputs[-1])
     markers = commit.list_markers(output)
     steps = status["shards_total"]
     assert sorted(markers) == list(range(steps)), sorted(markers)
@@ -266,16 +271,18 @@ def check_finetune(world: World, status: dict) -> None:
     assert not [k for k in output.list("") if k.startswith(layout.TMP_DIR + "/")], "staged files left behind"
 
 
+@pytest.mark.parametrize("s3_endpoint", S3_SERVERS, indirect=True)
 @pytest.mark.parametrize("kind", ["shards", "finetune"])
 @pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + SEEDS))
-def test_any_interleaving_keeps_each_kinds_invariant(kind, seed, redis_url, tmp_path, checkpoint, start_worker):
+def test_any_interleaving_keeps_each_kinds_invariant(kind, seed, redis_url, s3_endpoint, bucket, tmp_path, checkpoint,
+                                                     start_worker):
     # given: two real workers, the job's input, and a seeded sequence of operations
     base, _, db = redis_url.rpartition("/")
     # flushed by lose_redis: not the suite's database, nor the embed search's (its + 3, + 4)
     own_redis = f"{base}/{(int(db) - 2 - seed % 2) % 16}"
     redis.Redis.from_url(own_redis).flushdb()
-    world = World(random.Random(seed), tmp_path, own_redis, f"ils-{seed}-{uuid.uuid4().hex[:6]}", kind,
-                  outputs=[tmp_path / "out"])
+    world = World(random.Random(seed), tmp_path, own_redis, f"ils-{seed}-{uuid.uuid4().hex[:6]}", kind, bucket,
+                  outputs=[f"s3://{bucket}/out"])
     if kind == "shards":
         write_scored(tmp_path, plant(PAIRS, seed=11, boundary_share=0.3), SCORED_SHARDS)
     else:
@@ -285,7 +292,7 @@ def test_any_interleaving_keeps_each_kinds_invariant(kind, seed, redis_url, tmp_
     operations = OPERATIONS + (("rescore",) if kind == "shards" else ())
 
     # when: the operations run, then every job is let end and the output is resubmitted to success
-    ops = [world.rng.choice(operations) for _ in range(STEPS)]
+    ops = ["submit"] + [world.rng.choice(operations) for _ in range(STEPS - 1)]  # faults hit a running job
     try:
         for op in ops:
             step(world, op, checkpoint, workers, start_worker, env)
