@@ -48,19 +48,21 @@ def test_a_dead_lettered_curation_task_ends_the_job_failed_and_frees_the_output(
     victim = f"{scored_uri}/{layout.embed_files(1)['img']}"
     hidden = victim + ".hidden"
     os.rename(victim, hidden)
-    queue, env = f"eng-{uuid.uuid4().hex[:8]}", service_env(redis_url, CLIPBATCH_MAX_RETRIES="1")
-    start_worker(queue, env)
+    try:
+        queue, env = f"eng-{uuid.uuid4().hex[:8]}", service_env(redis_url, CLIPBATCH_MAX_RETRIES="1")
+        start_worker(queue, env)
 
-    # when: a curation job runs on it
-    status = _curation_submit(scored_uri, tmp_path / "out", queue, env)
+        # when: a curation job runs on it
+        status = _curation_submit(scored_uri, tmp_path / "out", queue, env)
 
-    # then: it ended failed at the clusters stage, naming the task and its reason, with a resubmit hint
-    assert status["state"] == "failed", status
-    assert status["shards_total"] == 1 and list(status["failures"]) == ["0"]
-    assert "img_emb" in status["failures"]["0"] or "No such file" in status["failures"]["0"]
-    assert "stage clusters" in status["problem"] and "resubmit" in status["problem"]
+        # then: it ended failed at the clusters stage, naming the task and its reason, with a resubmit hint
+        assert status["state"] == "failed", status
+        assert status["shards_total"] == 1 and list(status["failures"]) == ["0"]
+        assert "img_emb" in status["failures"]["0"] or "No such file" in status["failures"]["0"]
+        assert "stage clusters" in status["problem"] and "resubmit" in status["problem"]
+    finally:
+        os.rename(hidden, victim)
     # and: the output is free: once the file is back, a resubmit runs the job to success
-    os.rename(hidden, victim)
     again = _curation_submit(scored_uri, tmp_path / "out", queue, env)
     assert again["state"] == "succeeded" and again["shards_done"] == again["shards_total"]
 
