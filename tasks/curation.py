@@ -21,6 +21,7 @@ from clipbatch.core.commit import list_markers
 from clipbatch.core.curation import CurationPlan, load_parts, load_plan, parse_input, plan_write, stage_tasks
 from clipbatch.core.curation_state import StageCounts
 from clipbatch.core.jobs import JobStore
+from clipbatch.core.results import ShardResult
 from clipbatch.core.specs import ShardSpec
 from clipbatch.core.storage import open_storage
 from clipbatch.tasks.app import app
@@ -28,7 +29,6 @@ from clipbatch.tasks.context import SETTINGS
 from clipbatch.tasks.lifecycle import ShardTask, run_message
 from clipbatch.workers.boundary import boundary_pass
 from clipbatch.workers.curation import assign_part, dedup_group, train_centroids
-from clipbatch.workers.embed import ShardResult
 from clipbatch.workers.runtime import available_cpus
 
 log = logging.getLogger("clipbatch.curation")

@@ -58,6 +58,13 @@ def test_producer_commands_never_load_the_worker_side():
     assert not {m for m in loaded if m.startswith(("torch", "open_clip", "clipbatch.tasks", "clipbatch.workers"))}
 
 
+def test_a_training_shard_task_loads_no_torch_to_get_its_result_type():
+    # given: the write stage of a curation job, which copies bytes and runs no model
+    loaded = loaded_by("import clipbatch.tasks.training_shards")
+    # then: its ShardResult comes from the core, not from the embedding compute
+    assert not {m for m in loaded if m.startswith(("torch", "open_clip"))}
+
+
 def test_a_fresh_install_exposes_only_the_clipbatch_namespace_and_command(tmp_path):
     # given: a wheel built from the checkout, as pip builds it for any install
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
