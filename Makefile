@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (see README.md):
 #   make demo   set up, then run the main job on the embedded default over real photos
 #   make test   set up with the test extras, then run the whole test suite
+#   make test-fast   the tests that need no Redis, S3 or worker process (and are not slow)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test soak install clean checkov clip-retrieval
+.PHONY: demo test test-fast soak install clean checkov clip-retrieval
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +49,10 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed $(CHECKOV)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Every test that needs no service (Redis, S3, a worker process) and is not slow: the loop while editing.
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration and not slow"
 
 # The interleaving search at length: many seeds, longer runs of operations (tests/test_interleavings.py).
 soak: $(BIN)/.installed

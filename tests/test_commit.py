@@ -14,7 +14,7 @@ from clipbatch.core import commit, layout
 from clipbatch.core.storage import open_storage
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def storage(request, tmp_path):
     if request.param == "local":
         return open_storage(str(tmp_path / "out"))

@@ -9,7 +9,7 @@ import pytest
 from clipbatch.core.storage import clients_built, open_storage, s3_client, split
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def storage(request, tmp_path):
     if request.param == "local":
         return open_storage(str(tmp_path / "root"))
@@ -51,6 +51,7 @@ def test_split_names_parent_and_object():
     assert split("x.tar") == (".", "x.tar")
 
 
+@pytest.mark.integration
 def test_one_s3_client_per_process_shared_by_threads_and_rebuilt_after_fork(bucket):
     # given: the process's client
     storage = open_storage(f"s3://{bucket}/p")
