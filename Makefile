@@ -13,7 +13,7 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test test-fast soak install clean checkov clip-retrieval
+.PHONY: demo test test-fast typecheck soak install clean checkov clip-retrieval
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,17 @@ clip-retrieval: $(CLIP_RETRIEVAL)
 demo: $(BIN)/.installed
 	$(BIN)/clipbatch demo --workdir demo
 
-test: $(BIN)/.installed $(CHECKOV)
+test: $(BIN)/.installed $(CHECKOV) typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# mypy over core/ and tasks/ ([tool.mypy] in pyproject.toml), which it reads as the clipbatch package from
+# a tree of links made here: clipbatch/*.py, and core/, orchestration/, tasks/, workers/ under their names.
+TYPECHECK_TREE := build/typecheck/clipbatch
+typecheck: $(BIN)/.installed
+	rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)
+	ln -s $(CURDIR)/clipbatch/*.py $(TYPECHECK_TREE)/
+	for folder in core orchestration tasks workers; do ln -s $(CURDIR)/$$folder $(TYPECHECK_TREE)/$$folder; done
+	$(BIN)/mypy
 
 # Every test that needs no service (Redis, S3, a worker process) and is not slow: the loop while editing.
 test-fast: $(BIN)/.installed
