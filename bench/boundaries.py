@@ -1,6 +1,6 @@
 """Idle time at shard boundaries of a real worker, read from its log and the shards' stats; and the
 same job run with shard prefetch off and on (CLIPBATCH_PREFETCH, tasks/prefetch.py) in interleaved
-rounds, each on a private redis-server (``bench/throughput.py --prefetch``).
+rounds, each on a private redis-server (``python -m bench.throughput --prefetch``).
 """
 from __future__ import annotations
 

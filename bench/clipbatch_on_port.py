@@ -1,6 +1,6 @@
 """``clipbatch ARGS`` with the private Redis of ``clipbatch run`` on a given loopback port.
 
-    python bench/clipbatch_on_port.py PORT run embed --input ... --output ...
+    python -m bench.clipbatch_on_port PORT run embed --input ... --output ...
 
 ``clipbatch run`` picks a free port for its redis-server; a bench on a shared machine may only
 use the ports it was given. Everything else is the ``clipbatch`` command as a user runs it.

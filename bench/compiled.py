@@ -1,6 +1,6 @@
 """Eager vs compiled forward (workers/compiled.py) on the same shards and weights, in interleaved rounds.
 
-Run through ``bench/throughput.py --compile``. Each round measures, in turn: the model alone on
+Run through ``python -m bench.throughput --compile``. Each round measures, in turn: the model alone on
 pre-made tensors eager and compiled, and the worker's task path (embed_shard + commit) with
 CLIPBATCH_COMPILE=0 and =1. Compilation is paid before the rounds and reported: by a fresh process
 with an empty inductor cache (a new worker), by a second one that finds the cache the first filled

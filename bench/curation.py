@@ -1,6 +1,6 @@
 """Curation on the workers against the exact single-machine greedy (issue 17).
 
-    .venv/bin/python bench/curation.py --sizes 100000,1000000 --workers 1,2 --exact-max 1000000 \\
+    .venv/bin/python -m bench.curation --sizes 100000,1000000 --workers 1,2 --exact-max 1000000 \\
         --exact-cap-factor 10 --out bench/results/<date>-curation.json --label "<what was measured>"
 
 For each size N it writes a synthetic scored output (tests/curation_data.py: fp16 512-d embeddings
@@ -36,12 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from tests.curation_data import plant, recall_precision, topics_for, write_scored, write_shard  # noqa: E402
+from tests.curation_data import plant, recall_precision, topics_for, write_scored, write_shard
 
 BIN = Path(sys.executable).parent
 DIM, SHARD, COSINE = 512, 10_000, 0.95

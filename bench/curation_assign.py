@@ -2,7 +2,7 @@
 faiss IVF index over the centroids (sqrt K coarse lists, --probe of them searched: O(sqrt K) per row), the
 candidate that was measured and not adopted (issue 17; docs/curation.md).
 
-    .venv/bin/python bench/curation_assign.py --scored /work/data/c10000000/scored --parts 20 --probes 8,32
+    .venv/bin/python -m bench.curation_assign --scored /work/data/c10000000/scored --parts 20 --probes 8,32
 
 Plans the job as `clipbatch submit shards --top-fraction 0.9 --dedup-cosine 0.95 --dedup-exact` would
 (default cluster size), trains the centroids with the clusters task's own code (its k-means at the time of the results was
@@ -17,22 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import faiss
+import numpy as np
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-
-from clipbatch.core import layout  # noqa: E402
-from clipbatch.core.curation import boundary_margin, load_parts, plan_curation, read_rows  # noqa: E402
-from clipbatch.core.specs import TrainShardsSpec  # noqa: E402
-from clipbatch.core.storage import open_storage  # noqa: E402
-from clipbatch.workers.curation import SEED, _selected_rows, nearest, normalised, train_centroids  # noqa: E402
+from clipbatch.core import layout
+from clipbatch.core.curation import boundary_margin, load_parts, plan_curation, read_rows
+from clipbatch.core.specs import TrainShardsSpec
+from clipbatch.core.storage import open_storage
+from clipbatch.workers.curation import SEED, _selected_rows, nearest, normalised, train_centroids
 
 
 def ivf_index(centroids: np.ndarray, probe: int) -> faiss.Index:

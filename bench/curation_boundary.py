@@ -1,6 +1,6 @@
 """Recall of the curation stages on the harsh straddling set, at sizes the test does not run (issue 17).
 
-    .venv/bin/python bench/curation_boundary.py --pairs 12000,40000 --seeds 11,12,13 --cluster-size 500
+    .venv/bin/python -m bench.curation_boundary --pairs 12000,40000 --seeds 11,12,13 --cluster-size 500
 
 Every planted near-duplicate group sits half-way between two topics (tests/curation_data.plant with
 boundary_share=1), so its rows straddle cluster boundaries. The stage functions (clusters, assign,
@@ -15,16 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from clipbatch.core.selection import exact_curation  # noqa: E402
-from clipbatch.core.specs import TrainShardsSpec  # noqa: E402
-from tests.curation_data import plant, recall_precision, run_stages, write_scored  # noqa: E402
+from clipbatch.core.selection import exact_curation
+from clipbatch.core.specs import TrainShardsSpec
+from tests.curation_data import plant, recall_precision, run_stages, write_scored
 
 COSINE, SHARDS = 0.95, 6
 

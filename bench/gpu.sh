@@ -42,7 +42,7 @@ for run in "${RUNS[@]}"; do
     pid=$!
   fi
   for decode in cpu device; do
-    CLIPBATCH_COMPILE=0 CLIPBATCH_DECODE=$decode timeout 200 "$PY" bench/throughput.py --model "$model" --device "$DEVICE" \
+    CLIPBATCH_COMPILE=0 CLIPBATCH_DECODE=$decode timeout 200 "$PY" -m bench.throughput --model "$model" --device "$DEVICE" \
       --batch-size "$batch" --input "$INPUT" --shards 4 --samples-per-shard "$SAMPLES" --max-side 512 --copies 4 --rounds "$rounds" \
       --skip-naive --out "$OUT/$DAY-h200.json" --label "$model-decode-$decode" || echo "$model (decode on $decode) failed: $?"
   done
@@ -55,7 +55,7 @@ done
 if [ -n "$COMPILE" ]; then  # eager vs compiled in one run: bf16, the fixed batch, the same input
   read -r model batch rounds <<< "$COMPILE"
   for mode in $COMPILE_MODES; do
-    CLIPBATCH_COMPILE_MODE=$mode timeout 420 "$PY" bench/throughput.py --model "$model" --device "$DEVICE" \
+    CLIPBATCH_COMPILE_MODE=$mode timeout 420 "$PY" -m bench.throughput --model "$model" --device "$DEVICE" \
       --batch-size "$batch" --input "$INPUT" --shards 4 --samples-per-shard "$SAMPLES" --max-side 512 --copies 2 \
       --rounds "$rounds" --compile --out "$OUT/$DAY-h200.json" --label "$model-compile-$mode" \
       || echo "$model (compile, $mode) failed: $?"

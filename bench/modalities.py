@@ -1,7 +1,7 @@
 """Pairs vs image-only vs text-only on the same shards, and what embedding a repeated caption once
 saves: the worker's task path (embed_shard, then the real commit) in interleaved rounds.
 
-Run through ``bench/throughput.py --modalities``. Two inputs of the same images (same seed): one
+Run through ``python -m bench.throughput --modalities``. Two inputs of the same images (same seed): one
 where every caption is distinct, one where every other caption is one of a few alt texts
 ("image", "photo", ...), as web collections repeat them.
 """

@@ -1,6 +1,6 @@
 """fp32 vs bf16 forward on the CPU (workers/compute.py), on the same shards and weights, in interleaved rounds.
 
-Run through ``bench/throughput.py --precision``. Each round measures, in turn: the model alone on
+Run through ``python -m bench.throughput --precision``. Each round measures, in turn: the model alone on
 pre-made tensors in fp32 and in bf16, and the worker's task path (embed_shard + commit) with
 CLIPBATCH_PRECISION=fp32 and =bf16. On a CPU without bf16 instructions bf16 runs fp32 (the
 result's ``effective`` says so) and the ratios are ~1.

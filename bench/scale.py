@@ -1,7 +1,7 @@
 """Control-plane cost curves: what planning, submitting, ending and committing a job cost as the
 output grows to 10^5 shards (issue 16). No model runs: the outputs are synthetic (tests/synthetic.py).
 
-    .venv/bin/python bench/scale.py --sizes 1000,10000,100000 --backends local,s3 --s3-max 10000 \\
+    .venv/bin/python -m bench.scale --sizes 1000,10000,100000 --backends local,s3 --s3-max 10000 \\
         --out bench/results/<date>-scale.json
 
 For each backend (a local folder; the moto server started here, behind tests/s3proxy.py's counting
@@ -34,13 +34,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from bench.scale_report import against, curves, plot, table
+from bench.scale_steps import QUEUE, child
+
 ROOT = Path(__file__).resolve().parents[1]
-# For tests/ (ahead of site-packages' own "tests"), behind PYTHONPATH: that may point clipbatch at another tree.
-sys.path.insert(1 + len([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), str(ROOT))
-
-from bench.scale_report import against, curves, plot, table  # noqa: E402
-from bench.scale_steps import QUEUE, child  # noqa: E402
-
+MODULE = "bench.scale"  # run from the repository root: python -m bench.scale (its steps too)
 BUCKET = "scale-bench"
 
 
@@ -59,7 +57,7 @@ class Bench:
         """Run one step in its own process, so its peak RSS and CPU are its own."""
         args = json.dumps({"op": op, "counts_url": self.counts_url, **args})
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--child", args], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", MODULE, "--child", args], capture_output=True, text=True,
                               env={**os.environ, "CLIPBATCH_BROKER_URL": self.redis_url})
         if done.returncode:
             raise RuntimeError(f"{op} failed:\n{done.stderr[-3000:]}")
@@ -224,7 +222,7 @@ def s3_behind_proxy(bench: Bench) -> Iterator[None]:
     port = _free_port()
     moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proxy = subprocess.Popen([sys.executable, __file__, "--serve-proxy", str(port)], stdin=subprocess.PIPE,
+    proxy = subprocess.Popen([sys.executable, "-m", MODULE, "--serve-proxy", str(port)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     saved = dict(os.environ)
     try:
@@ -293,11 +291,13 @@ def _nothing() -> Iterator[None]:
 
 
 CODE_ENV = "CLIPBATCH_SCALE_CODE"  # set once the bench runs on an archived commit's code
+PATH_OPTIONS = ("--out", "--baseline", "--plot", "--workdir")
 
 
 def run_on_commit(commit: str) -> None:
     """Re-run this bench with ``clipbatch`` imported from a ``git archive`` of ``commit`` (the bench
-    and tests/synthetic.py stay this checkout's): a clipbatch/ package whose subpackages link into it."""
+    and tests/synthetic.py stay this checkout's): a clipbatch/ package whose subpackages link into it,
+    beside links to this checkout's bench/ and tests/, is the folder it runs from."""
     sha = subprocess.run(["git", "rev-parse", commit], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     tree = Path(tempfile.mkdtemp(prefix=f"clipbatch-code-{sha.strip()[:8]}-"))
     archive = subprocess.run(["git", "archive", sha.strip()], cwd=ROOT, capture_output=True, check=True).stdout
@@ -308,8 +308,19 @@ def run_on_commit(commit: str) -> None:
         (package / source.name).write_bytes(source.read_bytes())
     for name in ("core", "orchestration", "tasks", "workers"):
         (package / name).symlink_to(tree / name)
-    env = {**os.environ, "PYTHONPATH": str(tree / "pkg"), CODE_ENV: sha.strip()}
-    os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+    for name in ("bench", "tests"):
+        (tree / "pkg" / name).symlink_to(ROOT / name)
+    argv = [_absolute(arg, sys.argv[i]) for i, arg in enumerate(sys.argv[1:])]
+    os.chdir(tree / "pkg")
+    os.execve(sys.executable, [sys.executable, "-m", MODULE, *argv], {**os.environ, CODE_ENV: sha.strip()})
+
+
+def _absolute(arg: str, before: str) -> str:
+    """A path option's value made absolute, so it names the same file from the archive's folder."""
+    option, eq, value = arg.partition("=")
+    if eq and option in PATH_OPTIONS:
+        return f"{option}={os.path.abspath(value)}"
+    return os.path.abspath(arg) if before in PATH_OPTIONS else arg
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Throughput of the worker against its own bounds, side by side in one run.
 
-    python bench/throughput.py --model clipbatch-tiny                      # builds its input from real photos
-    python bench/throughput.py --model ViT-B-32 --pretrained laion2b_s34b_b79k --device cuda --batch-size 512
+    python -m bench.throughput --model clipbatch-tiny                      # builds its input from real photos
+    python -m bench.throughput --model ViT-B-32 --pretrained laion2b_s34b_b79k --device cuda --batch-size 512
 
 On the same shards and the same weights it measures, in interleaved rounds (medians reported,
 since a shared machine is noisy):
@@ -18,12 +18,12 @@ With --prefetch it instead runs a real worker on 6 shards of 1,000 with shard pr
 (CLIPBATCH_PREFETCH), interleaved for --rounds rounds, and reports the idle shares at shard
 boundaries (bench/boundaries.py):
 
-    python bench/throughput.py --prefetch --rounds 2 --out bench/results/<date>-cpu.json
+    python -m bench.throughput --prefetch --rounds 2 --out bench/results/<date>-cpu.json
 
 With --modalities it instead compares the task path in each modality (pairs, image-only,
 text-only) on the same shards, and the caption-dedup saving (bench/modalities.py):
 
-    python bench/throughput.py --model ViT-B-32 --batch-size 64 --shards 2 --samples-per-shard 64 \
+    python -m bench.throughput --model ViT-B-32 --batch-size 64 --shards 2 --samples-per-shard 64 \
         --max-side 512 --modalities --out bench/results/<date>-cpu.json --label ViT-B-32-modalities
 """
 from __future__ import annotations
@@ -52,23 +52,21 @@ import click
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.boundaries import boundary_idle, compare_prefetch  # noqa: E402
-from bench.compiled import compare_compile  # noqa: E402
-from bench.modalities import compare_modalities  # noqa: E402
-from bench.precision import compare_precision  # noqa: E402
-from clipbatch.core import commit  # noqa: E402
-from clipbatch.core.storage import open_storage  # noqa: E402
-from clipbatch.core.specs import JobSpec, ModelSpec, ShardSpec  # noqa: E402
-from clipbatch.workers import runtime  # noqa: E402
-from clipbatch.workers.compiled import use_cache_dir  # noqa: E402
-from clipbatch.workers.compute import effective_precision, encode_pairs  # noqa: E402
-from clipbatch.workers.embed import embed_shard, pipeline_steps  # noqa: E402
-from clipbatch.workers.models import ModelBundle, save_seeded_checkpoint  # noqa: E402
-from clipbatch.workers.pipeline import PrefetchedBatches  # noqa: E402
-from clipbatch.sample_data import corrupt_samples, find_photos, photo_sample, write_shard  # noqa: E402
-from clipbatch.workers.samples import decode_sample, iter_raw_samples  # noqa: E402
+from bench.boundaries import boundary_idle, compare_prefetch
+from bench.compiled import compare_compile
+from bench.modalities import compare_modalities
+from bench.precision import compare_precision
+from clipbatch.core import commit
+from clipbatch.core.storage import open_storage
+from clipbatch.core.specs import JobSpec, ModelSpec, ShardSpec
+from clipbatch.workers import runtime
+from clipbatch.workers.compiled import use_cache_dir
+from clipbatch.workers.compute import effective_precision, encode_pairs
+from clipbatch.workers.embed import embed_shard, pipeline_steps
+from clipbatch.workers.models import ModelBundle, save_seeded_checkpoint
+from clipbatch.workers.pipeline import PrefetchedBatches
+from clipbatch.sample_data import corrupt_samples, find_photos, photo_sample, write_shard
+from clipbatch.workers.samples import decode_sample, iter_raw_samples
 
 COMMIT_LINE = re.compile(r"shard committed .*?samples=(\d+).*?setup_s=([\d.]+) compute_s=([\d.]+) commit_s=([\d.]+)")
 

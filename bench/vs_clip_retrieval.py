@@ -1,7 +1,7 @@
 """clipbatch against clip-retrieval 2.45.0: each whole command as a user runs it, same shards, same weights.
 
     make clip-retrieval                     # .venv/clip-retrieval, a venv of its own (its pins clash with ours)
-    .venv/bin/python bench/vs_clip_retrieval.py --shards 2 --samples-per-shard 128 --rounds 3 \\
+    .venv/bin/python -m bench.vs_clip_retrieval --shards 2 --samples-per-shard 128 --rounds 3 \\
         --out bench/results/<date>-cpu.json --label ViT-B-32-vs-clip-retrieval
 
 It builds webdataset shards once (JPEG variants of the photos shipped in the scikit-image,
@@ -45,13 +45,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from bench.throughput import _commit, build_input, count_good, save
+from clipbatch.workers.compute import effective_precision
+from clipbatch.workers.models import save_seeded_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.throughput import _commit, build_input, count_good, save  # noqa: E402
-from clipbatch.workers.compute import effective_precision  # noqa: E402
-from clipbatch.workers.models import save_seeded_checkpoint  # noqa: E402
-
 CLIP_RETRIEVAL_VENV = ROOT / ".venv" / "clip-retrieval"
 CLIP_RETRIEVAL_WORKERS = 4  # its default --num_prepro_workers
 DEFAULT_LABEL = "ViT-B-32-vs-clip-retrieval"

@@ -112,7 +112,7 @@ def pack(files: dict[str, bytes]) -> bytes:
 
 def unpack(data: bytes) -> dict[str, bytes]:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        return {m.name: f.read() for m in tar.getmembers() if m.isfile() and (f := tar.extractfile(m)) is not None}
 
 
 def _staged_keys(marker: dict[str, Any]) -> list[str]:

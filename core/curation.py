@@ -27,7 +27,7 @@ import io
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -167,7 +167,9 @@ def plan_curation(spec: TrainShardsSpec, output: Storage) -> tuple[CurationPlan,
     hist = merge(json.loads(source.read(layout.stats(i))).get("clip_score") or merge([]) for i in parts)
     if not hist["count"]:
         raise SpecError("scored", f"{spec.scored} has no clip_score; run a score job on it first")
-    threshold = float(spec.min_score) if spec.min_score is not None else quantile(hist, 1.0 - spec.top_fraction)
+    # a valid spec has exactly one of the two (TrainShardsSpec.validate)
+    threshold = (float(spec.min_score) if spec.min_score is not None
+                 else quantile(hist, 1.0 - cast(float, spec.top_fraction)))
     selected = _selected_estimate(hist, threshold)
     clusters = max(1, round(selected / spec.cluster_size)) if _route(spec) != "part" else max(1, len(parts))
     per_task = spec.clusters_per_task or max(1, TASK_ROWS // spec.cluster_size)
@@ -199,6 +201,8 @@ def _save_plan(output: Storage, uri: str, plan: CurationPlan, parts: list[int],
 def stage_tasks(plan: CurationPlan, output: str, stage: str, count: int | None = None) -> list[tuple[int, str]]:
     """Every task of ``stage``: (global index, input). ``count``: the write stage's tars."""
     n = plan.size(stage) if count is None else count
+    if n is None:
+        raise ValueError(f"the {stage} stage's task count is known once it is planned: pass count")
     return [(plan.base(stage) + k, task_input(output, stage, k)) for k in range(n)]
 
 

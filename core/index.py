@@ -55,7 +55,7 @@ def _read(storage: Storage) -> tuple[Entries, bool]:
     fetched = _fetch(storage, stale)
     entries: Entries = {}
     for index, info in listed.items():
-        raw = fetched[index] if index in stale else cached[index][1]
+        raw = fetched[index] if cached is None or index in stale else cached[index][1]
         if raw is not None:
             entries[index] = (_trusted_etag(storage, info, listed_at), raw)
     return entries, entries != cached

@@ -117,7 +117,8 @@ _LABEL_GAP_PX = 3
 def _threshold_labels(ax: Any, fraction_kept: dict[str, float]) -> list[Any]:
     """Label each threshold's line at the top; a label that would overlap one placed before hangs just
     below it instead (thresholds as close as 0.28 and 0.30 stay readable at any x range)."""
-    placed, labels = [], []
+    placed: list[Any] = []  # the window extents of the labels placed so far
+    labels = []
     for t in THRESHOLDS:
         label = ax.text(t, _LABEL_TOP, f" {t:.2f}\n {fraction_kept[f'{t:.2f}']:.1%} kept", color="crimson",
                         fontsize=7, va="top", transform=ax.get_xaxis_transform(),

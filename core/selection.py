@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -74,7 +75,9 @@ def exact_curation(spec: TrainShardsSpec) -> Reference:
     markers = commit.list_markers(source)
     parts = sorted(i for i, m in markers.items() if m["samples_ok"])
     hist = merge(json.loads(source.read(layout.stats(i)))["clip_score"] for i in parts)
-    threshold = float(spec.min_score) if spec.min_score is not None else quantile(hist, 1.0 - spec.top_fraction)
+    # a valid spec has exactly one of the two (TrainShardsSpec.validate)
+    threshold = (float(spec.min_score) if spec.min_score is not None
+                 else quantile(hist, 1.0 - cast(float, spec.top_fraction)))
     cols: dict[str, list] = {"part": [], "row": [], "score": [], "hash": [], "emb": []}
     total = 0
     for i in parts:

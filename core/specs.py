@@ -289,8 +289,9 @@ class FinetuneSpec:
 
 
 def job_from_dict(data: dict[str, Any]) -> JobSpec | TrainShardsSpec | FinetuneSpec:
-    kinds = {"shards": TrainShardsSpec, "finetune": FinetuneSpec}
-    return kinds.get(data.get("kind"), JobSpec).from_dict(data)
+    kinds: dict[str, type[TrainShardsSpec] | type[FinetuneSpec]] = {"shards": TrainShardsSpec,
+                                                                     "finetune": FinetuneSpec}
+    return kinds.get(data.get("kind", ""), JobSpec).from_dict(data)
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,7 @@ def report(job_or_output: str, as_json: bool) -> None:
 
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="TOML schedule file (see orchestration/schedule.py or the README).")
+              help="TOML schedule file (see orchestration/schedule.py or docs/usage.md).")
 @click.option("--state-dir", default=".clipbatch-scheduler", show_default=True, type=click.Path(file_okay=False),
               help="Where beat keeps its schedule state.")
 def scheduler(config_path: str, state_dir: str) -> None:

@@ -16,19 +16,16 @@ from threadpoolctl import threadpool_limits
 from clipbatch.core.broker import CURATE_STAGE, TRAIN_SHARD
 from clipbatch.core.curation import CurationPlan, load_parts, load_plan, parse_input
 from clipbatch.core.pins import check_pins
+from clipbatch.core.results import Files, ShardResult
 from clipbatch.core.specs import ShardSpec
 from clipbatch.core.storage import Storage, open_storage
 from clipbatch.tasks.app import app
 from clipbatch.tasks.lifecycle import ShardTask, run_message
 from clipbatch.workers.boundary import boundary_pass
 from clipbatch.workers.curation import assign_part, dedup_group, train_centroids
-from clipbatch.workers.embed import ShardResult
 from clipbatch.workers.runtime import available_cpus
 
 log = logging.getLogger("clipbatch.curation")
-
-Files = dict[str, bytes]
-
 
 def _clusters(plan: CurationPlan, output: Storage, n: int) -> tuple[Files, dict[str, Any]]:
     return train_centroids(plan, output)

@@ -19,6 +19,7 @@ from clipbatch.core import commit
 from clipbatch.core.broker import FINALIZE_JOB
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.keys import JobState
+from clipbatch.core.results import ShardResult
 from clipbatch.core.specs import ShardSpec, SpecError
 from clipbatch.core.storage import PERMANENT_ERRORS, open_storage
 from clipbatch.tasks.app import app
@@ -33,6 +34,8 @@ log = logging.getLogger("clipbatch.shard")
 # ``outcome``, ``result`` (the compute's result, None when compute did not run), ``marker`` and
 # ``timings`` (the seconds of the log line). Metrics listen here; a failing receiver is only logged.
 shard_finished = Signal(name="shard_finished")
+
+Compute = Callable[[ShardSpec, str], ShardResult]  # (shard, attempt id) -> what the attempt produced
 
 
 class ShardTask(Task):
@@ -65,7 +68,7 @@ def decode(jobs: JobStore, args: list[Any]) -> ShardSpec | None:
     return None if spec is None else ShardSpec.from_message(args, spec)
 
 
-def run_message(args: list[Any], compute: Callable[[ShardSpec, str], Any],
+def run_message(args: list[Any], compute: Compute,
                 after_commit: Callable[[JobStore, ShardSpec, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run one shard message (see :func:`run_shard`); a message of a job Redis no longer knows is dropped."""
     shard = decode(job_store(), args)
@@ -94,7 +97,7 @@ def _give_up(jobs: JobStore, shard: ShardSpec, deliveries: int) -> dict[str, Any
 
 def run_shard(
     shard: ShardSpec,
-    compute: Callable[[ShardSpec, str], Any],
+    compute: Compute,
     after_commit: Callable[[JobStore, ShardSpec, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``compute`` for ``shard`` unless it is already committed; count it exactly once.
@@ -162,7 +165,7 @@ def _stopped(status: dict[str, Any] | None) -> str | None:
     return "cancelled" if status["state"] == JobState.CANCELLED.value else None
 
 
-def _marker_record(shard: ShardSpec, result: Any) -> dict[str, Any]:
+def _marker_record(shard: ShardSpec, result: ShardResult) -> dict[str, Any]:
     """What the marker says of this attempt: the input it read, the counts, the job's identity."""
     return {
         "job_id": shard.job_id,

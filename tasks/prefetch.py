@@ -297,7 +297,9 @@ class ShardRequest(Request):
             restore = getattr(getattr(self.message.channel, "qos", None), "restore_by_tag", None)
             for tag in held_by(self.worker_pid) if restore is not None else ():
                 try:
-                    restore(tag)  # kombu's Redis QoS: back from the unacked hash, as the visibility timeout would
+                    # kombu's Redis QoS: back from the unacked hash, as the visibility timeout would (mypy does
+                    # not narrow restore through the loop's condition)
+                    restore(tag)  # type: ignore[misc]
                     log.warning("read-ahead message %s of lost process %d requeued", tag, self.worker_pid)
                 except Exception:  # noqa: BLE001 (still unacked: the visibility timeout restores it)
                     log.warning("read-ahead message %s not requeued", tag, exc_info=True)

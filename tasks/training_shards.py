@@ -15,7 +15,7 @@ from clipbatch.core.specs import ShardSpec
 from clipbatch.core.storage import open_storage
 from clipbatch.tasks.app import app
 from clipbatch.tasks.lifecycle import ShardTask, run_message
-from clipbatch.workers.embed import ShardResult
+from clipbatch.core.results import ShardResult
 from clipbatch.workers.training_shards import write_train_shard
 
 

@@ -23,6 +23,9 @@ REDIS_URL = os.environ.get("CLIPBATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/1
 BIN = Path(sys.executable).parent
 CLIPBATCH = str(BIN / "clipbatch")
 WORKER_READY_TIMEOUT_S = 120
+# The fixtures that start or reach a service: a test using one must be marked ``integration``, so
+# ``pytest -m "not integration"`` (``make test-fast``) needs no Redis, S3 or worker process.
+SERVICE_FIXTURES = frozenset({"redis_url", "s3_endpoint", "bucket", "start_worker"})
 
 
 def free_port() -> int:
@@ -45,6 +48,17 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, interva
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(interval_s)
+
+
+def require_integration(node: pytest.Item, used: set[str]) -> None:
+    """Fail an unmarked test that asks for a service, naming the fixture, before the service starts."""
+    if used and node.get_closest_marker("integration") is None:
+        pytest.fail(f"{node.nodeid} uses {', '.join(sorted(used))}: mark it integration "
+                    "(pytestmark = pytest.mark.integration, or @pytest.mark.integration)", pytrace=False)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    require_integration(item, SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())))
 
 
 @pytest.fixture(scope="session")
@@ -181,7 +195,9 @@ def s3_endpoint(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture()
-def bucket(s3_endpoint) -> str:
+def bucket(request) -> str:
+    require_integration(request.node, {"bucket"})  # also when asked for by name (getfixturevalue)
+    request.getfixturevalue("s3_endpoint")
     return new_bucket()
 
 
@@ -247,7 +263,8 @@ class Worker:
 
 
 @pytest.fixture()
-def start_worker(tmp_path) -> Iterator[Callable[..., Worker]]:
+def start_worker(request, tmp_path) -> Iterator[Callable[..., Worker]]:
+    require_integration(request.node, {"start_worker"})
     started: list[Worker] = []
 
     def start(queue: str, env: dict[str, str], wait: bool = True) -> Worker:

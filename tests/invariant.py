@@ -2,7 +2,7 @@
 
 Once the jobs on an output end: every input sample appears exactly once in the output (an
 embedding row or an error row), each output file holds the input shard its marker names, every
-file reads with the readers the README names (numpy, pyarrow), and nothing is left staged.
+file reads with the readers docs/outputs.md names (numpy, pyarrow), and nothing is left staged.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +27,7 @@ import boto3
 import numpy as np
 
 from clipbatch.core import layout
+from clipbatch.core.results import ShardResult
 from clipbatch.core.scores import histogram
 from clipbatch.core.specs import JobSpec, ModelSpec
 from clipbatch.core.storage import is_s3, join, open_storage, s3_client
@@ -48,18 +49,6 @@ class Fixture:
     input: str  # folder or s3:// prefix of the input tars
     output: str
     shards: int  # committed shards, indices 0..shards-1
-
-
-@dataclass
-class ShardOutput:
-    """What a shard compute returns (the fields ``tasks/lifecycle.run_shard`` reads of a ShardResult)."""
-
-    files: dict[str, bytes]
-    samples_ok: int
-    samples_failed: int
-    input_size: int
-    input_etag: str
-    record: dict[str, Any] = field(default_factory=lambda: {"retired": []})
 
 
 def job_spec(input: str, output: str, **options: Any) -> JobSpec:
@@ -127,12 +116,12 @@ def marker(spec: JobSpec, index: int, input_uri: str, size: int, etag: str, job_
             "retired": [], "index": index, "attempt": attempt, "files": sorted(files)}
 
 
-def compute(shard: Any, attempt: str) -> ShardOutput:
+def compute(shard: Any, attempt: str) -> ShardResult:
     """A stand-in for the model: a shard's synthetic output, for a real ``run_shard`` to commit."""
     parent, _, name = shard.input.rpartition("/")
     info = open_storage(parent).info(name)
     files = shard_files(shard.index, shard.input, shard.job_id, attempt)
-    return ShardOutput(files, SAMPLES, 0, info.size, info.etag)
+    return ShardResult(files, SAMPLES, 0, info.size, info.etag, record={"retired": []})
 
 
 class _Writer:

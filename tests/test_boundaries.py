@@ -1,8 +1,9 @@
 """The architecture, checked from the import graph: one namespace, imports in one direction.
 
 core <- orchestration (the producer, never torch)   core <- tasks (Celery) -> workers (compute)
-Each module is imported alone in a fresh interpreter and what it loaded is compared with what
-its side may load; a fresh wheel of the project is checked for what it installs.
+Every module of a side is imported in one fresh interpreter and what they loaded is compared with
+what the side may load (each alone, to name the culprit, when that finds something); a fresh wheel
+of the project is checked for what it installs.
 """
 from __future__ import annotations
 
@@ -38,14 +39,22 @@ def loaded_by(statement: str) -> set[str]:
     return set(json.loads(out.splitlines()[-1]))
 
 
+def forbidden(folder: str, loaded: set[str]) -> list[str]:
+    return sorted(m for m in loaded if m.startswith(FORBIDDEN[folder]) and m.split(".")[0] != "_")
+
+
 @pytest.mark.parametrize("folder", sorted(FOLDERS))
 def test_each_module_loads_only_what_its_side_may(folder):
     modules = modules_of(folder)
     assert len(modules) > 1
-    for module in modules:
-        loaded = loaded_by(f"import {module}")
-        bad = sorted(m for m in loaded if m.startswith(FORBIDDEN[folder]) and m.split(".")[0] != "_")
-        assert not bad, f"{module} loads {bad[:8]}"
+    # What the side's modules load together is what each loads alone, put together: one interpreter
+    # (one torch import) proves the rule for all of them; a module alone is imported only to name it.
+    together = forbidden(folder, loaded_by("; ".join(f"import {m}" for m in modules)))
+    if together:
+        for module in modules:
+            bad = forbidden(folder, loaded_by(f"import {module}"))
+            assert not bad, f"{module} loads {bad[:8]}"
+    assert not together, f"{folder}'s modules load {together[:8]} together, none alone"
 
 
 def test_producer_commands_never_load_the_worker_side():
@@ -56,6 +65,13 @@ def test_producer_commands_never_load_the_worker_side():
     )
     # then: neither torch nor the Celery task modules were imported
     assert not {m for m in loaded if m.startswith(("torch", "open_clip", "clipbatch.tasks", "clipbatch.workers"))}
+
+
+def test_a_training_shard_task_loads_no_torch_to_get_its_result_type():
+    # given: the write stage of a curation job, which copies bytes and runs no model
+    loaded = loaded_by("import clipbatch.tasks.training_shards")
+    # then: its ShardResult comes from the core, not from the embedding compute
+    assert not {m for m in loaded if m.startswith(("torch", "open_clip"))}
 
 
 def test_a_fresh_install_exposes_only_the_clipbatch_namespace_and_command(tmp_path):

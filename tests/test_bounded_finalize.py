@@ -24,6 +24,8 @@ from clipbatch.core.storage import open_storage
 from clipbatch.tasks.finalize import finalize
 from tests.s3proxy import FaultyS3Proxy
 
+pytestmark = pytest.mark.integration
+
 REASON = "image (jpg) undecodable"
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import free_port, run_cli, service_env
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture()
 def env(redis_url):

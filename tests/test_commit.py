@@ -15,7 +15,7 @@ from clipbatch.core.storage import open_storage
 from tests.conftest import S3_SERVERS, new_bucket, use_s3_server
 
 
-@pytest.fixture(params=["local", *S3_SERVERS])
+@pytest.fixture(params=["local", *(pytest.param(server, marks=pytest.mark.integration) for server in S3_SERVERS)])
 def storage(request, tmp_path):
     if request.param == "local":
         return open_storage(str(tmp_path / "out"))

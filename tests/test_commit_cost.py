@@ -19,6 +19,8 @@ from clipbatch.sample_data import build_collection
 from tests.conftest import service_env
 from tests.s3proxy import FaultyS3Proxy
 
+pytestmark = pytest.mark.integration
+
 CLIENT_BUILT = "Found credentials"  # botocore logs it (INFO) each time a client is built
 JOB_SHARDS = (2, 6)  # two jobs: the difference cancels each job's fixed costs
 WRITES_PER_SHARD = 8
@@ -107,7 +109,6 @@ def commit_seconds(log: str, job_id: str) -> list[float]:
     return [float(s) for s in re.findall(rf"shard committed job={job_id} .*?commit_s=([0-9.]+)", log)]
 
 
-@pytest.mark.integration
 def test_a_worker_builds_one_client_and_commits_in_few_writes(redis_url, s3_endpoint, bucket, checkpoint, tmp_path,
                                                               start_worker):
     # given: 1-sample shards on S3, a worker talking to S3 through a counting proxy

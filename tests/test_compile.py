@@ -50,6 +50,7 @@ def check_agreement(bundle, towers, rows: int, seed: int) -> None:
         assert cosines(eager, compiled).min() >= MIN_COSINE, (encode.__name__, rows)
 
 
+@pytest.mark.slow
 def test_compiled_tiny_model_agrees_with_eager_and_compiles_once_per_batch_size(checkpoint, tmp_path, monkeypatch):
     # given: the tiny model, its towers compiled for batches of 8, inductor's cache in a fresh folder
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
@@ -74,6 +75,7 @@ def test_compiled_tiny_model_agrees_with_eager_and_compiles_once_per_batch_size(
     assert towers.shape() == 4
 
 
+@pytest.mark.slow
 def test_compiled_vit_b32_agrees_with_eager(tmp_path, monkeypatch):
     # given: ViT-B-32 from a seeded random state (no download), compiled for batches of 4 (73 s on
     # 2 shared cores, compilation included)

@@ -141,6 +141,7 @@ def test_a_folder_with_symlinks_out_and_a_fifo(tmp_path, outside):
     assert all(SECRET_FILE_TEXT not in (r or "") for r in errors.values())
 
 
+@pytest.mark.integration
 def test_parquet_in_s3_refuses_other_buckets_and_prefixes(bucket, tmp_path, monkeypatch):
     # given: a parquet file in S3 naming an image beside it, one in another bucket and one under another prefix
     s3 = boto3.client("s3")

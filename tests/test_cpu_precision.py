@@ -35,7 +35,7 @@ def test_a_cpu_autocasts_to_bf16_only_with_bf16_instructions(monkeypatch):
 
 
 @needs_bf16
-@pytest.mark.parametrize("model", ["clipbatch-tiny", "ViT-B-32"])
+@pytest.mark.parametrize("model", ["clipbatch-tiny", pytest.param("ViT-B-32", marks=pytest.mark.slow)])
 def test_bf16_on_the_cpu_agrees_with_fp32(model, tmp_path):
     # given: the model from a seeded random state (no download), a batch of random images and captions
     bundle = load_model(ModelSpec(model, str(save_seeded_checkpoint(model, tmp_path / "m.pt", seed=0))), CPU)

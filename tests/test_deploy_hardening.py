@@ -61,6 +61,7 @@ def test_compose_holds_no_secret_and_pins_and_limits_every_service():
     assert "mc admin policy attach local clipbatch-bucket --user" in services["createbucket"]["command"][0]
 
 
+@pytest.mark.integration
 def test_compose_redis_command_starts_a_redis_that_needs_the_password(tmp_path):
     # given: compose's own Redis command (compose writes $$ for a literal $), on a free port here
     script = compose()["services"]["redis"]["command"][0].replace("$$", "$")

@@ -10,6 +10,8 @@ import redis
 
 from clipbatch.orchestration.embedded import private_redis
 
+pytestmark = pytest.mark.integration
+
 
 def test_the_private_redis_refuses_anyone_without_its_random_password(tmp_path):
     # given: two private Redis servers, as two `clipbatch run`s start them

@@ -35,6 +35,7 @@ def test_missing_shards_are_named(folder):
         uris(str(folder / "empty"))
 
 
+@pytest.mark.integration
 def test_s3_prefix_and_braces(bucket):
     s3 = boto3.client("s3")
     for name in ("d/00000.tar", "d/00001.tar", "d/00001.parquet", "d/x/00002.tar"):

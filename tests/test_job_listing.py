@@ -5,10 +5,13 @@ import json
 import re
 import uuid
 
+import pytest
 import redis
 
 from clipbatch.core import keys
 from tests.conftest import run_cli, service_env
+
+pytestmark = pytest.mark.integration
 
 TTL_S = 1234
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 import uuid
 
 import numpy as np
+import pytest
 import redis
 
 from clipbatch.core import keys, merged
 from clipbatch.core.jobs import Counted, JobStore
 from clipbatch.core.scores import histogram
 from clipbatch.core.keys import DEAD_LETTERS_MAX, JobState
+
+pytestmark = pytest.mark.integration
 
 
 def new_job(redis_url: str, total: int = 3, committed: dict | None = None) -> tuple[JobStore, str]:

@@ -55,7 +55,7 @@ class CountingStorage:
         return calls
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def storage(request, tmp_path) -> Storage:
     if request.param == "local":
         return open_storage(str(tmp_path / "out"))

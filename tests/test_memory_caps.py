@@ -284,6 +284,7 @@ def test_an_over_long_manifest_line_is_an_error_row_never_held_whole(tmp_path, m
     assert peak < 2 * MiB, peak
 
 
+@pytest.mark.integration
 def test_a_multiline_jsonl_manifest_in_s3_reads_line_by_line(bucket):
     # given: a JSONL manifest in S3 with lines longer than botocore's 1 KiB iteration chunks
     import boto3

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
+from clipbatch.core.results import ShardResult
 from clipbatch.tasks.metrics import OTHER_REASON, REASON_CATEGORIES, UNRECORDED_REASON, WorkerMetrics, reason_category
 
 # The reasons the readers and decoders write (workers/samples.py, readers.py, core/manifests.py),
@@ -38,13 +38,6 @@ HOSTILE = ["image (x\u202e\u0000) undecodable weird", "manifest line 99999999999
            "no imagery here", "image (a:b) refused", "Traceback (most recent call last)", "column", "\n".join("ab")]
 
 
-@dataclass
-class ShardResult:
-    samples_ok: int
-    samples_failed: int
-    files: dict[str, bytes] = field(default_factory=dict)
-
-
 def test_every_reason_written_today_has_its_own_category():
     assert {reason: reason_category(reason) for reason in KNOWN} == KNOWN
     assert set(KNOWN.values()) | {OTHER_REASON} == set(REASON_CATEGORIES)
@@ -55,7 +48,7 @@ def test_hostile_reasons_stay_within_the_fixed_label_set():
     metrics = WorkerMetrics()
     reasons = {reason: 1 for reason in HOSTILE} | {f"manifest line {n} is not valid JSON": 1 for n in range(300)}
     stats = json.dumps({"error_reasons": reasons}).encode()
-    result = ShardResult(samples_ok=0, samples_failed=sum(reasons.values()) + 2, files={"stats/0.json": stats})
+    result = ShardResult({"stats/0.json": stats}, 0, sum(reasons.values()) + 2, 0, "")
 
     # when: the shard's end is reported to the metrics
     metrics._shard_finished(result, {"seconds": 1.0, "setup_s": 0.1, "compute_s": 0.8, "commit_s": 0.1})

@@ -28,7 +28,6 @@ from tests.test_faults import assert_exactly_once, child_pids
 from tests.test_overlap_and_reruns import shard
 from tests.test_signed_messages import make_identity, signing_env
 
-pytestmark = pytest.mark.integration
 PREFETCH_ON = {"CLIPBATCH_PREFETCH": "1"}
 
 
@@ -61,6 +60,7 @@ def small_world(redis_url, checkpoint, tmp_path):
     return inputs, out, keys, f"pf-{uuid.uuid4().hex[:8]}", redis.Redis.from_url(redis_url)
 
 
+@pytest.mark.integration
 def test_every_shard_runs_exactly_once_and_read_aheads_start_warm(small_world, checkpoint, redis_url, start_worker):
     # given: a job of five shards, all in the queue, and one worker with prefetch on
     inputs, out, keys, queue, _ = small_world
@@ -82,6 +82,7 @@ def test_every_shard_runs_exactly_once_and_read_aheads_start_warm(small_world, c
     assert warm and warm <= set(taken)
 
 
+@pytest.mark.integration
 def test_prefetch_off_takes_no_read_ahead(small_world, checkpoint, redis_url, start_worker):
     inputs, out, keys, queue, _ = small_world
     job = client_for(redis_url, queue_window=5).submit(spec_for(inputs, out, checkpoint, queue))
@@ -91,6 +92,7 @@ def test_prefetch_off_takes_no_read_ahead(small_world, checkpoint, redis_url, st
     assert not read_aheads(worker.log())
 
 
+@pytest.mark.integration
 def test_a_read_ahead_of_another_task_goes_back_and_runs_normally(small_world, checkpoint, redis_url, start_worker):
     # given: a job's shard messages, with another task's message second in line
     inputs, out, keys, queue, r = small_world
@@ -113,6 +115,7 @@ def test_a_read_ahead_of_another_task_goes_back_and_runs_normally(small_world, c
     check_output(str(out), keys)
 
 
+@pytest.mark.integration
 def test_a_failing_read_ahead_is_requeued_and_retried_by_celery(small_world, checkpoint, redis_url, start_worker):
     # given: shard 1 (the first read-ahead) cannot put its image embeddings at their final name
     inputs, out, keys, queue, _ = small_world
@@ -135,6 +138,7 @@ def test_a_failing_read_ahead_is_requeued_and_retried_by_celery(small_world, che
     check_output(str(out), keys)
 
 
+@pytest.mark.integration
 def test_an_unsigned_message_taken_as_read_ahead_never_runs(redis_url, small_world, checkpoint, tmp_path,
                                                              start_worker):
     # given: signing on; a signed job, with an unsigned copy of its shard 1 second in line
@@ -201,6 +205,7 @@ def start_big_job(redis_url, big_shards, checkpoint, tmp_path, start_worker, **e
     return job, worker, out, queue, env
 
 
+@pytest.mark.integration
 def test_sigkill_of_the_pool_child_during_a_read_ahead_requeues_it_at_once(redis_url, big_shards, checkpoint,
                                                                            tmp_path, start_worker):
     # given: the default visibility timeout (an hour), and a worker running a shard it took as read-ahead
@@ -221,6 +226,7 @@ def test_sigkill_of_the_pool_child_during_a_read_ahead_requeues_it_at_once(redis
     assert_exactly_once(out, 4, built)
 
 
+@pytest.mark.integration
 def test_sigkill_of_the_whole_worker_during_a_read_ahead_still_completes_exactly_once(
         redis_url, big_shards, checkpoint, tmp_path, start_worker):
     # given: a short visibility timeout, and a worker running a shard it took as read-ahead

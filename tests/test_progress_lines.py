@@ -18,8 +18,6 @@ import pytest
 from tests.conftest import CLIPBATCH, free_port, run_cli, service_env
 from clipbatch.orchestration.progress import PlainLines, line_every_s
 
-pytestmark = pytest.mark.integration
-
 LINE = re.compile(
     r"^\[(\d+):(\d\d):(\d\d)\] job (\S+) (queued|submitting|running|succeeded|failed): shards (\d+)/(\d+)(?: \(\d+%\))?"
     r"(?:, \d+ failed)?, samples (\d+) \((\d+) bad\), ([\d.]+) samples/s, ETA (\S+)$")
@@ -43,6 +41,7 @@ def check_plain(stderr: str, job_id: str, shards: int) -> list[re.Match]:
     return lines
 
 
+@pytest.mark.integration
 def test_submit_wait_prints_plain_lines_to_a_pipe(redis_url, photo_shards, checkpoint, tmp_path, start_worker):
     # given: a real worker, and a CLI whose stderr is a pipe, asked for a line every 0.3 s
     folder, built = photo_shards
@@ -97,6 +96,7 @@ def watch_on_a_terminal(job_id: str, env: dict[str, str]) -> str:
             os.close(slave)
 
 
+@pytest.mark.integration
 def test_run_prints_plain_lines(photo_shards, checkpoint, tmp_path):
     # given: no shared Redis (run starts its own), stderr a pipe
     folder, built = photo_shards
@@ -113,6 +113,7 @@ def test_run_prints_plain_lines(photo_shards, checkpoint, tmp_path):
     check_plain(result.stderr, job_id, built["shards"])
 
 
+@pytest.mark.integration
 def test_json_output_prints_no_progress(redis_url, photo_shards, checkpoint, tmp_path, start_worker):
     # given: a job waited for with --json (a machine reads stdout; stderr stays quiet)
     folder, _ = photo_shards

@@ -82,6 +82,7 @@ def test_parquet_bytes_column_in_row_group_ranges(tmp_path):
     assert [s.uri for s in plan(str(tmp_path / "data.parquet"))[1]] == [str(tmp_path / "data.parquet")]
 
 
+@pytest.mark.integration
 def test_parquet_in_s3_with_relative_local_and_s3_paths(bucket, tmp_path, monkeypatch):
     # given: a parquet file in S3 naming images relative to it, by s3:// URI, by local path, and a missing one,
     # with the operator allowing the other prefix and the local folder as extra input roots
@@ -109,6 +110,7 @@ def test_parquet_in_s3_with_relative_local_and_s3_paths(bucket, tmp_path, monkey
         "(use a path relative to the input, or s3://)"
 
 
+@pytest.mark.integration
 def test_folder_and_manifest_in_s3(bucket):
     # given: an image folder in S3, and a JSONL manifest beside it naming its images relatively
     s3 = boto3.client("s3")

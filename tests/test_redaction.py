@@ -65,6 +65,7 @@ def test_error_rows_do_not_carry_credentials(tmp_path):
     assert not [r for r in reasons if SECRET in r]
 
 
+@pytest.mark.integration
 def test_message_argsrepr_and_sent_event_are_redacted(redis_url):
     # given: a message whose arguments hold credential URLs, published to a real Redis queue
     app = make_app(Settings(redis_url, 3600, 2, 3600))

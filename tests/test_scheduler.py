@@ -13,8 +13,6 @@ from clipbatch.orchestration.client import Client
 from clipbatch.core.config import Settings
 from tests.conftest import CLIPBATCH, run_cli, service_env, wait_for
 
-pytestmark = pytest.mark.integration
-
 
 def schedule_file(path, folder, output, cron: str, checkpoint) -> None:
     path.write_text(f"""
@@ -30,6 +28,7 @@ embeddings = false
 """)
 
 
+@pytest.mark.integration
 def test_scheduler_submits_at_the_scheduled_minute(redis_url, photo_shards, checkpoint, tmp_path):
     # given: a schedule whose cron time is the next minute (or the one after, if that is too close)
     folder, _ = photo_shards
@@ -61,6 +60,7 @@ def test_scheduler_submits_at_the_scheduled_minute(redis_url, photo_shards, chec
     assert "scheduled job submitted dataset=nightly-test" in (tmp_path / "scheduler.log").read_text()
 
 
+@pytest.mark.integration
 def test_a_bad_schedule_is_refused_naming_dataset_and_field(redis_url, tmp_path, photo_shards, checkpoint):
     folder, _ = photo_shards
     config = tmp_path / "bad.toml"

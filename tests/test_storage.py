@@ -10,7 +10,7 @@ from clipbatch.core.storage import clients_built, open_storage, s3_client, split
 from tests.conftest import S3_SERVERS, new_bucket, use_s3_server
 
 
-@pytest.fixture(params=["local", *S3_SERVERS])
+@pytest.fixture(params=["local", *(pytest.param(server, marks=pytest.mark.integration) for server in S3_SERVERS)])
 def storage(request, tmp_path):
     if request.param == "local":
         return open_storage(str(tmp_path / "root"))
@@ -52,6 +52,7 @@ def test_split_names_parent_and_object():
     assert split("x.tar") == (".", "x.tar")
 
 
+@pytest.mark.integration
 def test_one_s3_client_per_process_shared_by_threads_and_rebuilt_after_fork(bucket):
     # given: the process's client
     storage = open_storage(f"s3://{bucket}/p")

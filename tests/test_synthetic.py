@@ -22,7 +22,7 @@ def _roots(where: str, tmp_path, bucket: str | None) -> tuple[str, str]:
     return str(tmp_path / "in"), str(tmp_path / "out")
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def fixture(request, tmp_path) -> synthetic.Fixture:
     bucket = request.getfixturevalue("bucket") if request.param == "s3" else None
     return synthetic.build(*_roots(request.param, tmp_path, bucket), SHARDS)

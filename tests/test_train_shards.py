@@ -17,8 +17,6 @@ from clipbatch.core.selection import near_duplicates
 from tests.conftest import run_cli, service_env
 from tests.test_e2e_s3 import upload_shards, s3_bytes, samples_by_key
 
-pytestmark = pytest.mark.integration
-
 
 def test_near_duplicates_is_greedy_and_exact():
     a, b, c = np.eye(3, 4, dtype=np.float32)
@@ -27,6 +25,7 @@ def test_near_duplicates_is_greedy_and_exact():
     assert dropped.tolist() == [False, True, False, False, True]
 
 
+@pytest.mark.integration
 def test_shards_from_a_scored_output(redis_url, bucket, photo_shards, checkpoint, tmp_path, start_worker):
     # given: a scored output (with embeddings) of three shards of real photos
     folder, built = photo_shards

@@ -18,9 +18,10 @@ import numpy as np
 
 from clipbatch.core import layout
 from clipbatch.core.curation import CurationPlan, read_rows
+from clipbatch.core.results import Files
 from clipbatch.core.selection import near_duplicates
 from clipbatch.core.storage import Storage
-from clipbatch.workers.curation import Files, edge_dtype, normalised, npy, runs
+from clipbatch.workers.curation import edge_dtype, normalised, npy, runs
 
 CHANGE = np.dtype([("row", "<i4"), ("kept", "u1")])
 

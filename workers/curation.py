@@ -14,6 +14,7 @@ import numpy as np
 from clipbatch.core import layout
 from clipbatch.core.curation import (SAMPLE_MAX, SAMPLE_PARTS, SAMPLE_PER_CLUSTER, SPLIT_FACTOR, CurationPlan,
                                      boundary_margin, load_parts, read_metadata, read_rows)
+from clipbatch.core.results import Files
 from clipbatch.core.selection import near_duplicates
 from clipbatch.core.storage import Storage, open_storage, split
 from clipbatch.workers.samples import IMAGE_EXTS, content_hash, iter_raw_samples
@@ -21,7 +22,6 @@ from clipbatch.workers.samples import IMAGE_EXTS, content_hash, iter_raw_samples
 KMEANS_ITERATIONS = 20
 CANDIDATES = 4  # centroids faiss proposes per row, re-ranked exactly (nearest)
 SEED = 1234
-Files = dict[str, bytes]
 
 
 def npy(array: np.ndarray) -> bytes:

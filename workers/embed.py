@@ -19,6 +19,7 @@ import open_clip
 import torch
 
 from clipbatch.core import layout
+from clipbatch.core.results import ShardResult
 from clipbatch.core.scores import histogram
 from clipbatch.core.specs import ShardSpec
 from clipbatch.workers import compiled, readahead, runtime, writers
@@ -28,18 +29,6 @@ from clipbatch.workers.models import ModelBundle
 from clipbatch.workers.pipeline import PrefetchedBatches
 from clipbatch.workers.readers import members_for
 from clipbatch.workers.samples import PAIRS, Members, RawSample, Sample, decode_image, decode_sample
-
-
-@dataclass
-class ShardResult:
-    """Everything one attempt produced: output files by key, and the counts for the marker."""
-
-    files: dict[str, bytes]
-    samples_ok: int
-    samples_failed: int
-    input_size: int
-    input_etag: str
-    record: dict[str, Any] = field(default_factory=dict)  # extra fields for the commit marker
 
 
 @dataclass

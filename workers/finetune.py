@@ -18,10 +18,10 @@ import torch
 from open_clip.loss import ClipLoss
 
 from clipbatch.core import commit, layout
+from clipbatch.core.results import ShardResult
 from clipbatch.core.storage import open_storage, split
 from clipbatch.core.specs import FinetuneSpec, ModelSpec, ShardSpec
 from clipbatch.workers import runtime
-from clipbatch.workers.embed import ShardResult
 from clipbatch.workers.models import load_model
 from clipbatch.workers.samples import decode_sample, iter_raw_samples
 

@@ -10,10 +10,10 @@ import numpy as np
 
 from clipbatch.core import layout
 from clipbatch.core.curation import parse_input, read_metadata, read_rows
+from clipbatch.core.results import ShardResult
 from clipbatch.core.storage import Storage, open_storage, split
 from clipbatch.core.specs import ShardSpec
 from clipbatch.workers.boundary import apply_changes
-from clipbatch.workers.embed import ShardResult
 from clipbatch.workers.fasttar import iter_selected
 from clipbatch.workers.samples import CAPTION_EXT, IMAGE_EXTS
 from clipbatch.workers.writers import write_tar
