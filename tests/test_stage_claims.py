@@ -1,11 +1,11 @@
-"""The stage engine's claim (core/stages.py), searched against the real Redis with a recording broker (no
-worker: it is the claim that is under test): a stage's successor is launched exactly once whatever the
-order of its tasks' settles, duplicates and redeliveries; a task given up on ends the job at its stage.
+"""The stage engine's claim (core/stages.py), searched with the stub broker of tests/fakes.py (no worker:
+it is the claim that is under test), on the in-memory Redis (the fast tier) and on the real one: a
+stage's successor is launched exactly once whatever the order of its tasks' settles, duplicates and
+redeliveries; a task given up on ends the job at its stage.
 """
 from __future__ import annotations
 
 import uuid
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pytest
@@ -15,8 +15,16 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from clipbatch.core import keys
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.stages import Engine, NextStage, Stage
+from tests import fakes
 
-pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration)])
+def r(request):
+    """A Redis: fakeredis in this process, or the real one (the claim is Lua: both run the same script)."""
+    if request.param == "memory":
+        return fakes.memory_redis()
+    return redis.Redis.from_url(request.getfixturevalue("redis_url"), decode_responses=True)
 
 
 @dataclass(frozen=True)
@@ -33,29 +41,15 @@ class TwoStages:
         return NextStage("b", [(self.n + k, f"in#b={k}", None) for k in range(self.m)], self.m)
 
 
-class Recorder:
-    """A broker that records what would be sent (the app's send_task is all the engine uses)."""
-
-    def __init__(self) -> None:
-        self.sent: list[list] = []
-
-    def send_task(self, name, args, queue, producer=None):  # noqa: ANN001 (Celery's signature)
-        self.sent.append(args)
-
-    def producer_or_acquire(self):  # noqa: ANN201
-        return nullcontext(None)
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, 5), m=st.integers(0, 4), window=st.integers(1, 4), data=st.data())
-def test_a_stage_launches_its_successor_once_whatever_the_settles(redis_url, n, m, window, data):
+def test_a_stage_launches_its_successor_once_whatever_the_settles(r, n, m, window, data):
     # given: a job of two stages, its first stage's tasks settled in a random order with duplicates
     # (a redelivery or a duplicate message settles the same index again) and some given up on
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
     job = uuid.uuid4().hex[:12]
     jobs = JobStore(r, 600)
     jobs.create(job, {"kind": "shards", "output": "/x", "queue": "q"}, n, {})
-    broker = Recorder()
+    broker = fakes.StubBroker()
     engine = Engine(r, 600, broker, window)
     given_up = data.draw(st.sets(st.integers(0, n - 1), max_size=n), label="given up")
     order = data.draw(st.lists(st.integers(0, n - 1), min_size=n, max_size=3 * n).filter(
@@ -73,10 +67,10 @@ def test_a_stage_launches_its_successor_once_whatever_the_settles(redis_url, n, 
     assert all(o == "wait" for o in outcomes[:first_complete])
     if given_up:
         assert outcomes[first_complete] == "ended" and status["shards_total"] == n
-        assert broker.sent == [] and r.llen(keys.job_pending(job)) == 0
+        assert broker.messages == [] and r.llen(keys.job_pending(job)) == 0
     else:
         assert outcomes[first_complete] == "launched" and status["shards_total"] == n + m
-        sent = sorted(args[1] for args in broker.sent)
+        sent = sorted(m.args[1] for m in broker.messages)
         assert sorted(set(sent)) == sent, "a task of the next stage was published twice"
         # at least the window's worth went out (a late duplicate of a task that took no successor may take
         # one: the window grows by one, no task goes out twice), and the rest waits in the pending list
@@ -86,12 +80,11 @@ def test_a_stage_launches_its_successor_once_whatever_the_settles(redis_url, n, 
         outcomes[first_complete + 1:].count("launched") == 0
 
 
-def test_a_claimant_killed_before_its_launch_finishes_it_when_redelivered(redis_url):
+def test_a_claimant_killed_before_its_launch_finishes_it_when_redelivered(r):
     # given: the task that completed stage a claimed the transition, and died before launching it
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
     job = uuid.uuid4().hex[:12]
     JobStore(r, 600).create(job, {"kind": "shards", "output": "/x", "queue": "q"}, 2, {})
-    plan, broker = TwoStages(2, 3), Recorder()
+    plan, broker = TwoStages(2, 3), fakes.StubBroker()
     engine = Engine(r, 600, broker, 2)
     assert engine.settle(job, "shards", "q", 0, plan, False) == "wait"
 
@@ -107,18 +100,17 @@ def test_a_claimant_killed_before_its_launch_finishes_it_when_redelivered(redis_
     assert engine.settle(job, "shards", "q", 1, plan, False) == "done"
     # then: the next stage went out once
     assert JobStore(r, 600).get(job)["shards_total"] == 5
-    assert sorted(a[1] for a in broker.sent) == [2] and r.llen(keys.job_pending(job)) == 2
+    assert sorted(m.args[1] for m in broker.messages) == [2] and r.llen(keys.job_pending(job)) == 2
 
 
-def test_a_resubmit_never_relaunches_a_stage_that_was_complete_in_storage(redis_url):
+def test_a_resubmit_never_relaunches_a_stage_that_was_complete_in_storage(r):
     # given: a resubmitted job that starts at stage b (stage a complete in storage before it)
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
     job = uuid.uuid4().hex[:12]
     JobStore(r, 600).create(job, {"kind": "shards", "output": "/x", "queue": "q"}, 2, {})
-    broker = Recorder()
+    broker = fakes.StubBroker()
     engine = Engine(r, 600, broker, 2)
     engine.seed(job, Stage("b", 2, 0), [])
     # when: a duplicate of each of stage a's tasks arrives
     outcomes = [engine.settle(job, "shards", "q", i, TwoStages(2, 3), False) for i in (0, 1)]
     # then: nothing is launched
-    assert outcomes == ["done", "done"] and broker.sent == [] and r.llen(keys.job_pending(job)) == 0
+    assert outcomes == ["done", "done"] and broker.messages == [] and r.llen(keys.job_pending(job)) == 0
