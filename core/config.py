@@ -18,8 +18,8 @@ DEFAULT_JOB_TTL_S = 30 * 24 * 3600
 # A job keeps at most this many of its shard messages in the broker; the rest wait in its pending
 # list (core/feed.py). Keep it above the number of workers (KEDA: maxReplicaCount x listLength).
 DEFAULT_QUEUE_WINDOW = 1_000
-# A submit that has not finished enqueueing after this long is presumed dead: the next submit on
-# its output cancels it and takes the output over.
+# A submit whose producer has not refreshed its heartbeat for this long, while enqueueing, is presumed
+# dead: the workers' sweep (or the next submit on its output) ends its job failed (core/submits.py).
 DEFAULT_SUBMIT_STALE_S = 600
 
 

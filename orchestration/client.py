@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import redis
 
-from clipbatch.core import feed
+from clipbatch.core import feed, submits
 from clipbatch.core.config import Settings, redact
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.keys import JobState
@@ -49,7 +49,7 @@ class Client:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.redis = redis.Redis.from_url(self.settings.broker_url, decode_responses=True)
-        self.jobs = JobStore(self.redis, self.settings.job_ttl_s)
+        self.jobs = JobStore(self.redis, self.settings.job_ttl_s, submit_stale_s=self.settings.submit_stale_s)
         self.leases = OutputLeases(self.redis, self.settings.job_ttl_s)
         self.feed = feed.Feed(self.redis, self.settings.job_ttl_s)
         self.app = make_app(self.settings)
@@ -122,10 +122,10 @@ class Client:
             self.jobs.create(job_id, spec.to_dict(), start.total, markers)
             if start.stage is not None:
                 StageCounts(self.redis, self.settings.job_ttl_s).seed(job_id, start.stage, start.committed, start.tars)
-            self.jobs.mark_submitting(job_id)
             if start.todo:
                 feed.publish(self.app, self.feed, job_id, spec.queue, [(index, uri, None) for index, uri in start.todo],
-                             self.settings.queue_window, partial(feed.task_of, spec.kind))
+                             self.settings.queue_window, partial(feed.task_of, spec.kind),
+                             lambda _: self.jobs.mark_submitting(job_id))
             else:
                 self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue)
             self.jobs.mark_submitted(job_id)
@@ -173,12 +173,9 @@ class Client:
         self.leases.hold(output)
 
     def _submit_died(self, holder: str) -> bool:
-        """Cancel ``holder`` if its submit started enqueueing longer ago than CLIPBATCH_SUBMIT_STALE_S
-        and never finished (its process was killed): the next submit replans and completes the work."""
-        age = self.jobs.submit_unfinished_for(holder)
-        if age is None or age < self.settings.submit_stale_s:
-            return False
-        return self.job(holder).cancel()
+        """End ``holder`` ``failed`` if its submit died half-way (core/submits.py: its producer's
+        heartbeat lapsed over CLIPBATCH_SUBMIT_STALE_S ago): the next submit replans and completes the work."""
+        return submits.end_if_dead(self.jobs, holder, self.settings.submit_stale_s)
 
     def _launch(self, job_id: str, spec: JobSpec | TrainShardsSpec | FinetuneSpec, task: str, total: int,
                 committed: dict[int, dict[str, Any]], messages: list[tuple], rescored: int = 0) -> Job:
@@ -191,7 +188,6 @@ class Client:
         ``_job.json`` and the report), so the producer never writes to the output.
         """
         self.jobs.create(job_id, spec.to_dict(), total, committed, rescored)
-        self.jobs.mark_submitting(job_id)
         entries = [(index, uri, version[0] if version else None) for index, uri, *version in messages]
         window = self.settings.queue_window
         done = 0
@@ -199,6 +195,7 @@ class Client:
         def advance(count: int) -> None:
             nonlocal done
             done += count
+            self.jobs.mark_submitting(job_id)
             if self.progress is not None:
                 self.progress(done, len(entries))
 

@@ -46,7 +46,7 @@ CHAIN_ENV = "CLIPBATCH_PREFETCH_CHAIN"
 DEFAULT_PREFETCH = "1"
 DEFAULT_CHAIN = 4
 # A shard's job ended or is unknown: taking more of its queue's messages would only skip them here.
-_CHAIN_ENDS = ("cancelled", "job_unknown", "dead_lettered")
+_CHAIN_ENDS = ("cancelled", "job_ended", "job_unknown", "dead_lettered")
 _EMBEDDED_KEYS = ("callbacks", "errbacks", "chain", "chord")
 
 log = logging.getLogger("clipbatch.shard")
