@@ -18,8 +18,8 @@ DEFAULT_JOB_TTL_S = 30 * 24 * 3600
 # A job keeps at most this many of its shard messages in the broker; the rest wait in its pending
 # list (core/feed.py). Keep it above the number of workers (KEDA: maxReplicaCount x listLength).
 DEFAULT_QUEUE_WINDOW = 1_000
-# A submit that has not finished enqueueing after this long is presumed dead: the next submit on
-# its output cancels it and takes the output over.
+# A submit whose producer has not refreshed its heartbeat for this long, while enqueueing, is presumed
+# dead: the workers' sweep (or the next submit on its output) ends its job failed (core/submits.py).
 DEFAULT_SUBMIT_STALE_S = 600
 
 
@@ -40,12 +40,16 @@ def _int_env(name: str, default: int) -> int:
     return value
 
 
-# A URL's password runs to the last '@' before its host (as URL parsers read it, so an '@' inside a
-# password is masked too); a query parameter whose name says it is a credential is masked as well.
-_USERINFO = re.compile(r"""(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/?#@\s'"]*:)[^\s'"]*@""")
+# A URL's userinfo reads as URL parsers read it (urllib, redis-py): the user runs to the first ':'
+# (an '@' may be in it), the password from there to the last '@' before the host, so a password
+# holding '@', ':', '/', '%', quotes or backslashes is masked whole. Both stop only at whitespace (a
+# raw space cannot be in a URL): a password is never cut short at a character it may hold, and two
+# URLs glued without a space are masked from the first password to the last '@' (more, never less).
+# A query parameter whose name says it is a credential is masked to the next '&', '#' or space.
+_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/?#\s]*:)\S*@")
 _CREDENTIAL_PARAM = re.compile(
     r"""(?i)(?P<head>[?&;](?:[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|signature|"""
-    r"""credential)[\w.-]*|auth|sig|pass|key)=)[^&#\s'"]*""")
+    r"""credential)[\w.-]*|auth|sig|pass|key)=)[^&#\s]*""")
 
 
 def redact(text: str) -> str:

@@ -4,11 +4,13 @@ A job reads only under its input. A row's relative path resolves under its manif
 file's) folder and may not climb out; an absolute path, a ``file://`` URI or an ``s3://`` URI
 elsewhere (another bucket or prefix) is refused unless it lies under a root the operator allows
 (CLIPBATCH_INPUT_ROOTS); other schemes are refused. A local file is opened without following a
-symlink out of its root, and only a regular file is read (a device or FIFO never is). A refusal is
-an InputRefused whose message states the rule; the reader makes it that sample's error row.
+symlink out of its root (walked one component at a time from the root, so a folder swapped for a
+symlink meanwhile is not followed), and only a regular file is read (a device or FIFO never is). A
+refusal is an InputRefused whose message states the rule; the reader makes it that sample's error row.
 """
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import stat
@@ -24,6 +26,9 @@ class InputRefused(ValueError):
 INPUT_ROOTS_ENV = "CLIPBATCH_INPUT_ROOTS"
 _ALLOW = f"allow it with {INPUT_ROOTS_ENV}"
 _NOT_REGULAR = "is not a regular file (a device, FIFO or socket is never read)"
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO does not block the open
+_MAX_LINKS = 40  # symlinks followed in one path, as the kernel allows (ELOOP past it)
 
 
 def input_roots() -> tuple[str, ...]:
@@ -72,16 +77,86 @@ def confine(path: str, base_dir: str) -> tuple[str, str]:
 def open_confined(path: str, root: str) -> BinaryIO:
     """A local regular file under ``root``, opened for reading without following a symlink out of it.
 
-    The path is resolved once and the resolved file opened with O_NOFOLLOW and O_NONBLOCK (a FIFO
-    does not block the open); anything but a regular file (a device, a FIFO, a socket) is refused.
+    The path is walked from an open descriptor of ``root``, one component at a time, each opened
+    relative to the folder before it with O_NOFOLLOW (a folder swapped for a symlink meanwhile is
+    seen, never followed blindly); a symlink met on the way is read and its target walked the same
+    way, so one that leads inside the root is followed and one that leads out is refused. The file is
+    checked to be regular before it is opened (a device is never opened) and again after (O_NONBLOCK:
+    a FIFO swapped in does not block the open).
     """
-    real_root, real = os.path.realpath(root), os.path.realpath(path)
-    if not _under(real, real_root):
-        raise InputRefused(f"is a symlink that leads out of the input's folder; {_ALLOW}")
-    if not stat.S_ISREG(os.stat(real).st_mode):
-        raise InputRefused(_NOT_REGULAR)
-    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between the check and the open
-        os.close(fd)
+    root = os.path.abspath(root)
+    rel = os.path.relpath(os.path.abspath(path), root)
+    if rel == ".." or rel.startswith("../"):
+        raise InputRefused(f"is outside the input's folder; {_ALLOW}")
+    fd = _walk(root, [p for p in rel.split("/") if p not in ("", ".")])
+    if fd is None:
         raise InputRefused(_NOT_REGULAR)
     return os.fdopen(fd, "rb")
+
+
+def _walk(root: str, parts: list[str]) -> int | None:
+    """The descriptor of the regular file ``parts`` names under ``root`` (None when it is something
+    else), resolving symlinks within the root; InputRefused when one leads out."""
+    folders = [os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]  # the root, then each folder below
+    links = 0
+    try:
+        while parts:
+            name = parts.pop(0)
+            if name == "..":  # only from a symlink's target: the path itself was normalised
+                if len(folders) == 1:
+                    raise InputRefused(f"is a symlink that leads out of the input's folder; {_ALLOW}")
+                os.close(folders.pop())
+                continue
+            opened = _step(name, folders[-1], last=not parts)
+            if isinstance(opened, str):  # a symlink: walk its target instead
+                links += 1
+                if links > _MAX_LINKS:
+                    raise InputRefused("is a symlink loop (too many symlinks)")
+                if os.path.isabs(opened):
+                    while len(folders) > 1:
+                        os.close(folders.pop())
+                    opened = _inside(opened, root)
+                parts[:0] = [p for p in opened.split("/") if p not in ("", ".")]
+            elif parts and opened is not None:  # a folder's descriptor (None comes for the last component only)
+                folders.append(opened)
+            else:
+                return opened
+        return None  # the root itself, or a link to it: a folder
+    finally:
+        for fd in folders:
+            os.close(fd)
+
+
+def _step(name: str, folder: int, last: bool) -> int | str | None:
+    """``name`` in ``folder``, never following a symlink: a folder's descriptor (the last component:
+    a regular file's, checked before the open and after it), a symlink's target, or None when the
+    last component is no regular file."""
+    try:
+        if not last:
+            return os.open(name, _FOLDER_FLAGS, dir_fd=folder)
+        mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+        if stat.S_ISLNK(mode):
+            return os.readlink(name, dir_fd=folder)
+        if not stat.S_ISREG(mode):
+            return None
+        fd = os.open(name, _FILE_FLAGS, dir_fd=folder)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        try:
+            return os.readlink(name, dir_fd=folder)  # a symlink (or swapped for one since the check)
+        except OSError:
+            raise exc from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between the check and the open
+        os.close(fd)
+        return None
+    return fd
+
+
+def _inside(target: str, root: str) -> str:
+    """An absolute symlink target as a path relative to ``root`` (either spelling of it), or InputRefused."""
+    target = os.path.normpath(target)
+    for spelling in dict.fromkeys((root, os.path.realpath(root))):
+        if _under(target, spelling):
+            return os.path.relpath(target, spelling)
+    raise InputRefused(f"is a symlink that leads out of the input's folder; {_ALLOW}")

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from clipbatch.core import keys, merged, scores
+from clipbatch.core.config import DEFAULT_SUBMIT_STALE_S
 from clipbatch.core.keys import JobState
 
 _COUNTERS = ("shards_total", "shards_done", "shards_failed", "shards_skipped", "shards_rescored", "samples_done",
@@ -144,9 +145,11 @@ def _totals(fields: dict[str, str]) -> merged.Totals:
 class JobStore:
     """Reads and writes job records; each write helper is one round trip."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int, dead_letters_max: int = keys.DEAD_LETTERS_MAX) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, dead_letters_max: int = keys.DEAD_LETTERS_MAX,
+                 submit_stale_s: int = DEFAULT_SUBMIT_STALE_S) -> None:
         self.r = client
         self.ttl_s = ttl_s
+        self.submit_stale_s = submit_stale_s
         self.dead_letters_max = dead_letters_max
         self._done = client.register_script(_REPORT_DONE)
         self._failed = client.register_script(_REPORT_FAILED)
@@ -157,7 +160,11 @@ class JobStore:
 
     def create(self, job_id: str, spec: dict[str, Any], shards_total: int, committed: dict[int, dict],
                shards_rescored: int = 0) -> None:
-        """Write the job hash; shards already committed in storage count as done and skipped."""
+        """Write the job hash; shards already committed in storage count as done and skipped.
+
+        The record is born marked ``submitting``, with the producer's heartbeat and an entry in the
+        set of unfinished submits, in the same transaction: a producer killed at any point after it
+        leaves a record the sweep of dead submits ends (core/submits.py)."""
         now = time.time()
         record = {
             "job_id": job_id,
@@ -177,6 +184,7 @@ class JobStore:
             "samples_failed": sum(m["samples_failed"] for m in committed.values()),
             # which commits the plan kept: the job's end checks the saved totals hold exactly these
             "kept_digest": merged.digest((i, m.get("attempt")) for i, m in committed.items()),
+            "submitting": now,
         }
         pipe = self.r.pipeline()
         pipe.hset(keys.job(job_id), mapping=record)
@@ -184,6 +192,8 @@ class JobStore:
         if committed:
             pipe.sadd(keys.job_done(job_id), *committed)
             pipe.expire(keys.job_done(job_id), self.ttl_s)
+        pipe.set(keys.job_producer(job_id), "1", ex=self.submit_stale_s)
+        pipe.zadd(keys.SUBMITTING, {job_id: now})
         pipe.zadd(keys.JOBS_INDEX, {job_id: now})
         pipe.zremrangebyscore(keys.JOBS_INDEX, "-inf", now - self.ttl_s)  # their records have expired
         pipe.execute()
@@ -285,15 +295,14 @@ class JobStore:
         return list(self.r.zrevrange(keys.JOBS_INDEX, 0, limit - 1))
 
     def mark_submitting(self, job_id: str) -> None:
-        """The producer is enqueueing the job's messages (its window, then its pending list)."""
-        self.r.hset(keys.job(job_id), "submitting", time.time())
+        """The producer is still enqueueing the job's messages: its heartbeat lives another
+        CLIPBATCH_SUBMIT_STALE_S seconds (it refreshes it after each batch)."""
+        self.r.set(keys.job_producer(job_id), "1", ex=self.submit_stale_s)
 
     def mark_submitted(self, job_id: str) -> None:
         """The producer enqueued everything: the submit is whole."""
-        self.r.hdel(keys.job(job_id), "submitting")
-
-    def submit_unfinished_for(self, job_id: str) -> float | None:
-        """Seconds a job's submit has been enqueueing, None once it finished (or with no record).
-        A submit killed half-way leaves a record that stays here."""
-        started = self.r.hget(keys.job(job_id), "submitting")
-        return None if started is None else time.time() - float(started)
+        pipe = self.r.pipeline()
+        pipe.hdel(keys.job(job_id), "submitting")
+        pipe.delete(keys.job_producer(job_id))
+        pipe.zrem(keys.SUBMITTING, job_id)
+        pipe.execute()

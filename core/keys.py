@@ -6,6 +6,7 @@ from enum import Enum
 PREFIX = "clipbatch"
 JOBS_INDEX = f"{PREFIX}:jobs"  # sorted set: job_id -> created_at
 DEAD_LETTERS = f"{PREFIX}:dead_letters"  # list of JSON records, newest first
+SUBMITTING = f"{PREFIX}:submitting"  # sorted set: job_id -> created_at, of submits not yet whole
 # The dead-letter list keeps this many records, the newest; older ones are trimmed on each push.
 DEAD_LETTERS_MAX = 10_000
 
@@ -45,6 +46,11 @@ def job_deliveries(job_id: str) -> str:
 def job_finalizing(job_id: str) -> str:
     """String with a lease: the process finalising the job (one at a time)."""
     return f"{PREFIX}:job:{job_id}:finalizing"
+
+
+def job_producer(job_id: str) -> str:
+    """String with a TTL: the producer is still enqueueing the job's messages (refreshed as it goes)."""
+    return f"{PREFIX}:job:{job_id}:producer"
 
 
 def job_commits(job_id: str) -> str:

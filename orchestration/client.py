@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import redis
 
-from clipbatch.core import feed
+from clipbatch.core import feed, submits
 from clipbatch.core.config import Settings, redact
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.keys import JobState
@@ -48,7 +48,7 @@ class Client:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.redis = redis.Redis.from_url(self.settings.broker_url, decode_responses=True)
-        self.jobs = JobStore(self.redis, self.settings.job_ttl_s)
+        self.jobs = JobStore(self.redis, self.settings.job_ttl_s, submit_stale_s=self.settings.submit_stale_s)
         self.leases = OutputLeases(self.redis, self.settings.job_ttl_s)
         self.feed = feed.Feed(self.redis, self.settings.job_ttl_s)
         self.app = make_app(self.settings)
@@ -166,12 +166,9 @@ class Client:
         self.leases.hold(output)
 
     def _submit_died(self, holder: str) -> bool:
-        """Cancel ``holder`` if its submit started enqueueing longer ago than CLIPBATCH_SUBMIT_STALE_S
-        and never finished (its process was killed): the next submit replans and completes the work."""
-        age = self.jobs.submit_unfinished_for(holder)
-        if age is None or age < self.settings.submit_stale_s:
-            return False
-        return self.job(holder).cancel()
+        """End ``holder`` ``failed`` if its submit died half-way (core/submits.py: its producer's
+        heartbeat lapsed over CLIPBATCH_SUBMIT_STALE_S ago): the next submit replans and completes the work."""
+        return submits.end_if_dead(self.jobs, holder, self.settings.submit_stale_s)
 
     def _launch(self, job_id: str, spec: JobSpec | TrainShardsSpec | FinetuneSpec, total: int,
                 committed: dict[int, dict[str, Any]], entries: list[feed.Entry], rescored: int = 0,
@@ -188,12 +185,12 @@ class Client:
         self.jobs.create(job_id, spec.to_dict(), total, committed, rescored)
         if seed is not None:
             self.engine.seed(job_id, *seed)
-        self.jobs.mark_submitting(job_id)
         done = 0
 
         def advance(count: int) -> None:
             nonlocal done
             done += count
+            self.jobs.mark_submitting(job_id)
             if self.progress is not None:
                 self.progress(done, len(entries))
 

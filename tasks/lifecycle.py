@@ -156,13 +156,16 @@ def run_shard(
 
 
 def _stopped(status: dict[str, Any] | None) -> str | None:
-    """Why a shard must not run or commit: its job was cancelled, or its record is gone (Redis lost
-    its state, or it expired). Either way its output's lease is free, and a job submitted since
-    may have planned the output anew: a commit now could put an old input version, or an input
-    the new plan placed elsewhere, at this index. A resubmit recomputes what is dropped here."""
+    """Why a shard must not run or commit: its job was cancelled or has ended (a submit that died is
+    ended ``failed``: core/submits.py), or its record is gone (Redis lost its state, or it expired).
+    Either way its output's lease is free, and a job submitted since may have planned the output
+    anew: a commit now could put an old input version, or an input the new plan placed elsewhere, at
+    this index. A resubmit recomputes what is dropped here."""
     if status is None:
         return "job_unknown"
-    return "cancelled" if status["state"] == JobState.CANCELLED.value else None
+    if status["state"] == JobState.CANCELLED.value:
+        return "cancelled"
+    return "job_ended" if JobState(status["state"]).terminal else None
 
 
 def _marker_record(shard: ShardSpec, result: ShardResult) -> dict[str, Any]:

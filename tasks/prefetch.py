@@ -3,11 +3,11 @@
 With acks_late and a prefetch of 1 the broker hands a worker process its next message only after
 this one is acked, so the decode threads idle through each shard's tail (serialisation, commit,
 ack, delivery) and the model through the next shard's pipeline fill. Instead, once a shard's
-input is fully read, the task takes the next message from its own queue itself (kombu
-``basic_get`` without ack, on a connection this process owns: with the Redis transport the
-message sits in kombu's unacked hash as Celery's own deliveries do; if this process is lost the
-main process requeues it at once (``ShardRequest``), if the whole worker dies the visibility
-timeout restores it), vets it, and opens that shard's input on the decode pool.
+input is fully read, the task takes the next message from its own queue itself (on a connection
+this process owns, popped and recorded unacked in one step, tasks/held.py: it sits in kombu's
+unacked hash as Celery's own deliveries do, and in this process's set of held messages; if this
+process is lost the main process requeues it at once (``ShardRequest``), if the whole worker dies
+the visibility timeout restores it), vets it, and opens that shard's input on the decode pool.
 Once this shard is done (committed, successor published, counted) the read-ahead shard runs
 through the same lifecycle (``run_message``), then is acked.
 
@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from billiard.exceptions import WorkerLostError
-from billiard.process import current_process
 from celery import Task
 from celery.signals import task_postrun, task_prerun
 from celery.worker.request import Request
-from kombu import Queue
+from kombu.serialization import prepare_accept_content
 
 from clipbatch.core.specs import ShardSpec
+from clipbatch.tasks import held as holding
 from clipbatch.tasks.app import app
 from clipbatch.tasks.context import SETTINGS, job_store
 from clipbatch.tasks.lifecycle import decode, run_message
@@ -46,7 +46,7 @@ CHAIN_ENV = "CLIPBATCH_PREFETCH_CHAIN"
 DEFAULT_PREFETCH = "1"
 DEFAULT_CHAIN = 4
 # A shard's job ended or is unknown: taking more of its queue's messages would only skip them here.
-_CHAIN_ENDS = ("cancelled", "job_unknown", "dead_lettered")
+_CHAIN_ENDS = ("cancelled", "job_ended", "job_unknown", "dead_lettered")
 _EMBEDDED_KEYS = ("callbacks", "errbacks", "chain", "chord")
 
 log = logging.getLogger("clipbatch.shard")
@@ -55,12 +55,6 @@ log = logging.getLogger("clipbatch.shard")
 # this module is imported, so they share the page and see the flag.
 _stopping = mmap.mmap(-1, 1)
 _MAIN_PID = os.getpid()
-# The read-ahead messages each pool process holds unacked ("pid tag tag", one slot per process),
-# shared the same way: when a process dies, the main process hands them back to the queue at once,
-# as Celery does the message it delivered, instead of after the visibility timeout.
-_SLOTS, _SLOT_BYTES = 64, 128
-_held_tags = mmap.mmap(-1, _SLOTS * _SLOT_BYTES)
-_outstanding: list[str] = []
 
 
 def enabled() -> bool:
@@ -103,6 +97,7 @@ class _Chain:
     left: int
     warm: Callable[[ShardSpec], bool]
     held: _Held | None = None
+    holder: str = ""  # this process's set of held read-ahead messages (tasks/held.py)
     started: float = field(default_factory=time.monotonic)
     taken: int = 0  # read-aheads taken so far
 
@@ -126,7 +121,7 @@ def run_chained(task: Task, args: list[Any], compute: Callable[[ShardSpec, str],
     queue = (task.request.delivery_info or {}).get("routing_key")
     if not enabled() or not queue or chain_length() == 0:
         return run_message(args, compute)
-    chain = _Chain(task, queue, chain_length(), warm)
+    chain = _Chain(task, queue, chain_length(), warm, holder=holding.held_key(task.request.hostname, os.getpid()))
     _chains.append(chain)
     try:
         result = run_message(args, compute)
@@ -134,14 +129,14 @@ def run_chained(task: Task, args: list[Any], compute: Callable[[ShardSpec, str],
         while chain.held is not None:
             held, chain.held = chain.held, None
             if stopping():
-                _put_back(held.message, held.task_id, "worker_stopping")
+                _put_back(chain, held.message, held.task_id, "worker_stopping")
                 break
             _run_held(chain, held, compute)
         return result
     finally:
         _chains.clear()
         if chain.held is not None:  # the shard before it raised: Celery's path retries that one
-            _put_back(chain.held.message, chain.held.task_id, "chain_failed")
+            _put_back(chain, chain.held.message, chain.held.task_id, "chain_failed")
         readahead.discard()
 
 
@@ -166,7 +161,7 @@ def _run_held(chain: _Chain, held: _Held, compute: Callable[[ShardSpec, str], An
     except Exception as exc:  # noqa: BLE001 (any failure goes back to Celery's path, which knows what to do)
         log.warning("shard read-ahead failed, requeued id=%s reason=%s: %s", held.task_id, type(exc).__name__, exc)
         chain.left = 0
-        _put_back(held.message, held.task_id, "failed")
+        _put_back(chain, held.message, held.task_id, "failed")
         task_postrun.send(sender=task, task_id=held.task_id, task=task, args=held.args, kwargs={}, retval=None,
                           state="REQUEUED")
         _event(task, "task-rejected", uuid=held.task_id, requeue=True)
@@ -176,7 +171,7 @@ def _run_held(chain: _Chain, held: _Held, compute: Callable[[ShardSpec, str], An
     except Exception:  # noqa: BLE001 (unacked, it is restored after the visibility timeout: a committed duplicate)
         log.warning("read-ahead ack failed id=%s", held.task_id, exc_info=True)
         chain.left = 0
-    _holding(held.message, False)
+    _release(chain, held.message)
     _end_if_stopped(chain, result)
     task_postrun.send(sender=task, task_id=held.task_id, task=task, args=held.args, kwargs={}, retval=result,
                       state="SUCCESS")
@@ -208,7 +203,7 @@ def on_input_drained(shard: ShardSpec) -> None:
                  SETTINGS.visibility_timeout_s)
         chain.left = 0
         return
-    message = _take(chain.queue)
+    message = _take(chain)
     if message is None:
         return
     chain.left -= 1
@@ -227,22 +222,19 @@ def on_input_drained(shard: ShardSpec) -> None:
              else "?", held.task_id, warm)
 
 
-def _take(queue: str) -> Any:
-    """The next message of ``queue``, unacked (None when the queue is empty or the broker fails)."""
+def _take(chain: _Chain) -> Any:
+    """The next message of the chain's queue, unacked and held (None when the queue is empty or the broker fails)."""
     pid = os.getpid()
     try:
         if pid not in _connections:
             _connections.clear()
             _connections[pid] = app.connection_for_read()
-        channel = _connections[pid].default_channel
-        message = Queue(queue, channel=channel).get(no_ack=False, accept=app.conf.accept_content)
+        return holding.take(_connections[pid].default_channel, chain.queue, chain.holder,
+                            SETTINGS.visibility_timeout_s, prepare_accept_content(app.conf.accept_content))
     except Exception:  # noqa: BLE001 (the read-ahead is an optimisation: no message, no read-ahead)
-        log.warning("read-ahead take failed queue=%s", queue, exc_info=True)
+        log.warning("read-ahead take failed queue=%s", chain.queue, exc_info=True)
         _connections.clear()
         return None
-    if message is not None:
-        _holding(message, True)
-    return message
 
 
 def _vet(chain: _Chain, message: Any) -> _Held | None:
@@ -250,41 +242,26 @@ def _vet(chain: _Chain, message: Any) -> _Held | None:
     headers = message.headers or {}
     task_id = str(headers.get("id"))
     if headers.get("task") != chain.task.name:
-        return _put_back(message, task_id, "other_task")
+        return _put_back(chain, message, task_id, "other_task")
     if headers.get("eta") or headers.get("expires") or headers.get("retries") or headers.get("redelivered") \
             or (message.delivery_info or {}).get("redelivered"):
-        return _put_back(message, task_id, "not_plain")
+        return _put_back(chain, message, task_id, "not_plain")
     try:
         args, kwargs, embedded = message.decode()
     except Exception as exc:  # noqa: BLE001 (unsigned, untrusted, undecodable: Celery's consumer refuses it)
-        return _put_back(message, task_id, f"refused ({type(exc).__name__})")
+        return _put_back(chain, message, task_id, f"refused ({type(exc).__name__})")
     if kwargs or any((embedded or {}).get(k) for k in _EMBEDDED_KEYS) or not isinstance(args, list) or not args:
-        return _put_back(message, task_id, "not_plain")
+        return _put_back(chain, message, task_id, "not_plain")
     return _Held(message, task_id, args)
 
 
-def _holding(message: Any, held: bool) -> None:
-    """Record in this process's slot that it holds ``message`` unacked (or no longer)."""
-    tag = str(message.delivery_tag)
-    if held:
-        _outstanding.append(tag)
-    elif tag in _outstanding:
-        _outstanding.remove(tag)
-    index = getattr(current_process(), "index", None)
-    slot = (index if isinstance(index, int) else os.getpid()) % _SLOTS
-    entry = " ".join([str(os.getpid()), *_outstanding]).encode() if _outstanding else b""
-    _held_tags[slot * _SLOT_BYTES:(slot + 1) * _SLOT_BYTES] = entry[:_SLOT_BYTES].ljust(_SLOT_BYTES, b"\0")
-
-
-def held_by(pid: int) -> list[str]:
-    """The delivery tags of the read-ahead messages process ``pid`` held; its slot is cleared."""
-    tags = []
-    for slot in range(_SLOTS):
-        entry = _held_tags[slot * _SLOT_BYTES:(slot + 1) * _SLOT_BYTES].rstrip(b"\0").decode().split()
-        if entry and entry[0] == str(pid):
-            tags += entry[1:]
-            _held_tags[slot * _SLOT_BYTES:(slot + 1) * _SLOT_BYTES] = b"\0" * _SLOT_BYTES
-    return tags
+def _release(chain: _Chain, message: Any) -> None:
+    """``message`` is no longer held by this process (acked, or put back)."""
+    try:
+        with message.channel.conn_or_acquire() as client:
+            holding.release(client, chain.holder, str(message.delivery_tag))
+    except Exception:  # noqa: BLE001 (a stale record only makes a lost process's requeue find nothing)
+        log.warning("read-ahead record not cleared tag=%s", message.delivery_tag, exc_info=True)
 
 
 class ShardRequest(Request):
@@ -294,8 +271,15 @@ class ShardRequest(Request):
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
         exc = getattr(exc_info, "exception", None)
         if isinstance(getattr(exc, "exc", exc), WorkerLostError) and self.worker_pid:  # unwrap ExceptionWithTraceback
-            restore = getattr(getattr(self.message.channel, "qos", None), "restore_by_tag", None)
-            for tag in held_by(self.worker_pid) if restore is not None else ():
+            channel = self.message.channel
+            restore = getattr(getattr(channel, "qos", None), "restore_by_tag", None)
+            try:
+                with channel.conn_or_acquire() as client:
+                    tags = holding.held_by(client, holding.held_key(self.hostname, self.worker_pid))
+            except Exception:  # noqa: BLE001 (still unacked: the visibility timeout restores them)
+                log.warning("read-ahead messages of lost process %d not read", self.worker_pid, exc_info=True)
+                tags = []
+            for tag in tags if restore is not None else ():
                 try:
                     # kombu's Redis QoS: back from the unacked hash, as the visibility timeout would (mypy does
                     # not narrow restore through the loop's condition)
@@ -306,13 +290,13 @@ class ShardRequest(Request):
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
-def _put_back(message: Any, task_id: str, reason: str) -> None:
+def _put_back(chain: _Chain, message: Any, task_id: str, reason: str) -> None:
     """Requeue ``message`` untouched (kombu marks it redelivered: no read-ahead takes it again)."""
     log.info("read-ahead put back id=%s reason=%s", task_id, reason)
     try:
         message.reject(requeue=True)
     except Exception:  # noqa: BLE001 (still in the unacked hash: the visibility timeout restores it)
         log.warning("read-ahead put back failed id=%s", task_id, exc_info=True)
-    _holding(message, False)
+    _release(chain, message)
     return None
 

@@ -49,7 +49,7 @@ class Message:
 
 @dataclass
 class StubBroker:
-    """Celery's ``send_task`` (and the ``producer_or_acquire`` that core/feed.publish uses), recording
+    """Celery's ``send_task`` (and the ``producer_or_acquire`` that core/stages.Engine.publish uses), recording
     each message in order instead of sending it; nothing runs until a test runs it."""
 
     messages: list[Message] = field(default_factory=list)

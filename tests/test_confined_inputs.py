@@ -189,6 +189,80 @@ def test_confine_and_open_confined_directly(tmp_path):
         assert f.read() == b"x"
 
 
+@pytest.fixture()
+def nested(tmp_path):
+    """root/a/b/f.jpg holding the inside bytes, and a look-alike tree outside holding the secret."""
+    root, out = tmp_path / "root", tmp_path / "elsewhere"
+    for base, text in ((root, b"inside"), (out, SECRET_FILE_TEXT.encode())):
+        (base / "a" / "b").mkdir(parents=True)
+        (base / "a" / "b" / "f.jpg").write_bytes(text)
+        (base / "b").mkdir()
+        (base / "b" / "f.jpg").write_bytes(text)
+    return root, out
+
+
+def swap_before_open(monkeypatch, call: int, folder, target) -> list[bool]:
+    """Make ``folder`` a symlink to ``target`` just before the ``call``-th ``os.open`` (1: right after
+    the path was resolved, where the old open_confined opened it): a racing writer's move."""
+    real_open, calls, swapped = os.open, [0], [False]
+
+    def racing_open(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            os.rename(folder, f"{folder}.moved")
+            os.symlink(target, folder)
+            swapped[0] = True
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(os, "open", racing_open)
+    return swapped
+
+
+@pytest.mark.parametrize("call", [1, 2, 3])
+@pytest.mark.parametrize("swap", ["a", "a/b"])
+def test_a_folder_swapped_for_a_symlink_out_while_opening_is_never_followed(nested, monkeypatch, call, swap):
+    # given: a file two folders below the root, and a writer who swaps one of those folders for a
+    # symlink to a look-alike tree outside at some step of the open
+    root, out = nested
+    swapped = swap_before_open(monkeypatch, call, root / swap, out / swap)
+
+    # when: the file is opened confined
+    try:
+        with open_confined(str(root / "a" / "b" / "f.jpg"), str(root)) as f:
+            read = f.read()
+    except InputRefused as exc:
+        read = str(exc).encode()
+    monkeypatch.undo()
+
+    # then: the secret is never read; a swap that landed before the walk reached the folder is refused
+    assert SECRET_FILE_TEXT.encode() not in read
+    if call == 1:  # between resolving the path and opening it: the old code opened the file outside
+        assert swapped[0] and read.startswith(b"is a symlink that leads out"), read
+    else:  # a later step: the walk had passed the folder (it holds its descriptor) or meets the link
+        assert read == b"inside" or read.startswith(b"is a symlink that leads out"), read
+
+
+def test_symlinks_inside_the_root_are_followed_and_links_out_or_loops_refused(nested):
+    root, out = nested
+    (root / "rel").symlink_to("a/b/f.jpg")  # relative, to a file
+    (root / "a" / "up").symlink_to("../b")  # relative, to a folder, climbing within the root
+    (root / "abs").symlink_to(root / "a")  # absolute, to a folder inside
+    (root / "chain").symlink_to("rel")  # a link to a link
+    (root / "a" / "climb").symlink_to("../../elsewhere/b/f.jpg")  # relative, climbing out
+    (root / "absout").symlink_to(out / "b")  # absolute, out
+    (root / "loop").symlink_to("loop")
+    descriptors = len(os.listdir("/proc/self/fd"))
+    for name in ("rel", "a/up/f.jpg", "abs/b/f.jpg", "chain"):
+        with open_confined(str(root / name), str(root)) as f:
+            assert f.read() == b"inside", name
+    for name, rule in (("a/climb", "leads out"), ("absout/f.jpg", "leads out"), ("loop", "symlink loop")):
+        with pytest.raises(InputRefused, match=rule):
+            open_confined(str(root / name), str(root))
+    with pytest.raises(FileNotFoundError):
+        open_confined(str(root / "a" / "missing.jpg"), str(root))
+    assert len(os.listdir("/proc/self/fd")) == descriptors  # every folder's descriptor was closed
+
+
 @pytest.mark.integration
 def test_a_hostile_folder_and_manifest_through_a_real_worker(tmp_path, outside, checkpoint):
     # given: a folder of photos with a caption symlinked to a host file, and a hostile manifest

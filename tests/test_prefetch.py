@@ -246,6 +246,85 @@ def test_sigkill_of_the_whole_worker_during_a_read_ahead_still_completes_exactly
     assert_exactly_once(out, 4, built)
 
 
+# Loaded into a worker as sitecustomize (PYTHONPATH): a pool process SIGKILLs itself right after the
+# first command that took a message off the test's queue returns (kombu's RPOP before it records the
+# message unacked, or the one-step take), as the OOM killer could; the mark file makes it happen once.
+KILL_AFTER_TAKE = """
+import os, signal
+import redis.client
+MAIN, QUEUE, MARK = os.getpid(), os.environ["CLIPBATCH_TEST_KILL_QUEUE"], os.environ["CLIPBATCH_TEST_KILL_MARK"]
+_execute = redis.client.Redis.execute_command
+def _names(args):
+    name = str(args[0]).upper()
+    if name == "RPOP":
+        return args[1:2]
+    if name in ("EVAL", "EVALSHA"):
+        return args[3:3 + int(args[2])]
+    return ()
+def execute_command(self, *args, **options):
+    result = _execute(self, *args, **options)
+    if result and os.getpid() != MAIN and any(str(k) == QUEUE or k == QUEUE.encode() for k in _names(args)):
+        try:
+            os.close(os.open(MARK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return result
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+redis.client.Redis.execute_command = execute_command
+"""
+
+
+def test_a_pool_process_killed_right_after_taking_a_read_ahead_loses_nothing(small_world, checkpoint, redis_url,
+                                                                              start_worker, tmp_path):
+    # given: a job of five shards, and a worker whose pool process is SIGKILLed the instant its first
+    # read-ahead leaves the queue (the default one-hour visibility timeout: nothing comes back by it)
+    inputs, out, keys, queue, _ = small_world
+    hook, mark = tmp_path / "hook", tmp_path / "killed"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_AFTER_TAKE)
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p)
+    env = service_env(redis_url, **PREFETCH_ON, PYTHONPATH=path, CLIPBATCH_TEST_KILL_QUEUE=queue,
+                      CLIPBATCH_TEST_KILL_MARK=str(mark))
+    job = client_for(redis_url, queue_window=5).submit(spec_for(inputs, out, checkpoint, queue))
+
+    # when: the worker runs the job
+    worker = start_worker(queue, env)
+    status = job.wait(timeout_s=240)
+
+    # then: the process was killed there; the main process requeued the message it had taken (recorded
+    # in the same step as the take) with the one it was running, and every shard ran exactly once
+    log = worker.log()
+    assert mark.exists() and "WorkerLostError" in log, log[-3000:]
+    assert re.search(r"read-ahead message \S+ of lost process \d+ requeued", log), log[-3000:]
+    assert status["state"] == "succeeded" and status["shards_done"] == 5
+    check_output(str(out), keys)
+
+
+def test_read_aheads_are_recorded_per_process_at_any_pool_size(redis_url):
+    # given: 130 messages in a queue, and 130 pool processes of one worker (twice the old 64 slots)
+    from clipbatch.tasks import held
+
+    app = make_app(replace(Settings.from_env(), broker_url=redis_url))
+    queue = f"held-{uuid.uuid4().hex[:8]}"
+    sent = [app.send_task(EMBED_SHARD, args=["job", i], queue=queue).id for i in range(130)]
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+
+        # when: each process takes one read-ahead
+        taken = {pid: held.take(channel, queue, held.held_key("w@h", pid), 60, None) for pid in range(4000, 4130)}
+
+        # then: each message is unacked in kombu's hash and held by exactly the process that took it
+        assert r.llen(queue) == 0 and sorted(m.headers["id"] for m in taken.values()) == sorted(sent)
+        for pid, message in taken.items():
+            assert r.hexists("unacked", message.delivery_tag)
+            assert held.held_by(r, held.held_key("w@h", pid)) == [message.delivery_tag]
+            channel.qos.restore_by_tag(message.delivery_tag)  # what the main process does for a lost one
+    # and: every message is back in the queue, none held twice
+    assert r.llen(queue) == 130 and not r.keys("clipbatch:readahead:w@h:*")
+    r.delete(queue)
+
+
 class _Closes:
     def __init__(self) -> None:
         self.closed = 0

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import string
 import uuid
+from urllib.parse import quote
 
 import pytest
 import redis
+from hypothesis import assume, given, settings, strategies as st
 
 from clipbatch.core.broker import make_app
 from clipbatch.core.config import RedactingFilter, Settings, redact
@@ -22,6 +25,10 @@ FORMS = {
     "no_user": (f"redis://:{SECRET}@host:6379/0", "redis://:***@host:6379/0"),
     "at_in_password": (f"redis://:p@{SECRET}@host:6379/0", "redis://:***@host:6379/0"),
     "slash_in_password": (f"redis://u:a/{SECRET}@host/0", "redis://u:***@host/0"),
+    "quotes_in_password": (f"redis://u:a'{SECRET}\"b@host/0", "redis://u:***@host/0"),
+    "colon_and_percent_in_password": (f"redis://u:a:{SECRET}%40@host/0", "redis://u:***@host/0"),
+    "at_in_user": (f"redis://me@corp.example:{SECRET}@host/0", "redis://me@corp.example:***@host/0"),
+    "quote_in_query_password": (f"https://h/x?password=a'{SECRET}&x=1", "https://h/x?password=***&x=1"),
     "query_password": (f"rediss://host:6380/0?password={SECRET}&ssl_cert_reqs=required",
                        "rediss://host:6380/0?password=***&ssl_cert_reqs=required"),
     "both": (f"redis://u:{SECRET}@host/0?password={SECRET}", "redis://u:***@host/0?password=***"),
@@ -45,6 +52,64 @@ def test_redact_masks_each_url_form(form):
 @pytest.mark.parametrize("text", HARMLESS)
 def test_redact_leaves_urls_without_credentials_alone(text):
     assert redact(text) == text
+
+
+# Passwords from a broad alphabet: every printable non-space ASCII character (quotes, '@', ':', '/',
+# '%', '\\', '#', '?') and some letters beyond ASCII; used raw or percent-encoded, as a URL may carry them.
+_PASSWORD_CHARS = "".join(c for c in string.printable if not c.isspace()) + "\u00e9\u00df\u6f22\u0416"
+_SAFE = string.ascii_letters + string.digits + "-._~"
+_HOST = st.builds(lambda name, port: name + port, st.text(string.ascii_lowercase + string.digits + "-.", min_size=1,
+                  max_size=20).filter(lambda h: h[0].isalnum()), st.sampled_from(["", ":6379", ":6380", ":9000"]))
+_PATH = st.sampled_from(["", "/", "/0", "/11", "/bucket/key.tar", "/a/b%20c.jpg"])
+_PARAM = st.tuples(st.sampled_from(["db", "ssl_cert_reqs", "region", "x", "timeout"]), st.text(_SAFE, max_size=8))
+# A URL ends at whitespace (a raw space is never part of one): what follows it after a space reads as it was.
+_CONTEXT = st.sampled_from([("", ""), ("cannot reach ", " (refused)"), ("broker=", "\n"), ("[", " ]"),
+                            ("error: ", " - retrying")])
+
+
+@st.composite
+def credential_urls(draw) -> tuple[str, str, str]:
+    """(a URL holding a password, the same URL as redact should give it, the password as it appears)."""
+    scheme = draw(st.sampled_from(["redis", "rediss", "s3", "https", "amqp", "postgresql"]))
+    user = draw(st.text(_SAFE + "'\"%@!$*+()", max_size=12))
+    password = draw(st.text(_PASSWORD_CHARS, min_size=1, max_size=24))
+    written = quote(password, safe="") if draw(st.booleans()) else password
+    rest = draw(_HOST) + draw(_PATH)
+    params = draw(st.lists(_PARAM, max_size=3))
+    secret_param = draw(st.booleans())
+    query = "&".join(f"{k}={v}" for k, v in params)
+    shown = query
+    if secret_param:
+        # a query value holds '&', '#' and spaces only percent-encoded (a URL parser splits there)
+        query += ("&" if query else "") + f"password={quote(password, safe='')}"
+        shown += ("&" if shown else "") + "password=***"
+    tail, shown_tail = (f"?{query}", f"?{shown}") if query else ("", "")
+    return (f"{scheme}://{user}:{written}@{rest}{tail}", f"{scheme}://{user}:***@{rest}{shown_tail}", written)
+
+
+@settings(max_examples=400, deadline=None)
+@given(credential_urls(), _CONTEXT)
+def test_redact_masks_any_password_and_leaves_the_rest_readable(url, context):
+    # given: a URL with a password of any characters, said in a sentence
+    raw, expected, _ = url
+    before, after = context
+
+    # then: the password is gone and everything else reads as it was (scheme, user, host, path, query)
+    assert redact(before + raw + after) == before + expected + after
+    assert redact(expected) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(credential_urls())
+def test_redact_masks_passwords_in_the_reprs_logs_and_events_show(url):
+    # given: a URL in a list, as Celery's argsrepr and a log line's %r show it (quotes and backslashes escaped)
+    raw, expected, written = url
+    assume(len(written) >= 6 and written not in expected)
+
+    # then: the password, escaped or not, is not in what is shown, and the host still is
+    shown = redact(repr([raw, "next"]))
+    assert written not in shown and repr(written)[1:-1] not in shown
+    assert "***@" + expected.split("***@", 1)[1].split("?", 1)[0] in shown
 
 
 def test_log_filter_redacts_formatted_records():
