@@ -6,9 +6,9 @@ padded to 512 bytes, two zero blocks and padding to tarfile's record size. A nam
 otherwise (longer than 100 bytes, not ASCII) takes ``TarInfo.tobuf``'s header, so the bytes never differ.
 
 ``iter_selected`` streams a tar once, up to the last wanted sample, and returns the members of the wanted
-keys only; the others' data is skipped (a seek where the stream can); a wanted member's header checksum is
-checked. A tar with anything but plain file headers (pax, GNU long names,
-links, compression) is left to ``samples.iter_raw_samples``.
+keys only; the others' data is skipped (a seek where the stream can); every header's checksum is checked.
+A tar with anything but plain file headers (pax, GNU long names, links, compression), a damaged one and
+one that lacks a wanted key are left to ``samples.iter_raw_samples``.
 """
 from __future__ import annotations
 
@@ -95,9 +95,9 @@ def _plain_members(stream: BinaryIO, wanted: set[str]) -> Iterator[tuple[str, st
         size = int(head[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         key, ext = split_name(name)
         padded = size + (-size % BLOCK)
+        if int(head[148:156].split(b"\0", 1)[0].strip() or b"0", 8) != sum(head[:148]) + sum(head[156:]) + 256:
+            raise ValueError("bad checksum")
         if key in wanted:
-            if int(head[148:156].split(b"\0", 1)[0].strip() or b"0", 8) != sum(head[:148]) + sum(head[156:]) + 256:
-                raise ValueError("bad checksum")
             data = stream.read(padded)[:size]
             if len(data) < size:
                 raise ValueError("truncated member")
@@ -116,7 +116,7 @@ def _plain_members(stream: BinaryIO, wanted: set[str]) -> Iterator[tuple[str, st
 
 def iter_selected(open_stream: Callable[[], BinaryIO], wanted: set[str]) -> dict[str, dict[str, bytes]]:
     """The members of the ``wanted`` samples of a tar, streamed once up to the last of them (a sample's members
-    are contiguous), with tarfile's reader where the tar is not plain."""
+    are contiguous), with tarfile's reader where the tar is not plain, is damaged or lacks one of them."""
     found: dict[str, dict[str, bytes]] = {}
     try:
         with open_stream() as stream:
@@ -125,12 +125,12 @@ def iter_selected(open_stream: Callable[[], BinaryIO], wanted: set[str]) -> dict
                     found.setdefault(key, {})[ext] = data
                 elif len(found) == len(wanted):
                     break
-        return found
     except ValueError:
         found = {}
+    if len(found) == len(wanted):
+        return found
     with open_stream() as stream:
         for raw in iter_raw_samples(stream):
             if raw.key in wanted and raw.error is None:
                 found[raw.key] = raw.members
     return found
-
