@@ -40,6 +40,7 @@ _REASON_PATTERNS = (
     ("shard_unreadable", re.compile(r"shard unreadable\b")),
     ("shard_corrupt", re.compile(r"shard corrupt\b")),
     ("member_lost", re.compile(r"tar member lost\b")),
+    ("duplicate_key", re.compile(r"duplicate key\b")),
     ("no_image", re.compile(r"no image\b")),
     ("no_caption", re.compile(r"no caption\b")),
     ("caption_invalid", re.compile(r"caption is not valid UTF-8")),

@@ -115,16 +115,14 @@ def _plain_members(stream: BinaryIO, wanted: set[str]) -> Iterator[tuple[str, st
 
 
 def iter_selected(open_stream: Callable[[], BinaryIO], wanted: set[str]) -> dict[str, dict[str, bytes]]:
-    """The members of the ``wanted`` samples of a tar, streamed once up to the last of them (a sample's members
-    are contiguous), with tarfile's reader where the tar is not plain, is damaged or lacks one of them."""
+    """The members of the ``wanted`` samples of a tar, streamed once up to the last of them, with tarfile's
+    reader where the tar is not plain, is damaged or lacks one of them. A key names the first sample under it
+    (``samples.iter_raw_samples`` makes each later one an error row): a later run of members under a key
+    already passed is not read into it."""
     found: dict[str, dict[str, bytes]] = {}
     try:
         with open_stream() as stream:
-            for key, ext, data in _plain_members(stream, wanted):
-                if data is not None:
-                    found.setdefault(key, {})[ext] = data
-                elif len(found) == len(wanted):
-                    break
+            found = _first_runs(_plain_members(stream, wanted), wanted)
     except ValueError:
         found = {}
     if len(found) == len(wanted):
@@ -133,4 +131,22 @@ def iter_selected(open_stream: Callable[[], BinaryIO], wanted: set[str]) -> dict
         for raw in iter_raw_samples(stream):
             if raw.key in wanted and raw.error is None:
                 found[raw.key] = raw.members
+    return found
+
+
+def _first_runs(members: Iterator[tuple[str, str, bytes | None]], wanted: set[str]) -> dict[str, dict[str, bytes]]:
+    """The wanted samples' members, each from the first run of members under its key; stops once all are read
+    (a sample's members are contiguous)."""
+    found: dict[str, dict[str, bytes]] = {}
+    passed: set[str] = set()  # keys whose first run is over
+    last = None
+    for key, ext, data in members:
+        if key != last:
+            if last is not None:
+                passed.add(last)
+            if len(found) == len(wanted):
+                break
+            last = key
+        if data is not None and key not in passed:
+            found.setdefault(key, {})[ext] = data
     return found

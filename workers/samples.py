@@ -177,12 +177,14 @@ def iter_raw_samples(stream: BinaryIO, members: Members = PAIRS) -> Iterator[Raw
 
     A corrupt header is stepped over (workers/tarwalk.py): reading resumes at the next valid one, and
     a sample that lost a member to it (its name is the bad header's, or its members straddle the bad
-    bytes) is an error.
+    bytes) is an error. A key already seen in this tar is an error row for each later sample under it:
+    the first keeps the key, so a key names one sample (the curation write stage looks samples up by key).
     A member over its cap is not read: its sample carries the reason and its later members are
     skipped. Members ``members`` does not want (an image, for a text-only job) are not read.
     """
     walk = TarWalk(_decompressed(stream))
     current: RawSample | None = None
+    seen: set[str] = set()
     damage = 0  # walk.damage when current's last member was read
     failure = None
     try:
@@ -192,7 +194,8 @@ def iter_raw_samples(stream: BinaryIO, members: Members = PAIRS) -> Iterator[Raw
                 yield _checked(current, walk)
                 current = None
             if current is None:
-                current = RawSample(key)
+                current = RawSample(key, error=_duplicate(key, member.offset) if key in seen else None)
+                seen.add(key)
             elif walk.damage != damage and current.error is None:
                 current.error = f"tar member lost: bad tar data inside this sample, before byte {member.offset}"
             damage = walk.damage
@@ -207,6 +210,10 @@ def iter_raw_samples(stream: BinaryIO, members: Members = PAIRS) -> Iterator[Raw
     reason = walk.reason(failure)
     if reason:
         yield RawSample(TRUNCATED_KEY, error=reason)
+
+
+def _duplicate(key: str, offset: int) -> str:
+    return f"duplicate key: {key!r} again at byte {offset} of the tar (its first sample keeps the key)"
 
 
 def _checked(sample: RawSample, walk: TarWalk) -> RawSample:
