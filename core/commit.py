@@ -20,7 +20,7 @@ import os
 import tarfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from clipbatch.core import layout
 from clipbatch.core.storage import Storage
@@ -225,10 +225,14 @@ def honours_conditional_puts(storage: Storage, key: str) -> bool:
 
 
 def commit(
-    storage: Storage, index: int, attempt: str, files: dict[str, bytes], record: dict[str, Any]
+    storage: Storage, index: int, attempt: str, files: dict[str, bytes], record: dict[str, Any],
+    before_marker: Callable[[], None] | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """Stage ``files``, race for the marker and finish the winner's move.
 
+    ``before_marker`` runs once the files are staged, just before the marker's conditional put (the
+    staging upload can take long: the caller checks its job is still live there); whatever it raises
+    aborts the commit, with this attempt's staged files deleted first, and propagates.
     Returns (won, marker): ``marker`` is the winner's, whoever that is.
     """
     staging = STAGING_BUNDLE if sum(map(len, files.values())) <= BUNDLE_MAX_BYTES else STAGING_FILES
@@ -237,6 +241,12 @@ def commit(
         storage.write(layout.bundle(attempt), pack(files))
     else:
         _parallel(lambda name: storage.write(layout.staged(attempt, name), files[name]), files)
+    if before_marker is not None:
+        try:
+            before_marker()
+        except Exception:
+            _parallel(storage.delete, _staged_keys(marker))
+            raise
     won = storage.create_exclusive(layout.marker(index), json.dumps(marker, sort_keys=True).encode())
     if not won:
         seen = read_marker(storage, index)

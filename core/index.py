@@ -1,11 +1,13 @@
 """A checked index of an output's commit markers, so a plan reads O(new markers), not one GET each.
 
-The markers stay the truth. ``_index/markers.jsonl.gz`` caches, per marker, its index, its own
-bytes (as text) and the ETag a LIST of ``_commits/`` reported for it. Reading the markers is one
+The markers stay the truth. ``_index/markers.jsonl.gz`` caches, per marker, its index, its JSON
+text and the ETag a LIST of ``_commits/`` reported for it. Reading the markers is one
 GET of the index, the LIST (pages of 1,000), and one GET per marker that the index lacks or whose
 listed ETag differs from the cached one; an entry whose marker is no longer listed is dropped. An
 index that is missing, unreadable, or of an unknown version is ignored and rebuilt from the
-markers. The planner writes it back (one PUT) when it changed, under the output's lease.
+markers. The planner writes it back (one PUT) when it changed, under the output's lease; so does an
+embed or score job's end, from its LIST of the output and its own commits' markers (``after_job``), so
+that the plan after a job reads none of that job's markers.
 
 S3's ETag of a small PUT changes with the bytes; a local folder's is its mtime and size, so a
 marker rewritten with as many bytes in the same clock tick keeps its ETag. A marker modified
@@ -30,7 +32,7 @@ RACY_S = 2.0
 _IO_THREADS = 8
 _UNTRUSTED = ""  # the ETag cached for a racy entry: never equal to a listed one
 
-Entries = dict[int, tuple[str, str]]  # index -> (the marker's listed ETag, the marker's bytes as text)
+Entries = dict[int, tuple[str, str]]  # index -> (the marker's listed ETag, the marker as JSON text)
 
 
 def read_markers(storage: Storage) -> dict[int, dict[str, Any]]:
@@ -44,6 +46,23 @@ def refresh(storage: Storage) -> dict[int, dict[str, Any]]:
     if changed:
         storage.write(layout.MARKER_INDEX, dump(entries))
     return _markers(entries)
+
+
+def after_job(storage: Storage, listing: dict[str, ObjectInfo], listed_at: float,
+              markers: dict[int, dict[str, Any]]) -> None:
+    """At a job's end, under the output's lease: the index written from a LIST of the output taken before
+    ``markers`` were read (the job's own commits, as counted) and the stored index, whose entries the LIST
+    shows unchanged are kept; a marker in neither is left out, for the next plan to read. One GET, and one
+    PUT when the index changed: the next plan reads no marker the job committed."""
+    cached = load(storage) or {}
+    entries: Entries = {}
+    for index, info in _markers_in(listing).items():
+        if index in markers:
+            entries[index] = (_trusted_etag(storage, info, listed_at), json.dumps(markers[index], sort_keys=True))
+        elif index in cached and cached[index][0] == info.etag:
+            entries[index] = cached[index]
+    if entries != cached:
+        storage.write(layout.MARKER_INDEX, dump(entries))
 
 
 def _read(storage: Storage) -> tuple[Entries, bool]:
@@ -62,9 +81,14 @@ def _read(storage: Storage) -> tuple[Entries, bool]:
 
 
 def _listed(storage: Storage) -> dict[int, ObjectInfo]:
-    """The markers LIST reports, by index (keys that are not a marker's own name are not markers)."""
+    """The markers LIST reports, by index."""
+    return _markers_in(storage.list_info(layout.MARKER_DIR + "/"))
+
+
+def _markers_in(listing: dict[str, ObjectInfo]) -> dict[int, ObjectInfo]:
+    """The markers of a listing, by index (keys that are not a marker's own name are not markers)."""
     found = {}
-    for key, info in storage.list_info(layout.MARKER_DIR + "/").items():
+    for key, info in listing.items():
         index = layout.marker_index(key)
         if index is not None and key == layout.marker(index):
             found[index] = info

@@ -114,6 +114,7 @@ class Counted:
     record: list[Any]  # merged.shard_record: attempt, files, score bounds, counts
     stats: dict[str, Any]  # the shard's stats/{i}.json
     before: bool  # committed before this job (a plan's unfinished move): the saved totals hold it
+    marker: dict[str, Any] | None = None  # the commit's marker, for the index the job's end writes (core/index.py)
 
     def args(self) -> list[Any]:
         hist = self.stats.get("clip_score") or scores.merge([])
@@ -121,7 +122,7 @@ class Counted:
         pairs.update({f"b:{b}": c for b, c in hist["bins"].items()})
         pairs.update({f"t:{t}": c for t, c in hist["at_least"].items()})
         pairs.update({f"e:{r}": c for r, c in self.stats.get("error_reasons", {}).items()})
-        record = json.dumps({"record": self.record, "before": self.before})
+        record = json.dumps({"record": self.record, "before": self.before, "marker": self.marker})
         flat = [x for kv in pairs.items() for x in kv]
         return [record, "0" if self.before else "1", repr(float(hist["sum"])), repr(float(hist["sumsq"])), *flat]
 
@@ -279,6 +280,11 @@ class JobStore:
     def set_state(self, job_id: str, state: JobState) -> bool:
         """Move a job that is not finished yet; 'running' only from 'queued'."""
         return bool(self._state(keys=[keys.job(job_id)], args=[state.value, time.time()]))
+
+    def drop_counted(self, job_id: str) -> None:
+        """Free what only the job's end reads (each counted shard's record and marker, the merged totals)
+        once the job has ended, rather than for the job's TTL."""
+        self.r.delete(keys.job_commits(job_id), keys.job_merged(job_id))
 
     def done_indices(self, job_id: str) -> set[int]:
         """The shard indices counted as committed."""

@@ -16,6 +16,7 @@ import hashlib
 import redis
 
 from clipbatch.core import keys
+from clipbatch.core.storage import canonical
 
 # While a submit plans, before its job record exists, the lease lives this long.
 PLANNING_TTL_S = 900
@@ -40,8 +41,9 @@ return 0
 
 
 def key_for(output: str) -> str:
-    """The lease's key: a digest of the output URI (URIs can be long and hold any byte)."""
-    return f"{keys.PREFIX}:output:{hashlib.sha256(output.encode()).hexdigest()[:32]}"
+    """The lease's key: a digest of the output's canonical URI (``/x/sub/../out`` and ``/x/out``, or
+    ``s3://b/out/`` and ``s3://b/out``, are one output; URIs can be long and hold any byte)."""
+    return f"{keys.PREFIX}:output:{hashlib.sha256(canonical(output).encode()).hexdigest()[:32]}"
 
 
 class OutputLeases:

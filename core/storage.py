@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import shutil
 import stat
 import tempfile
@@ -94,6 +95,18 @@ def split(uri: str) -> tuple[str, str]:
     if parent.endswith(":/") or parent == "s3:":
         raise StorageError(f"{uri!r} does not name an object inside a bucket")
     return parent, name
+
+
+def canonical(uri: str) -> str:
+    """One name per storage location, for what there must be one of per output (its lease): an S3 URI as
+    its bucket and its prefix with empty, ``.`` and ``..`` segments resolved (a trailing slash, doubled
+    slashes); a local path or ``file://`` URI as its real path (``~``, ``..`` and symlinks resolved, as far
+    as the path exists). Two URIs with one canonical form are one output; a canonical URI is its own."""
+    if is_s3(uri):
+        bucket, _, prefix = uri[len(S3_SCHEME):].partition("/")
+        return f"{S3_SCHEME}{bucket}/{posixpath.normpath('/' + prefix).lstrip('/')}".rstrip("/")
+    path = uri[len(FILE_SCHEME):] if uri.startswith(FILE_SCHEME) else uri
+    return os.path.realpath(os.path.expanduser(path))
 
 
 def open_storage(uri: str) -> Storage:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clipbatch.core import commit, layout, merged
+from clipbatch.core.index import after_job as write_marker_index
 from clipbatch.core.broker import FINALIZE_JOB
 from clipbatch.core.jobs import Counted, JobStore
 from clipbatch.core.keys import JobState
@@ -75,6 +76,7 @@ def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:
         jobs.dead_letter(job_id, index, end.inputs.get(index, ""), problem)
     swept = commit.sweep_orphans(storage, end.named, time.time() - SETTINGS.visibility_timeout_s)
     jobs.set_state(job_id, final)
+    jobs.drop_counted(job_id)
     OutputLeases(jobs.r, jobs.ttl_s).release(status["output"], job_id)
     log.info("job finalized job=%s state=%s incomplete=%d orphans_swept=%d merged=%s", job_id, final.value,
              len(end.problems), swept, end.how)
@@ -96,17 +98,24 @@ def _end_other(jobs: JobStore, storage: Storage, record: dict[str, Any]) -> _End
 
 def _end_embed(jobs: JobStore, storage: Storage, record: dict[str, Any]) -> _End:
     """An embed or score job's end: the saved totals advanced by this job's shards (a bounded number of
-    requests), or, when they cannot be trusted, every marker and stats file read as before."""
+    requests), or, when they cannot be trusted, every marker and stats file read as before. The marker
+    index (core/index.py) is written from the end's one LIST of the output and the markers it knows (the
+    job's own commits, kept in Redis as they were counted), so the next plan reads none of them."""
     job = jobs.job_shards(record["job_id"], record)
+    listed_at = time.time()
+    listing = storage.list_info("")  # before any marker is read: a marker rewritten since then is read again
     try:
-        totals, replaced = _advance(storage, record, job)
+        totals, replaced = _advance(storage, record, job, set(listing))
         end = _End({}, {i: {"attempt": c[merged.ATTEMPT]} for i, c in totals.covers.items()}, how="bounded")
+        known = {i: rec["marker"] for i, rec in job.counted.items() if rec.get("marker")}
     except merged.Stale as why:
         log.warning("job end merges every shard's stats job=%s reason=%s", record["job_id"], why)
         markers, totals = full_totals(storage)
         end = _End(_incomplete(jobs, record["job_id"], storage, markers, record["kind"]), markers,
                    {i: m["input"] for i, m in markers.items()})
         replaced = [layout.replaced_stats(i) for i in _replaced_kept(storage)]
+        known = markers
+    write_marker_index(storage, listing, listed_at, known)
     end.summary = build_report(storage, record, totals)
     if end.problems:  # the next job's end must not trust totals over an output found incomplete
         _delete(storage, [layout.MERGED])
@@ -116,8 +125,10 @@ def _end_embed(jobs: JobStore, storage: Storage, record: dict[str, Any]) -> _End
     return end
 
 
-def _advance(storage: Storage, record: dict[str, Any], job: merged.JobShards) -> tuple[merged.Totals, list[str]]:
-    """Saved totals − the rescored shards' old stats + this job's, checked against one LIST of the output."""
+def _advance(storage: Storage, record: dict[str, Any], job: merged.JobShards,
+             present: set[str]) -> tuple[merged.Totals, list[str]]:
+    """Saved totals − the rescored shards' old stats + this job's, checked against ``present`` (one LIST of
+    the output)."""
     if record["shards_failed"]:
         raise merged.Stale("the job has failed shards")
     saved = _saved(storage, job)
@@ -125,7 +136,7 @@ def _advance(storage: Storage, record: dict[str, Any], job: merged.JobShards) ->
     old = {i: _json(storage, key) for i, key in kept.items()}
     modality = (record.get("spec") or {}).get("modality", "pairs")
     totals = merged.advance(saved, job, {i: s for i, s in old.items() if s is not None}, modality)
-    _check_listing(totals, set(storage.list("")))
+    _check_listing(totals, present)
     return totals, list(kept.values())
 
 
@@ -172,7 +183,7 @@ def _counted(shard: ShardSpec, marker: dict[str, Any], result: Any, storage: Sto
             log.warning("shard counted without its stats job=%s shard=%d: %s is missing or not of attempt %s",
                         shard.job_id, shard.index, name, marker["attempt"])
             return None
-    return Counted(merged.shard_record(marker, stats), stats, marker.get("job_id") != shard.job_id)
+    return Counted(merged.shard_record(marker, stats), stats, marker.get("job_id") != shard.job_id, marker)
 
 
 def _json(storage: Storage, key: str) -> dict[str, Any] | None:

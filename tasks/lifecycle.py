@@ -1,9 +1,10 @@
 """The life of one shard message, the same for every kind of shard task.
 
 decode (look the job's spec up by id) -> skip if the job was cancelled -> skip (and finish the
-move) if the marker exists -> compute -> commit (conditional marker) -> settle it with the stage
-engine (tasks/stages.py: the next stage, once, and a successor from the job's pending list) ->
-count once in Redis -> finalize if last.
+move) if the marker exists -> compute -> commit (conditional marker; the job is checked again after
+the compute and after the upload, and a cancelled job's attempt deletes what it staged) -> settle it
+with the stage engine (tasks/stages.py: the next stage, once, and a successor from the job's pending
+list) -> count once in Redis -> finalize if last.
 """
 from __future__ import annotations
 
@@ -135,11 +136,13 @@ def run_shard(
         clock.append(time.perf_counter())
         result = compute(shard, attempt)
         clock.append(time.perf_counter())
-        stopped = _stopped(jobs.get(shard.job_id))  # while computing: the output may be another job's now
-        if stopped:
-            log.info("shard dropped job=%s shard=%d reason=%s", shard.job_id, shard.index, stopped)
-            return {"outcome": stopped}
-        won, marker = commit.commit(storage, shard.index, attempt, result.files, _marker_record(shard, result))
+        try:
+            _still_live(jobs, shard)  # while computing: the output may be another job's now
+            won, marker = commit.commit(storage, shard.index, attempt, result.files, _marker_record(shard, result),
+                                        before_marker=lambda: _still_live(jobs, shard))  # and while uploading
+        except _Dropped as dropped:
+            log.info("shard dropped job=%s shard=%d reason=%s", shard.job_id, shard.index, dropped)
+            return {"outcome": str(dropped)}
         commit.check_input(marker, shard.index, shard.input, (shard.input_etag, result.input_etag))
         outcome = "committed" if won else "lost_race"
     clock.append(time.perf_counter())
@@ -153,6 +156,17 @@ def run_shard(
         finalize(jobs, shard.job_id)
     return {"outcome": outcome, "attempt": attempt, "committed_attempt": marker["attempt"],
             "seconds": timings["seconds"]}
+
+
+class _Dropped(Exception):
+    """The shard's job stopped (the message is ``_stopped``'s reason): its work must not commit."""
+
+
+def _still_live(jobs: JobStore, shard: ShardSpec) -> None:
+    """Raise ``_Dropped`` when the shard's job was cancelled or its record is gone."""
+    stopped = _stopped(jobs.get(shard.job_id))
+    if stopped:
+        raise _Dropped(stopped)
 
 
 def _stopped(status: dict[str, Any] | None) -> str | None:

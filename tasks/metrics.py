@@ -38,6 +38,9 @@ OTHER_REASON = "other"  # a reason no pattern below knows
 # and core/manifests.py write; a new kind of reason needs its pattern here (else it counts as other).
 _REASON_PATTERNS = (
     ("shard_unreadable", re.compile(r"shard unreadable\b")),
+    ("shard_corrupt", re.compile(r"shard corrupt\b")),
+    ("member_lost", re.compile(r"tar member lost\b")),
+    ("duplicate_key", re.compile(r"duplicate key\b")),
     ("no_image", re.compile(r"no image\b")),
     ("no_caption", re.compile(r"no caption\b")),
     ("caption_invalid", re.compile(r"caption is not valid UTF-8")),

@@ -195,9 +195,8 @@ def s3_endpoint(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture()
-def bucket(request) -> str:
+def bucket(request, s3_endpoint) -> str:
     require_integration(request.node, {"bucket"})  # also when asked for by name (getfixturevalue)
-    request.getfixturevalue("s3_endpoint")
     return new_bucket()
 
 

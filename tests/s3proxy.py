@@ -3,7 +3,8 @@ SlowDown or a dropped connection, half of them after the real request already la
 request headers can be dropped (a store that ignores If-None-Match, say). With fault_rate=0 it
 is a request counter: ``counts`` tallies every request by kind (GET, HEAD, LIST, PUT, COPY,
 DELETE, POST) and ``calls`` lists (kind, path) in order; ``writes()`` sums the kinds that change
-the store; ``reset()`` starts over. Requests must be path-style (``/bucket/key``), as boto3 sends
+the store; ``reset()`` starts over. ``on_landed(kind, path)`` runs once a request has landed and
+before its answer goes back (a test acts between two requests of a client there). Requests must be path-style (``/bucket/key``), as boto3 sends
 them to a loopback address."""
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import random
 import sys
 import threading
 from collections import Counter
+from typing import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
@@ -49,8 +51,8 @@ class FaultyS3Proxy:
     by kind (``counts``)."""
 
     def __init__(self, upstream: tuple[str, int], fault_rate: float, seed: int = 0,
-                 drop_headers: tuple[str, ...] = ()) -> None:
-        self.upstream, self.fault_rate = upstream, fault_rate
+                 drop_headers: tuple[str, ...] = (), on_landed: Callable[[str, str], None] | None = None) -> None:
+        self.upstream, self.fault_rate, self.on_landed = upstream, fault_rate, on_landed
         self.rng, self.lock = random.Random(seed), threading.Lock()
         self.faults = {"500": 0, "503": 0, "drop": 0, "after_landing": 0}
         self.requests = 0
@@ -88,6 +90,9 @@ class FaultyS3Proxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 conn.close()
+                if proxy.on_landed is not None:
+                    proxy.on_landed(request_kind(self.command, self.path, self.headers),
+                                    unquote(self.path.split("?", 1)[0]))
                 if fault:
                     return self._fail(fault)
                 self.send_response(resp.status)

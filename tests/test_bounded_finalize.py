@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import redis
 
-from clipbatch.core import layout, merged
+from clipbatch.core import index, layout, merged
 from clipbatch.core.jobs import Counted, JobStore
 from clipbatch.core.report import SUMMARY, full_totals, keep_replaced_stats
 from clipbatch.core.scores import histogram, summarize
@@ -133,7 +133,7 @@ def test_finalisation_requests_do_not_grow_with_the_committed_shards(jobs, bucke
     print(f"finalisation requests: 150 shards {dict(small)}, 300 shards {dict(large)}")
     assert {k: n for k, n in small.items() if k != "LIST"} == {k: n for k, n in large.items() if k != "LIST"}
     assert large["LIST"] - small["LIST"] == pages(large_keys) - pages(small_keys) > 0
-    assert small["GET"] == 1 + 2  # the saved totals, the two rescored shards' old stats
+    assert small["GET"] == 1 + 2 + 1  # the saved totals, the two rescored shards' old stats, the marker index
     assert sum(small.values()) <= 20
 
 
@@ -161,6 +161,27 @@ def test_a_duplicate_report_is_merged_once_and_the_state_expires_with_the_job(jo
     assert state.added.reasons == want.reasons and set(state.counted) == {0, 1}
     for key in (f"clipbatch:job:{job_id}:commits", f"clipbatch:job:{job_id}:merged"):
         assert 0 < jobs.r.ttl(key) <= 600
+
+
+def test_the_end_indexes_the_jobs_markers_and_frees_their_records(jobs, tmp_path):
+    # given: a job of three shards on a fresh output, each counted with its marker
+    storage = open_storage(str(tmp_path / "out"))
+    job_id = uuid.uuid4().hex
+    jobs.create(job_id, spec(storage.uri), 3, {})
+    rng = np.random.default_rng(1)
+    shards = [commit_shard(storage, i, job_id, rng) for i in range(3)]
+    for shard in shards:
+        counted = Counted(merged.shard_record(shard["marker"], shard["stats"]), shard["stats"], False, shard["marker"])
+        jobs.report_done(job_id, shard["marker"]["index"], shard["stats"]["samples_ok"],
+                         shard["stats"]["samples_failed"], counted)
+
+    # when: it ends
+    assert finalize(jobs, job_id)["state"] == "succeeded"
+
+    # then: the marker index holds every marker it committed, and its per-shard records left Redis
+    cached = index.load(storage)
+    assert {i: json.loads(raw) for i, (_, raw) in cached.items()} == {s["marker"]["index"]: s["marker"] for s in shards}
+    assert not jobs.r.exists(f"clipbatch:job:{job_id}:commits", f"clipbatch:job:{job_id}:merged")
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "does_not_add_up", "stale"])

@@ -118,6 +118,25 @@ def test_an_attempt_dead_before_its_marker_leaves_only_a_sweepable_bundle(storag
     assert storage.list(layout.TMP_DIR + "/") == []
 
 
+@pytest.mark.parametrize("limit", [commit.BUNDLE_MAX_BYTES, 0], ids=["bundle", "file_by_file"])
+def test_a_commit_aborted_between_its_upload_and_its_marker_leaves_nothing(storage, monkeypatch, limit):
+    # given: an attempt whose job is cancelled while its files upload (the check before the marker raises)
+    monkeypatch.setattr(commit, "BUNDLE_MAX_BYTES", limit)
+    staged = []
+
+    def cancelled() -> None:
+        staged.extend(storage.list(layout.TMP_DIR + "/"))
+        raise RuntimeError("cancelled")
+
+    # when: it commits
+    with pytest.raises(RuntimeError, match="cancelled"):
+        commit.commit(storage, 3, "attempt-c", files_for("c"), {"samples_ok": 1}, before_marker=cancelled)
+
+    # then: the check ran once the files were staged; no marker, no file in place, nothing left staged
+    assert staged and commit.read_marker(storage, 3) is None
+    assert storage.list("") == []
+
+
 def test_a_winner_dead_before_deleting_its_bundle_is_finished_idempotently(storage):
     # given: the winner put every file in place and died before deleting its bundle
     files = files_for("w")

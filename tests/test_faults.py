@@ -8,15 +8,19 @@ import re
 import signal
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from clipbatch.core import layout
+from clipbatch.core.storage import open_storage
 from clipbatch.orchestration.client import Client
 from clipbatch.core.config import Settings
 from clipbatch.core.specs import JobSpec, ModelSpec
 from tests.conftest import service_env, wait_for
+from tests.s3proxy import FaultyS3Proxy
 from clipbatch.sample_data import build_collection
 
 pytestmark = pytest.mark.integration
@@ -217,3 +221,34 @@ def test_cancel_a_running_job(redis_url, big_shards, checkpoint, tmp_path, start
     assert client.redis.llen(queue) == 0
     assert worker.log().count("shard start") == 1 and worker.log().count("shard dropped") == 1
     assert not list((out / "_commits").glob("*.json")) and not (out / "_tmp").exists()
+
+
+def test_a_cancel_while_the_bundle_uploads_commits_nothing_and_leaves_nothing(
+        redis_url, s3_endpoint, bucket, checkpoint, tmp_path, start_worker):
+    # given: an S3 output behind a proxy that cancels the job the moment a worker's staged bundle has
+    # landed, before the worker hears back: after every check that precedes the upload
+    inputs, out, queue = tmp_path / "in", f"s3://{bucket}/out", f"upload-{uuid.uuid4().hex[:8]}"
+    build_collection(inputs, shards=1, samples_per_shard=4, seed=5)
+    client = Client(Settings(**{**Settings.from_env().__dict__, "broker_url": redis_url}))
+    job, bundles = {}, []
+
+    def cancel_once_staged(kind: str, path: str) -> None:
+        if kind == "PUT" and path.endswith("/_bundle.tar") and not bundles:
+            bundles.append(path)
+            assert client.job(job["id"]).cancel()
+
+    upstream = urlparse(s3_endpoint)
+    with FaultyS3Proxy((upstream.hostname, upstream.port), 0.0, on_landed=cancel_once_staged) as proxy:
+        spec = JobSpec(str(inputs), out, ModelSpec("clipbatch-tiny", str(checkpoint)), queue=queue)
+        job["id"] = client.submit(spec).job_id
+        worker = start_worker(queue, service_env(redis_url, AWS_ENDPOINT_URL_S3=proxy.url))
+
+        # when: the worker runs the shard, and the job is cancelled between its upload and its marker
+        wait_for(lambda: re.search(r"shard (dropped|committed) ", worker.log()), 180, "the shard's outcome")
+
+    # then: the shard dropped its work: no marker, no file in place, and its staged bundle deleted by itself
+    storage = open_storage(out)
+    assert bundles and "shard dropped" in worker.log() and "reason=cancelled" in worker.log()
+    assert storage.list(layout.MARKER_DIR + "/") == [] and storage.list(layout.TMP_DIR + "/") == []
+    assert not [name for name in layout.embed_files(0).values() if storage.exists(name)]
+    assert client.job(job["id"]).status()["state"] == "cancelled"

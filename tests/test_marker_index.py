@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -237,6 +238,32 @@ def test_a_damaged_index_is_rebuilt_from_the_markers(tmp_path, damage):
     assert stored is not None and {i: json.loads(raw) for i, (_, raw) in stored.items()} == commit.list_markers(storage)
 
 
+def test_the_index_a_jobs_end_writes_is_read_as_the_markers_are(storage):
+    # given: an output indexed at its plan (markers 0-3), then a job that committed 4-6 and rewrote 2, and a
+    # marker 3 rewritten by someone else after the end's LIST
+    rng = random.Random(7)
+    for i in range(4):
+        storage.write(layout.marker(i), marker_bytes(i, rng))
+        age(storage, i)
+    index.refresh(storage)
+    mine = {}
+    for i in (2, 4, 5, 6):
+        storage.write(layout.marker(i), marker_bytes(i, rng))
+        age(storage, i)
+        mine[i] = json.loads(storage.read(layout.marker(i)))
+    listed_at, listing = time.time(), storage.list_info("")
+    storage.write(layout.marker(3), marker_bytes(3, rng))
+    age(storage, 3)
+
+    # when: the job's end writes the index from its LIST and its own markers
+    index.after_job(storage, listing, listed_at, mine)
+
+    # then: the markers read through it are the markers, and the next read fetches only marker 3
+    counting = CountingStorage(storage)
+    assert index.read_markers(counting) == commit.list_markers(storage)
+    assert counting.reset()["read"] == 1 + 1  # the index and marker 3
+
+
 # --- a nightly rerun through the real CLI and a real worker, its requests counted by the proxy ---
 
 COMMITTED = 200
@@ -302,11 +329,12 @@ def test_a_nightly_rerun_runs_only_new_and_changed_shards_and_its_plan_reads_no_
         # and its plan read the index, no marker (none changed since the index was written)
         assert nightly["GET"] == NOTHING_NEW_GETS, nightly
 
-        # when the next night brings nothing: the 3 markers committed since are read, once
+        # when the next night brings nothing: the 3 markers committed since are in the index their job's
+        # end wrote, and none is read
         quiet, _ = _night(proxy, counted, env, fx, queue)
-        assert quiet["GET"] == NOTHING_NEW_GETS + 3, quiet
+        assert quiet["GET"] == NOTHING_NEW_GETS, quiet
         again, _ = _night(proxy, counted, env, fx, queue)
-        assert again["GET"] == NOTHING_NEW_GETS, again
+        assert again == quiet, (quiet, again)
 
         # and when the committed shards double, a plan with nothing new costs what it did at 200
         more = synthetic.add_inputs(fx.input, COMMITTED + 2, COMMITTED)
@@ -318,3 +346,31 @@ def test_a_nightly_rerun_runs_only_new_and_changed_shards_and_its_plan_reads_no_
         assert doubled == again, (again, doubled)
     print(f"submit requests by kind: first plan {dict(first)}; nightly {dict(nightly)}; nothing new at "
           f"{COMMITTED + 2} committed {dict(again)}, at {2 * COMMITTED + 2} {dict(doubled)}")
+
+
+@pytest.mark.integration
+def test_the_plan_right_after_a_job_reads_none_of_its_markers_whatever_the_shard_count(
+        redis_url, s3_endpoint, bucket, tmp_path, start_worker):
+    # given: two fresh S3 outputs, of 3 and 12 input shards, each embedded once by a real worker (the plan of
+    # a fresh output has no marker to read: the job's end writes the index of what it committed)
+    queue = f"after-{uuid.uuid4().hex[:8]}"
+    env = service_env(redis_url, CLIPBATCH_CACHE_DIR=str(tmp_path / "cache"))
+    start_worker(queue, env)
+    upstream = urlparse(s3_endpoint)
+    rerun = {}
+    with FaultyS3Proxy((upstream.hostname, upstream.port), 0.0) as proxy:
+        counted = {**env, "AWS_ENDPOINT_URL_S3": proxy.url}
+        for shards in (3, 12):
+            fx = SimpleNamespace(input=str(tmp_path / f"in{shards}"), output=f"s3://{bucket}/out{shards}")
+            synthetic.add_inputs(fx.input, 0, shards)
+            status = _wait(env, _submit(env, fx, queue))
+            assert (status["state"], status["shards_done"], status["shards_skipped"]) == ("succeeded", shards, 0)
+
+            # when: the output is planned again right after, every request of the submit counted
+            rerun[shards], status = _night(proxy, counted, env, fx, queue)
+            assert (status["state"], status["shards_skipped"]) == ("succeeded", shards), status
+
+    # then: the plan read the index and no marker, and made the same requests at 3 and at 12 shards
+    print(f"submit requests right after a job: 3 shards {dict(rerun[3])}, 12 shards {dict(rerun[12])}")
+    assert rerun[3]["GET"] == rerun[12]["GET"] == NOTHING_NEW_GETS, rerun
+    assert rerun[3] == rerun[12]

@@ -10,6 +10,9 @@ from clipbatch.tasks.metrics import OTHER_REASON, REASON_CATEGORIES, UNRECORDED_
 # cut at the first ':' as the stats file keeps them.
 KNOWN = {
     "shard unreadable after this point": "shard_unreadable",
+    "shard corrupt": "shard_corrupt",
+    "tar member lost": "member_lost",
+    "duplicate key": "duplicate_key",
     "no image member (jpg/jpeg/png/webp); found ['a.txt']": "no_image",
     "no image (column 'image' is empty or missing)": "no_image",
     "no caption member (.txt)": "no_caption",

@@ -11,6 +11,7 @@ import random
 import shutil
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,7 +19,10 @@ import pytest
 import redis
 
 from clipbatch.core import commit, layout
+from clipbatch.core.config import Settings
+from clipbatch.core.specs import JobSpec, ModelSpec, SpecError
 from clipbatch.core.storage import open_storage
+from clipbatch.orchestration import Client
 from clipbatch.sample_data import find_photos, photo_sample, write_shard
 from tests.conftest import run_cli, service_env
 from tests.invariant import check_output
@@ -85,6 +89,32 @@ def test_a_second_job_on_a_busy_output_is_refused_and_nothing_is_lost(setup, che
     # then: every sample of a, b and c is in the output exactly once
     assert wait_json(env, job2)["state"] == "succeeded"
     check_output(str(out), uris(inputs, keys))
+
+
+def test_one_output_under_two_names_takes_one_lease(setup, checkpoint, bucket, redis_url):
+    # given: one local output under several names (``..``, ``file://`` with a trailing slash, a symlinked
+    # folder) and one S3 output under several (a trailing slash, doubled slashes, ``..``)
+    inputs, out, queue, _ = setup
+    shard(inputs, "a", 1)
+    (out.parent / "sub").mkdir()
+    (out.parent / "link").symlink_to(out.parent)
+    s3 = f"s3://{bucket}/out"
+    names = {str(out): [str(out.parent / "sub" / ".." / "out"), f"file://{out}/", str(out.parent / "link" / "out")],
+             s3: [f"{s3}/", f"s3://{bucket}//out", f"s3://{bucket}/x/../out"]}
+    client = Client(replace(Settings.from_env(), broker_url=redis_url))
+
+    def spec(output: str) -> JobSpec:
+        return JobSpec(str(inputs), output, ModelSpec("clipbatch-tiny", str(checkpoint)), queue=queue)
+
+    for output, others in names.items():
+        # when: a job holds the output, and jobs on its other names are submitted
+        holder = client.submit(spec(output))
+        for other in others:
+            # then: each is refused as in use by the holder (two leases would let two plans give one index
+            # to two inputs)
+            with pytest.raises(SpecError, match=f"in use by job {holder.job_id}"):
+                client.submit(spec(other))
+        assert holder.cancel()
 
 
 def test_a_worker_never_counts_another_inputs_commit_as_its_own(setup, checkpoint, start_worker):

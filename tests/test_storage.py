@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from clipbatch.core.storage import clients_built, open_storage, s3_client, split
+from clipbatch.core.storage import canonical, clients_built, open_storage, s3_client, split
 from tests.conftest import S3_SERVERS, new_bucket, use_s3_server
 
 
@@ -74,3 +74,18 @@ def test_one_s3_client_per_process_shared_by_threads_and_rebuilt_after_fork(buck
 def _client_in_child(parent_id: int, bucket: str) -> tuple[bool, bytes, int]:
     """In a forked child: a new client, that works, and only one."""
     return id(s3_client()) != parent_id, open_storage(f"s3://{bucket}/p").read("x"), clients_built()
+
+
+def test_one_location_has_one_canonical_name(tmp_path):
+    # given: a folder reached through a symlink, and S3 prefixes written several ways
+    (tmp_path / "real" / "out").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    real = str(tmp_path / "real" / "out")
+    # when / then: each name of one location has that location's canonical name, which is its own
+    for name in (real, f"{real}/", f"file://{real}", str(tmp_path / "link" / "out"),
+                 str(tmp_path / "real" / "x" / ".." / "out")):
+        assert canonical(name) == real
+    for name in ("s3://b/out", "s3://b/out/", "s3://b//out", "s3://b/./x/../out//"):
+        assert canonical(name) == "s3://b/out"
+    assert canonical("s3://b/") == canonical("s3://b") == "s3://b"
+    assert canonical("s3://b/out2") != canonical("s3://b/out") != canonical("s3://c/out")

@@ -6,9 +6,9 @@ padded to 512 bytes, two zero blocks and padding to tarfile's record size. A nam
 otherwise (longer than 100 bytes, not ASCII) takes ``TarInfo.tobuf``'s header, so the bytes never differ.
 
 ``iter_selected`` streams a tar once, up to the last wanted sample, and returns the members of the wanted
-keys only; the others' data is skipped (a seek where the stream can); a wanted member's header checksum is
-checked. A tar with anything but plain file headers (pax, GNU long names,
-links, compression) is left to ``samples.iter_raw_samples``.
+keys only; the others' data is skipped (a seek where the stream can); every header's checksum is checked.
+A tar with anything but plain file headers (pax, GNU long names, links, compression), a damaged one and
+one that lacks a wanted key are left to ``samples.iter_raw_samples``.
 """
 from __future__ import annotations
 
@@ -95,9 +95,9 @@ def _plain_members(stream: BinaryIO, wanted: set[str]) -> Iterator[tuple[str, st
         size = int(head[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         key, ext = split_name(name)
         padded = size + (-size % BLOCK)
+        if int(head[148:156].split(b"\0", 1)[0].strip() or b"0", 8) != sum(head[:148]) + sum(head[156:]) + 256:
+            raise ValueError("bad checksum")
         if key in wanted:
-            if int(head[148:156].split(b"\0", 1)[0].strip() or b"0", 8) != sum(head[:148]) + sum(head[156:]) + 256:
-                raise ValueError("bad checksum")
             data = stream.read(padded)[:size]
             if len(data) < size:
                 raise ValueError("truncated member")
@@ -115,22 +115,38 @@ def _plain_members(stream: BinaryIO, wanted: set[str]) -> Iterator[tuple[str, st
 
 
 def iter_selected(open_stream: Callable[[], BinaryIO], wanted: set[str]) -> dict[str, dict[str, bytes]]:
-    """The members of the ``wanted`` samples of a tar, streamed once up to the last of them (a sample's members
-    are contiguous), with tarfile's reader where the tar is not plain."""
+    """The members of the ``wanted`` samples of a tar, streamed once up to the last of them, with tarfile's
+    reader where the tar is not plain, is damaged or lacks one of them. A key names the first sample under it
+    (``samples.iter_raw_samples`` makes each later one an error row): a later run of members under a key
+    already passed is not read into it."""
     found: dict[str, dict[str, bytes]] = {}
     try:
         with open_stream() as stream:
-            for key, ext, data in _plain_members(stream, wanted):
-                if data is not None:
-                    found.setdefault(key, {})[ext] = data
-                elif len(found) == len(wanted):
-                    break
-        return found
+            found = _first_runs(_plain_members(stream, wanted), wanted)
     except ValueError:
         found = {}
+    if len(found) == len(wanted):
+        return found
     with open_stream() as stream:
         for raw in iter_raw_samples(stream):
             if raw.key in wanted and raw.error is None:
                 found[raw.key] = raw.members
     return found
 
+
+def _first_runs(members: Iterator[tuple[str, str, bytes | None]], wanted: set[str]) -> dict[str, dict[str, bytes]]:
+    """The wanted samples' members, each from the first run of members under its key; stops once all are read
+    (a sample's members are contiguous)."""
+    found: dict[str, dict[str, bytes]] = {}
+    passed: set[str] = set()  # keys whose first run is over
+    last = None
+    for key, ext, data in members:
+        if key != last:
+            if last is not None:
+                passed.add(last)
+            if len(found) == len(wanted):
+                break
+            last = key
+        if data is not None and key not in passed:
+            found.setdefault(key, {})[ext] = data
+    return found

@@ -2,8 +2,9 @@
 
 A sample is the run of consecutive members sharing a key (the path up to the first dot of
 the file name), as webdataset and img2dataset write them. Problems are reported per
-sample, never raised: a truncated or corrupt tar ends the stream with one error record, and
-anything one sample's bytes make its parsing or decoding raise becomes that sample's error.
+sample, never raised: a damaged tar (a corrupt header anywhere, cut short, bytes after its end)
+ends the stream with one error record naming the byte offsets, reading resumes after a corrupt
+header, and anything one sample's bytes make its parsing or decoding raise becomes that sample's error.
 
 Memory is bounded by caps, not by the input: a member is read only when its header's size is
 within its cap (CLIPBATCH_MAX_MEMBER_BYTES for an image, CLIPBATCH_MAX_CAPTION_BYTES for the
@@ -44,6 +45,7 @@ from clipbatch.core.config import redact
 from clipbatch.core.inputs import CAPTION_EXT, IMAGE_EXTS
 from clipbatch.core.manifests import RawStream
 from clipbatch.core.specs import JSON_FIELD_PREFIX
+from clipbatch.workers.tarwalk import TarWalk
 
 META_EXT = "json"
 TRUNCATED_KEY = "__shard__"
@@ -171,34 +173,54 @@ PAIRS = Members()
 
 
 def iter_raw_samples(stream: BinaryIO, members: Members = PAIRS) -> Iterator[RawSample]:
-    """Yield samples in tar order; a broken tar ends with a RawSample carrying the error.
+    """Yield samples in tar order; a damaged tar ends with a RawSample keyed TRUNCATED_KEY naming the damage.
 
+    A corrupt header is stepped over (workers/tarwalk.py): reading resumes at the next valid one, and
+    a sample that lost a member to it (its name is the bad header's, or its members straddle the bad
+    bytes) is an error. A key already seen in this tar is an error row for each later sample under it:
+    the first keeps the key, so a key names one sample (the curation write stage looks samples up by key).
     A member over its cap is not read: its sample carries the reason and its later members are
     skipped. Members ``members`` does not want (an image, for a text-only job) are not read.
     """
+    walk = TarWalk(_decompressed(stream))
     current: RawSample | None = None
+    seen: set[str] = set()
+    damage = 0  # walk.damage when current's last member was read
+    failure = None
     try:
-        with tarfile.open(fileobj=_decompressed(stream), mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_name(member.name)
-                if current is not None and key != current.key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = RawSample(key)
-                if current.error is None:
-                    wanted = members.wanted(ext)
-                    current.error = over_cap(members.cap_name(ext), member.size, member.name) if wanted else None
-                    current.members[ext] = _read_member(tar, member) if wanted and not current.error else b""
+        for member in walk:
+            key, ext = split_name(member.name)
+            if current is not None and key != current.key:
+                yield _checked(current, walk)
+                current = None
+            if current is None:
+                current = RawSample(key, error=_duplicate(key, member.offset) if key in seen else None)
+                seen.add(key)
+            elif walk.damage != damage and current.error is None:
+                current.error = f"tar member lost: bad tar data inside this sample, before byte {member.offset}"
+            damage = walk.damage
+            if current.error is None:
+                wanted = members.wanted(ext)
+                current.error = over_cap(members.cap_name(ext), member.size, member.name) if wanted else None
+                current.members[ext] = walk.read(member) if wanted and not current.error else b""
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as exc:
-        if current is not None:
-            yield current
-            current = None
-        yield RawSample(TRUNCATED_KEY, error=f"shard unreadable after this point: {describe(exc)}")
+        failure = describe(exc)
     if current is not None:
-        yield current
+        yield _checked(current, walk)
+    reason = walk.reason(failure)
+    if reason:
+        yield RawSample(TRUNCATED_KEY, error=reason)
+
+
+def _duplicate(key: str, offset: int) -> str:
+    return f"duplicate key: {key!r} again at byte {offset} of the tar (its first sample keeps the key)"
+
+
+def _checked(sample: RawSample, walk: TarWalk) -> RawSample:
+    """``sample``, an error if a corrupt header named one of its members."""
+    if sample.error is None and any(split_name(name)[0] == sample.key for name in walk.names):
+        sample.error = "tar member lost: a header of this sample is corrupt (see this shard's __shard__ row)"
+    return sample
 
 
 def _decompressed(stream: BinaryIO) -> BinaryIO:
@@ -210,11 +232,6 @@ def _decompressed(stream: BinaryIO) -> BinaryIO:
     if head.startswith(b"BZh"):
         return bz2.BZ2File(buffered)
     return lzma.LZMAFile(buffered) if head.startswith(b"\xfd7zXZ\x00") else buffered
-
-
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    handle = tar.extractfile(member)
-    return handle.read() if handle else b""
 
 
 def decode_sample(raw: RawSample, preprocess=None, draft_to: int | None = None, keep_jpeg: bool = False,

@@ -1,4 +1,8 @@
-"""Write one curated training shard: the kept pairs' original bytes, open_clip-ready, in source order."""
+"""Write one curated training shard: the kept pairs' original bytes, open_clip-ready, in source order.
+
+A kept pair is found in its source tar by key (a key names the first sample under it: the embed stage made
+any later one an error row), and its image must hash to the ``image_hash`` the scored output holds for it:
+never another sample's bytes under its name."""
 from __future__ import annotations
 
 import io
@@ -15,14 +19,14 @@ from clipbatch.core.storage import Storage, open_storage, split
 from clipbatch.core.specs import ShardSpec
 from clipbatch.workers.boundary import apply_changes
 from clipbatch.workers.fasttar import iter_selected
-from clipbatch.workers.samples import CAPTION_EXT, IMAGE_EXTS
+from clipbatch.workers.samples import CAPTION_EXT, IMAGE_EXTS, content_hash
 from clipbatch.workers.writers import write_tar
 
 
 def selection(output: Storage, index: int) -> list[dict[str, Any]]:
     """Tar ``index``'s pairs from its write plan: per scored shard, a range of the rows the dedup
     stage kept (merged over its tasks, in row order) as the boundary pass changed them, with key,
-    source shard and score."""
+    source shard, score and image hash (None in outputs older than the column)."""
     plan = json.loads(output.read(layout.write_plan(index)))
     scored = open_storage(plan["scored"])
     selected = []
@@ -30,10 +34,11 @@ def selection(output: Storage, index: int) -> list[dict[str, Any]]:
         part = entry["part"]
         rows = np.sort(np.concatenate([read_rows(output, layout.kept(g, part)) for g in entry["groups"]]))
         rows = apply_changes(rows, [read_rows(output, layout.boundary_changes(b, part)) for b in entry["boundary"]])
-        meta = read_metadata(scored, part, ["key", "shard", "clip_score"])
+        meta = read_metadata(scored, part, ["key", "shard", "clip_score", "image_hash"])
+        hashes = meta.get("image_hash") or [None] * len(meta["key"])
         for r in rows[entry["start"]:entry["stop"]].tolist():
             selected.append({"shard": meta["shard"][r], "key": meta["key"][r],
-                             "clip_score": float(meta["clip_score"][r])})
+                             "clip_score": float(meta["clip_score"][r]), "image_hash": hashes[r]})
     return selected
 
 
@@ -62,6 +67,10 @@ def write_train_shard(shard: ShardSpec, attempt: str) -> ShardResult:
         if members is None:
             raise FileNotFoundError(f"sample {row['key']} is no longer in {row['shard']}")
         image_ext = next(e for e in IMAGE_EXTS if e in members)
+        if row["image_hash"] not in (None, content_hash(members[image_ext])):
+            raise FileNotFoundError(f"sample {row['key']} of {row['shard']} is not the image that was scored (the "
+                                    "source changed, or holds the key twice and was scored before a repeated key "
+                                    "was made an error row): score it again")
         meta = {"key": row["key"], "source_shard": row["shard"], "clip_score": row["clip_score"]}
         samples.append((f"{j:05d}{n:06d}", {image_ext: members[image_ext], CAPTION_EXT: members[CAPTION_EXT],
                                             "json": json.dumps(meta, sort_keys=True).encode()}))
