@@ -28,14 +28,15 @@ from clipbatch.core import layout
 from clipbatch.core.curation import boundary_margin, load_parts, plan_curation, read_rows
 from clipbatch.core.specs import TrainShardsSpec
 from clipbatch.core.storage import open_storage
-from clipbatch.workers.curation import SEED, _selected_rows, nearest, normalised, train_centroids
+from clipbatch.core.curation import TUNING
+from clipbatch.workers.curation import _selected_rows, nearest, normalised, train_centroids
 
 
 def ivf_index(centroids: np.ndarray, probe: int) -> faiss.Index:
     lists = max(1, round(len(centroids) ** 0.5))
     quantizer = faiss.IndexFlatIP(centroids.shape[1])
     index = faiss.IndexIVFFlat(quantizer, centroids.shape[1], lists, faiss.METRIC_INNER_PRODUCT)
-    index.cp.spherical, index.cp.seed, index.cp.min_points_per_centroid = True, SEED, 1
+    index.cp.spherical, index.cp.seed, index.cp.min_points_per_centroid = True, TUNING.seed, 1
     index.train(centroids)
     index.add(centroids)
     index.nprobe = probe

@@ -42,12 +42,25 @@ STAGES = ("clusters", "assign", "dedup", "boundary", "write")
 # Routing of a selected row to its dedup task: by nearest centroid (semantic dedup), by image hash
 # (exact dedup alone: identical bytes meet in one task wherever they are), or by scored shard (no dedup).
 ROUTES = ("cluster", "hash", "part")
-SAMPLE_PER_CLUSTER = 40  # k-means sample: this many selected rows per centroid ...
-SAMPLE_MAX = 100_000  # ... at most
-SAMPLE_PARTS = 64  # read from at most this many scored shards (a random choice)
-SPLIT_FACTOR = 4  # a cluster over this many times the cluster size is split (sub-k-means) in its dedup task
-TASK_ROWS = 100_000  # clusters per dedup task, by default: about this many selected rows in all
-BOUNDARY_SIGMAS = 3.0  # boundary rows: nearest and second centroid within this many sigmas (boundary_margin)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Curation's tuning constants, in one place for every stage (the measurements behind them:
+    docs/curation.md)."""
+
+    sample_per_cluster: int = 40  # k-means sample: this many selected rows per centroid ...
+    sample_max: int = 100_000  # ... at most
+    sample_parts: int = 64  # read from at most this many scored shards (a random choice)
+    split_factor: int = 4  # a cluster over this many times the cluster size is split (sub-k-means) in its dedup task
+    task_rows: int = 100_000  # clusters per dedup task, by default: about this many selected rows in all
+    boundary_sigmas: float = 3.0  # boundary rows: nearest and second centroid within this many sigmas
+    kmeans_iterations: int = 20
+    candidates: int = 4  # centroids faiss proposes per row, re-ranked exactly (workers/curation.nearest)
+    seed: int = 1234  # of the k-means samples and initial centroids
+
+
+TUNING = Tuning()
 
 
 def boundary_margin(cosine: float, dim: int) -> float:
@@ -56,9 +69,9 @@ def boundary_margin(cosine: float, dim: int) -> float:
     Two rows at cosine ``c`` differ by a vector of length sqrt(2 - 2c); its component along the difference
     of two unit centroids (length <= sqrt 2) has a standard deviation of sqrt(2 (2 - 2c) / dim) when its
     direction is random, and the gap between the two centroid similarities moves by that much. Rows whose
-    gap is within BOUNDARY_SIGMAS of it are the ones whose duplicates may sit across the boundary. (The
+    gap is within ``boundary_sigmas`` of it are the ones whose duplicates may sit across the boundary. (The
     worst case, 2 sqrt(2 - 2c), would take nearly every row: the pass is an approximation, measured.)"""
-    return BOUNDARY_SIGMAS * math.sqrt(2.0 * (2.0 - 2.0 * cosine) / max(1, dim))
+    return TUNING.boundary_sigmas * math.sqrt(2.0 * (2.0 - 2.0 * cosine) / max(1, dim))
 
 
 @dataclass(frozen=True)
@@ -172,7 +185,7 @@ def plan_curation(spec: TrainShardsSpec, output: Storage) -> tuple[CurationPlan,
                  else quantile(hist, 1.0 - cast(float, spec.top_fraction)))
     selected = _selected_estimate(hist, threshold)
     clusters = max(1, round(selected / spec.cluster_size)) if _route(spec) != "part" else max(1, len(parts))
-    per_task = spec.clusters_per_task or max(1, TASK_ROWS // spec.cluster_size)
+    per_task = spec.clusters_per_task or max(1, TUNING.task_rows // spec.cluster_size)
     plan = CurationPlan(spec.scored, threshold, len(parts), clusters, _route(spec), hist["count"], selected,
                         spec.dedup_cosine, spec.dedup_exact, spec.cluster_size, spec.samples_per_shard,
                         min(per_task, clusters))

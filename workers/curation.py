@@ -12,16 +12,12 @@ import faiss
 import numpy as np
 
 from clipbatch.core import layout
-from clipbatch.core.curation import (SAMPLE_MAX, SAMPLE_PARTS, SAMPLE_PER_CLUSTER, SPLIT_FACTOR, CurationPlan,
-                                     boundary_margin, load_parts, read_metadata, read_rows)
+from clipbatch.core.curation import TUNING, CurationPlan, boundary_margin, load_parts, read_metadata, read_rows
 from clipbatch.core.results import Files
 from clipbatch.core.selection import near_duplicates
 from clipbatch.core.storage import Storage, open_storage, split
 from clipbatch.workers.samples import IMAGE_EXTS, content_hash, iter_raw_samples
 
-KMEANS_ITERATIONS = 20
-CANDIDATES = 4  # centroids faiss proposes per row, re-ranked exactly (nearest)
-SEED = 1234
 
 
 def npy(array: np.ndarray) -> bytes:
@@ -39,13 +35,13 @@ def normalised(emb: np.ndarray) -> np.ndarray:
 def nearest(centroids: np.ndarray, emb: np.ndarray, n: int, block: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
     """Each (unit) row's ``n`` most similar centroids, in order, with their similarities (-1 and -inf: none).
 
-    faiss proposes the CANDIDATES most similar by its batched products, which differ in the last bits with
+    faiss proposes the TUNING.candidates most similar by its batched products, which differ in the last bits with
     its thread count; their similarities are then computed again row by row and ties go to the lower
     centroid, so the answer is the same on any machine and thread count (unless a row's n-th and
-    (CANDIDATES + 1)-th centroids tie to the last bits)."""
+    (TUNING.candidates + 1)-th centroids tie to the last bits)."""
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
-    k = min(len(centroids), max(n, CANDIDATES))
+    k = min(len(centroids), max(n, TUNING.candidates))
     ids = index.search(emb, k)[1]
     sims = np.empty(ids.shape, np.float32)
     for start in range(0, len(emb), block):
@@ -68,8 +64,8 @@ def _kmeans(points: np.ndarray, k: int) -> np.ndarray:
     centroids that kept 41 pairs apart). An empty cluster keeps its centroid."""
     if len(points) <= k:
         return points.copy()
-    centroids = points[np.sort(np.random.default_rng(SEED).choice(len(points), k, replace=False))].copy()
-    for _ in range(KMEANS_ITERATIONS):
+    centroids = points[np.sort(np.random.default_rng(TUNING.seed).choice(len(points), k, replace=False))].copy()
+    for _ in range(TUNING.kmeans_iterations):
         assign = nearest(centroids, points, 1)[1][:, 0]
         order = np.argsort(assign, kind="stable")
         present, starts = np.unique(assign[order], return_index=True)
@@ -79,14 +75,14 @@ def _kmeans(points: np.ndarray, k: int) -> np.ndarray:
 
 def train_centroids(plan: CurationPlan, output: Storage) -> tuple[Files, dict[str, Any]]:
     """The clusters stage: centroids from a seeded random sample of the selected rows of at most
-    SAMPLE_PARTS scored shards (at most SAMPLE_MAX rows), whatever the size of the output."""
+    TUNING.sample_parts scored shards (at most TUNING.sample_max rows), whatever the size of the output."""
     if plan.route != "cluster" or plan.clusters == 1:
         return {layout.CENTROIDS: npy(np.zeros((0, 0), np.float32))}, {"sample": 0}
-    rng = np.random.default_rng(SEED)
+    rng = np.random.default_rng(TUNING.seed)
     parts = load_parts(output)
-    chosen = sorted(rng.choice(parts, min(len(parts), SAMPLE_PARTS), replace=False).tolist())
+    chosen = sorted(rng.choice(parts, min(len(parts), TUNING.sample_parts), replace=False).tolist())
     scored = open_storage(plan.scored)
-    per_part = -(-min(SAMPLE_MAX, SAMPLE_PER_CLUSTER * plan.clusters) // len(chosen))
+    per_part = -(-min(TUNING.sample_max, TUNING.sample_per_cluster * plan.clusters) // len(chosen))
     sample = []
     for part in chosen:  # one shard's embeddings in memory at a time
         scores = read_metadata(scored, part, ["clip_score"])["clip_score"]
@@ -182,13 +178,13 @@ def _exact_duplicates(rows: np.ndarray) -> np.ndarray:
 
 
 def _near_duplicates(rows: np.ndarray, cosine: float, cluster_size: int) -> tuple[np.ndarray, int]:
-    """The exact greedy within the cluster; a cluster over SPLIT_FACTOR x cluster_size is split first
+    """The exact greedy within the cluster; a cluster over TUNING.split_factor x cluster_size is split first
     by a seeded sub-k-means, and each piece deduped on its own (in the same order)."""
-    if len(rows) <= SPLIT_FACTOR * cluster_size:
+    if len(rows) <= TUNING.split_factor * cluster_size:
         return near_duplicates(rows["emb"], cosine), 1
     emb = normalised(rows["emb"])
     pieces = -(-len(rows) // cluster_size)
-    centroids = _kmeans(emb[:: max(1, len(emb) // (SAMPLE_PER_CLUSTER * pieces))], pieces)
+    centroids = _kmeans(emb[:: max(1, len(emb) // (TUNING.sample_per_cluster * pieces))], pieces)
     piece = nearest(centroids, emb, 1)[1][:, 0]
     dropped = np.zeros(len(rows), bool)
     for p in np.unique(piece):
