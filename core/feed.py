@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 import redis
 
-from clipbatch.core import keys
+from clipbatch.core import keys, signing
 
 Entry = tuple[int, str, "str | None"]  # (index, input URI, input version) — a shard message's arguments
 _BATCH = 5_000  # entries per round trip when loading the pending list
@@ -144,12 +144,15 @@ _PRIORITY_SUFFIXES = ("",) + tuple(f"\x06\x16{p}" for p in (3, 6, 9))
 
 
 def message_job(raw: str | bytes) -> str | None:
-    """The job id a queued kombu message belongs to (its first argument), or None if not ours."""
+    """The job id a queued kombu message belongs to (its first argument), or None if not ours.
+    A signed message's body is read inside its signature, which is not checked (it is only dropped)."""
     try:
         message = json.loads(raw)
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
+        if message.get("content-type") == signing.SIGNED_CONTENT_TYPE:
+            body = signing.signed_body(body)
         args = json.loads(body)[0]
     except (ValueError, KeyError, IndexError, TypeError):
         return None

@@ -12,15 +12,18 @@ Set on producers and workers alike (Celery's ``auth`` serializer, RSA keys):
 """
 from __future__ import annotations
 
+import base64
 import os
 from dataclasses import dataclass
 
 from celery import Celery
+from celery.security.serialization import DEFAULT_SEPARATOR
 
 SIGNING_ENV = ("CLIPBATCH_SIGNING_KEY", "CLIPBATCH_SIGNING_CERT", "CLIPBATCH_SIGNING_CERT_STORE")
 DIGEST = "sha256"
 # The worker's consumer (loaded by the worker only): dead-letters what it refuses.
 REFUSING_CONSUMER = "clipbatch.tasks.refused:DeadLetteringConsumer"
+SIGNED_CONTENT_TYPE = "application/data"  # what Celery's auth serializer calls a signed body
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,9 @@ def enable(app: Celery, signing: Signing) -> None:
         worker_consumer=REFUSING_CONSUMER,
     )
     app.setup_security(allowed_serializers=["json"], serializer="json")  # "auth" is registered by it
+
+
+def signed_body(body: bytes) -> bytes:
+    """The serialized body inside a body signed by Celery's auth serializer (its signature unchecked:
+    for telling which job a queued message names, e.g. to purge it)."""
+    return base64.b64decode(body).split(DEFAULT_SEPARATOR, 4)[4]

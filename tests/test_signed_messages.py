@@ -1,6 +1,7 @@
 """Signed messages (opt-in): with CLIPBATCH_SIGNING_* set, a job's signed messages run on a real
 worker, while a message injected straight into the queue unsigned, or signed by a key the worker
-does not trust, is refused, dead-lettered and never run."""
+does not trust, is refused, dead-lettered and never run. Cancel removes a job's signed messages
+from the queue."""
 from __future__ import annotations
 
 import datetime
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from clipbatch.core import feed
 from clipbatch.core.broker import EMBED_SHARD, make_app
 from clipbatch.core.config import Settings
 from tests.conftest import run_cli, service_env, wait_for
@@ -103,3 +105,43 @@ def test_partial_signing_settings_are_refused(monkeypatch):
     monkeypatch.setenv("CLIPBATCH_SIGNING_KEY", "/k.pem")
     with pytest.raises(ValueError, match="CLIPBATCH_SIGNING_CERT, CLIPBATCH_SIGNING_CERT_STORE"):
         Signing.from_env()
+
+
+@pytest.fixture(scope="module")
+def trusted(tmp_path_factory) -> tuple[dict[str, str], dict[str, str]]:
+    """The signing settings of a producer and of a worker, each trusting both."""
+    pki = tmp_path_factory.mktemp("pki")
+    store = pki / "trusted"
+    store.mkdir()
+    producer, worker_id = make_identity(pki, "producer"), make_identity(pki, "worker")
+    for _, cert in (producer, worker_id):
+        (store / cert.name).write_bytes(cert.read_bytes())
+    return signing_env(*producer, store), signing_env(*worker_id, store)
+
+
+def submit(folder: Path, out: Path, checkpoint: Path, queue: str, env: dict[str, str]) -> str:
+    """Submit an embed job of the three photo shards without waiting; its job id."""
+    result = run_cli("submit", "embed", "--input", f"{folder}/{{00000..00002}}.tar", "--output", str(out), "--model",
+                     "clipbatch-tiny", "--pretrained", str(checkpoint), "--queue", queue, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["job_id"]
+
+
+def test_cancel_with_signing_on_removes_the_jobs_signed_messages_from_the_queue(
+        redis_url, photo_shards, checkpoint, tmp_path, trusted):
+    # given: two jobs' signed messages queued in one queue, no worker
+    producer, _ = trusted
+    folder, _ = photo_shards
+    queue = f"signed-{uuid.uuid4().hex[:8]}"
+    env = service_env(redis_url, **producer)
+    doomed = submit(folder, tmp_path / "a", checkpoint, queue, env)
+    other = submit(folder, tmp_path / "b", checkpoint, queue, env)
+    r = redis.Redis.from_url(redis_url)
+    assert r.llen(queue) == 6
+
+    # when: one is cancelled
+    result = run_cli("cancel", doomed, env=env)
+
+    # then: its three messages left the queue (what KEDA counts); the other job's stayed
+    assert result.returncode == 0, result.stderr
+    assert [feed.message_job(raw) for raw in r.lrange(queue, 0, -1)] == [other] * 3
