@@ -3,7 +3,8 @@
 A Celery message costs about 1.1 KB of Redis however small its arguments, so a job of 100,000
 shards queued whole would hold ~110 MB. Instead the producer publishes the first ``window``
 messages and appends the rest to the job's *pending* list as compact entries
-(``[index, input, version]``, ~100 bytes). Each shard message that reaches its end (committed,
+(``[index, input, version]``, ~100 bytes; with signing on, the producer's signature follows as a fourth
+element, ~350 bytes more: core/signing.py). Each shard message that reaches its end (committed,
 found committed, lost a race, dead-lettered) publishes one successor taken from the pending list,
 so the window stays full until the list is empty.
 
@@ -29,7 +30,9 @@ import redis
 
 from clipbatch.core import keys, signing
 
-Entry = tuple[int, str, "str | None"]  # (index, input URI, input version) — a shard message's arguments
+# (index, input URI, input version[, signature]) — a shard message's arguments after the job id; the
+# producer's signature of the entry when signing is on (core/signing.py)
+Entry = tuple[int, str, "str | None"] | tuple[int, str, "str | None", str]
 _BATCH = 5_000  # entries per round trip when loading the pending list
 _PUBLISH_BATCH = 500  # messages between progress updates
 
@@ -64,8 +67,14 @@ def encode(entry: Entry) -> str:
 
 
 def decode(raw: str | bytes) -> Entry:
-    index, uri, version = json.loads(raw)
-    return int(index), uri, version
+    """A pending entry back as a tuple; ValueError naming it when it is not one."""
+    try:
+        fields = json.loads(raw)
+        if isinstance(fields, list) and len(fields) in (3, 4):
+            return (int(fields[0]), *fields[1:])
+    except (ValueError, TypeError):
+        pass
+    raise ValueError(f"pending entry {str(raw)[:300]!r} is not [index, input, version(, signature)]")
 
 
 class Feed:

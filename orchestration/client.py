@@ -29,6 +29,7 @@ from clipbatch.core.curation import plan_curation, resume
 from clipbatch.core.curation_state import StageCounts
 from clipbatch.core.storage import open_storage
 from clipbatch.core.broker import EMBED_SHARD, FINALIZE_JOB, FINETUNE_STEP, make_app
+from clipbatch.core.signing import Signer
 from clipbatch.core.specs import FinetuneSpec, JobSpec, ModelSpec, SpecError, TrainShardsSpec
 
 # Called while a submit enqueues: (shards enqueued so far, shards to enqueue).
@@ -53,6 +54,7 @@ class Client:
         self.leases = OutputLeases(self.redis, self.settings.job_ttl_s)
         self.feed = feed.Feed(self.redis, self.settings.job_ttl_s)
         self.app = make_app(self.settings)
+        self.signer = Signer.from_env()  # with signing on, each job's spec and entries are signed
         self.progress: SubmitProgress | None = None  # set by the CLI to draw the submit's progress
 
     def ping(self) -> None:
@@ -119,13 +121,14 @@ class Client:
             output = open_storage(spec.output)
             planned, markers = plan_curation(spec, output)
             start = resume(planned, spec.output, output, markers)
-            self.jobs.create(job_id, spec.to_dict(), start.total, markers)
+            entries = self._signed(job_id, [(index, uri, None) for index, uri in start.todo])
+            self.jobs.create(job_id, spec.to_dict(), start.total, markers, signer=self.signer)
             if start.stage is not None:
                 StageCounts(self.redis, self.settings.job_ttl_s).seed(job_id, start.stage, start.committed, start.tars)
             self.jobs.mark_submitting(job_id)
-            if start.todo:
-                feed.publish(self.app, self.feed, job_id, spec.queue, [(index, uri, None) for index, uri in start.todo],
-                             self.settings.queue_window, partial(feed.task_of, spec.kind))
+            if entries:
+                feed.publish(self.app, self.feed, job_id, spec.queue, entries, self.settings.queue_window,
+                             partial(feed.task_of, spec.kind))
             else:
                 self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue)
             self.jobs.mark_submitted(job_id)
@@ -190,9 +193,10 @@ class Client:
         A job with nothing to run gets one finalise message instead: a worker ends it (writes
         ``_job.json`` and the report), so the producer never writes to the output.
         """
-        self.jobs.create(job_id, spec.to_dict(), total, committed, rescored)
+        entries = self._signed(job_id, [(index, uri, version[0] if version else None)
+                                        for index, uri, *version in messages])
+        self.jobs.create(job_id, spec.to_dict(), total, committed, rescored, signer=self.signer)
         self.jobs.mark_submitting(job_id)
-        entries = [(index, uri, version[0] if version else None) for index, uri, *version in messages]
         window = self.settings.queue_window
         done = 0
 
@@ -208,6 +212,10 @@ class Client:
             self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue)
         self.jobs.mark_submitted(job_id)
         return Job(self, job_id)
+
+    def _signed(self, job_id: str, entries: list[feed.Entry]) -> list[feed.Entry]:
+        """The entries with their signatures (signing on), else as they are."""
+        return entries if self.signer is None else self.signer.entries(job_id, entries)
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)

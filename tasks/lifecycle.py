@@ -1,11 +1,13 @@
 """The life of one shard message, the same for every kind of shard task.
 
-decode (look the job's spec up by id) -> skip if the job was cancelled -> skip (and finish the
-move) if the marker exists -> compute -> commit (conditional marker) -> publish a successor from
-the job's pending list (core/feed.py) -> count once in Redis -> finalize if last.
+decode (look the job's spec up by id; with signing on, refuse a spec or entry no trusted key vouches
+for) -> skip if the job was cancelled -> skip (and finish the move) if the marker exists -> compute ->
+commit (conditional marker) -> publish a successor from the job's pending list (core/feed.py), one that
+verifies -> count once in Redis -> finalize if last.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -19,10 +21,11 @@ from clipbatch.core.broker import FINALIZE_JOB
 from clipbatch.core.feed import WINDOWED, Feed, task_of
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.keys import JobState
+from clipbatch.core.signing import Refused
 from clipbatch.core.specs import ShardSpec, SpecError
 from clipbatch.core.storage import PERMANENT_ERRORS, open_storage
 from clipbatch.tasks.app import app
-from clipbatch.tasks.context import SETTINGS, job_spec, job_store
+from clipbatch.tasks.context import SETTINGS, VERIFIER, check_entry, job_spec, job_store
 from clipbatch.tasks.finalize import finalize, report_committed
 from clipbatch.workers.writers import UnreadableOutput
 
@@ -46,7 +49,11 @@ class ShardTask(Task):
     max_retries = SETTINGS.max_retries
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: ANN001 (Celery's signature)
-        shard = decode(job_store(), list(args))
+        try:
+            shard = decode(job_store(), list(args))
+        except Refused as why:  # verified when it ran; its job's record changed since
+            _refuse(job_store(), list(args), why)
+            return
         if shard is None:
             return
         reason = f"{type(exc).__name__}: {exc}"
@@ -57,17 +64,35 @@ class ShardTask(Task):
 # The task that runs a shard of each kind of job fed from a pending list (a fine-tune is a chain).
 def decode(jobs: JobStore, args: list[Any]) -> ShardSpec | None:
     """A shard message's arguments -> its ShardSpec, the spec looked up by job id; None when the
-    job's record is gone. A one-dict message is an older producer's, which carried the whole spec."""
+    job's record is gone. A one-dict message is an older producer's, which carried the whole spec.
+    With signing on, Refused (core/signing.py) unless the spec and the entry verify."""
     if len(args) == 1 and isinstance(args[0], dict):
+        if VERIFIER is not None:
+            raise Refused("a message carrying its own spec (an older producer's) is not run with signing on")
         return ShardSpec.from_dict(args[0])
     spec = job_spec(jobs, args[0])
-    return None if spec is None else ShardSpec.from_message(args, spec)
+    if spec is None:
+        return None
+    check_entry(jobs, args[0], tuple(args[1:]))
+    return ShardSpec.from_message(args, spec)
+
+
+def _refuse(jobs: JobStore, args: list[Any], why: Exception) -> dict[str, Any]:
+    """A message or entry no trusted key vouches for: logged and dead-lettered, never run, no job changed."""
+    job_id, index, uri = (list(args) + [None] * 3)[:3]
+    log.error("shard refused job=%s shard=%s input=%s reason=%s", job_id, index, uri, why)
+    jobs.record_refused(job_id, index, uri, f"refused, not run: {why}")
+    return {"outcome": "refused", "reason": str(why)}
 
 
 def run_message(args: list[Any], compute: Callable[[ShardSpec, str], Any],
                 after_commit: Callable[[JobStore, ShardSpec, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run one shard message (see :func:`run_shard`); a message of a job Redis no longer knows is dropped."""
-    shard = decode(job_store(), args)
+    """Run one shard message (see :func:`run_shard`); a message of a job Redis no longer knows is dropped,
+    one that does not verify (signing on) is refused."""
+    try:
+        shard = decode(job_store(), args)
+    except Refused as why:
+        return _refuse(job_store(), args, why)
     if shard is None:
         log.info("shard skipped job=%s shard=%s reason=job_unknown", args[0], args[1] if len(args) > 1 else "?")
         return {"outcome": "job_unknown"}
@@ -76,12 +101,26 @@ def run_message(args: list[Any], compute: Callable[[ShardSpec, str], Any],
 
 def publish_successor(jobs: JobStore, shard: ShardSpec) -> None:
     """Keep the job's queue window full: publish the pending entry this shard takes (the same one
-    if this shard's message is redelivered: a duplicate the commit protocol absorbs)."""
+    if this shard's message is redelivered: a duplicate the commit protocol absorbs).
+
+    Only an entry that verifies goes out (with signing on: signed by the job's producer, its signature
+    in the message, or derivable from the job's spec); one that does not is refused and the next one
+    taken, under the parent's next slot (``3/1``, ``3/2``: a redelivery takes the same ones)."""
     if shard.job.kind not in WINDOWED:
         return
-    entry = Feed(jobs.r, jobs.ttl_s).successor(shard.job_id, shard.index)
-    if entry is not None:
+    pending = Feed(jobs.r, jobs.ttl_s)
+    for slot in itertools.count():
+        entry = None
+        try:
+            entry = pending.successor(shard.job_id, shard.index if slot == 0 else f"{shard.index}/{slot}")
+            if entry is None:
+                return
+            check_entry(jobs, shard.job_id, entry)
+        except (Refused, ValueError) as why:  # ValueError: not an entry at all
+            _refuse(jobs, [shard.job_id, *(entry or ())], why)
+            continue
         app.send_task(task_of(shard.job.kind, entry), args=[shard.job_id, *entry], queue=shard.job.queue)
+        return
 
 
 def _dead_letter(jobs: JobStore, shard: ShardSpec, reason: str) -> None:
