@@ -219,6 +219,24 @@ def stage_tasks(plan: CurationPlan, output: str, stage: str, count: int | None =
     return [(plan.base(stage) + k, task_input(output, stage, k)) for k in range(n)]
 
 
+def planned_input(output: Storage, output_uri: str, index: int) -> str | None:
+    """The task the saved plan runs at ``index`` now, or None: none there, or a stage before its own is
+    not committed yet (a stage reads what those wrote). How a worker tells a stage task it may run
+    unsigned (core/signing.py derivable); FileNotFoundError when the plan is missing."""
+    plan = load_plan(output)
+    if index < 0:
+        return None
+    stage = plan.stage_of(index)
+    n = index - plan.base(stage)
+    size = plan.size(stage)
+    if size is None:  # the write stage: its tars are known once planned (plan_write's summary)
+        size = json.loads(output.read(layout.SELECTION_PLAN))["stages"]["tasks"]["write"]
+    committed = {layout.marker_index(key) for key in output.list(layout.MARKER_DIR + "/")}
+    if n >= size or not set(range(plan.base(stage))) <= committed:
+        return None
+    return task_input(output_uri, stage, n)
+
+
 # ---- the write stage's plan: from the dedup markers, O(groups x scored shards) ----
 
 def plan_write(output: Storage, plan: CurationPlan, markers: dict[int, dict[str, Any]]) -> int:

@@ -3,7 +3,8 @@
 A Celery message costs about 1.1 KB of Redis however small its arguments, so a job of 100,000
 shards queued whole would hold ~110 MB. Instead the producer publishes the first ``window``
 messages and appends the rest to the job's *pending* list as compact entries
-(``[index, input, version]``, ~100 bytes). Each shard message that reaches its end (committed,
+(``[index, input, version]``, ~100 bytes; with signing on, the producer's signature follows as a fourth
+element, ~350 bytes more: core/signing.py). Each shard message that reaches its end (committed,
 found committed, lost a race, dead-lettered) publishes one successor taken from the pending list,
 so the window stays full until the list is empty. What goes out, and when, is decided by the stage
 engine (core/stages.py); this module keeps the list.
@@ -25,9 +26,11 @@ from typing import Callable, Iterable, Iterator
 
 import redis
 
-from clipbatch.core import keys
+from clipbatch.core import keys, signing
 
-Entry = tuple[int, str, "str | None"]  # (index, input URI, input version) — a shard message's arguments
+# (index, input URI, input version[, signature]) — a shard message's arguments after the job id; the
+# producer's signature of the entry when signing is on (core/signing.py)
+Entry = tuple[int, str, "str | None"] | tuple[int, str, "str | None", str]
 _BATCH = 5_000  # entries per round trip when loading the pending list
 _SENT = "!"  # a fed entry so marked is in the broker
 
@@ -60,8 +63,14 @@ def encode(entry: Entry) -> str:
 
 
 def decode(raw: str | bytes) -> Entry:
-    index, uri, version = json.loads(raw)
-    return int(index), uri, version
+    """A pending entry back as a tuple; ValueError naming it when it is not one."""
+    try:
+        fields = json.loads(raw)
+        if isinstance(fields, list) and len(fields) in (3, 4):
+            return (int(fields[0]), *fields[1:])
+    except (ValueError, TypeError):
+        pass
+    raise ValueError(f"pending entry {str(raw)[:300]!r} is not [index, input, version(, signature)]")
 
 
 class Feed:
@@ -118,12 +127,15 @@ _PRIORITY_SUFFIXES = ("",) + tuple(f"\x06\x16{p}" for p in (3, 6, 9))
 
 
 def message_job(raw: str | bytes) -> str | None:
-    """The job id a queued kombu message belongs to (its first argument), or None if not ours."""
+    """The job id a queued kombu message belongs to (its first argument), or None if not ours.
+    A signed message's body is read inside its signature, which is not checked (it is only dropped)."""
     try:
         message = json.loads(raw)
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
+        if message.get("content-type") == signing.SIGNED_CONTENT_TYPE:
+            body = signing.signed_body(body)
         args = json.loads(body)[0]
     except (ValueError, KeyError, IndexError, TypeError):
         return None

@@ -14,13 +14,17 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from clipbatch.core import keys, merged, scores
-from clipbatch.core.config import DEFAULT_SUBMIT_STALE_S
+from clipbatch.core.config import DEFAULT_SUBMIT_STALE_S, redact
 from clipbatch.core.keys import JobState
+from clipbatch.core.signing import SPEC_SIGNATURE
+
+if TYPE_CHECKING:
+    from clipbatch.core.signing import Signer
 
 _COUNTERS = ("shards_total", "shards_done", "shards_failed", "shards_skipped", "shards_rescored", "samples_done",
              "samples_failed")
@@ -160,14 +164,15 @@ class JobStore:
         self._delivery = client.register_script(_COUNT_DELIVERY)
 
     def create(self, job_id: str, spec: dict[str, Any], shards_total: int, committed: dict[int, dict],
-               shards_rescored: int = 0) -> None:
-        """Write the job hash; shards already committed in storage count as done and skipped.
+               shards_rescored: int = 0, signer: Signer | None = None) -> None:
+        """Write the job hash; shards already committed in storage count as done and skipped. With a
+        ``signer`` (signing on) the spec is signed as stored, in the field beside it.
 
         The record is born marked ``submitting``, with the producer's heartbeat and an entry in the
         set of unfinished submits, in the same transaction: a producer killed at any point after it
         leaves a record the sweep of dead submits ends (core/submits.py)."""
         now = time.time()
-        record = {
+        record: dict[str, Any] = {
             "job_id": job_id,
             "kind": spec["kind"],
             "spec": json.dumps(spec),
@@ -187,6 +192,8 @@ class JobStore:
             "kept_digest": merged.digest((i, m.get("attempt")) for i, m in committed.items()),
             "submitting": now,
         }
+        if signer is not None:
+            record[SPEC_SIGNATURE] = signer.spec(job_id, record["spec"])
         pipe = self.r.pipeline()
         pipe.hset(keys.job(job_id), mapping=record)
         pipe.expire(keys.job(job_id), self.ttl_s)
@@ -223,6 +230,12 @@ class JobStore:
     def spec(self, job_id: str) -> dict[str, Any] | None:
         raw = self.r.hget(keys.job(job_id), "spec")
         return json.loads(raw) if raw else None
+
+    def signed_spec(self, job_id: str) -> tuple[str, str | None] | None:
+        """The record's spec as stored (a JSON string) and its signature (None when unsigned); None
+        when the record is gone."""
+        raw, signature = self.r.hmget(keys.job(job_id), ["spec", SPEC_SIGNATURE])
+        return None if raw is None else (raw, signature)
 
     def report_done(self, job_id: str, index: int, samples_ok: int, samples_failed: int,
                     counted: Counted | None = None) -> bool:
@@ -273,6 +286,16 @@ class JobStore:
         self._failed(keys=keys.job_keys(job_id)[:3], args=[index, reason, self.ttl_s], client=pipe)
         res = pipe.execute()[-1]
         return res != -1 and res[0] + res[1] == res[2]
+
+    def record_refused(self, job_id: str, index: Any, input_uri: Any, reason: str) -> None:
+        """Record a refused message or entry (core/signing.py) in the dead-letter list only: it is not
+        one of the job's shards, so no job changes for it."""
+        record = {"job_id": redact(str(job_id))[:200], "index": index if isinstance(index, int) else -1,
+                  "input": redact(str(input_uri))[:2000], "reason": redact(reason)[:2000], "at": time.time()}
+        pipe = self.r.pipeline()
+        pipe.lpush(keys.DEAD_LETTERS, json.dumps(record))
+        pipe.ltrim(keys.DEAD_LETTERS, 0, self.dead_letters_max - 1)
+        pipe.execute()
 
     def dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
         return [json.loads(r) for r in self.r.lrange(keys.DEAD_LETTERS, 0, limit - 1)]

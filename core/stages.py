@@ -23,6 +23,7 @@ finds the first unfinished stage from the markers in storage alone (each kind's 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -31,6 +32,7 @@ import redis
 from clipbatch.core import keys
 from clipbatch.core.broker import CURATE_STAGE, EMBED_SHARD, FINETUNE_STEP, TRAIN_SHARD
 from clipbatch.core.feed import Entry, Feed, encode
+from clipbatch.core.signing import Refused
 
 _PUBLISH_BATCH = 500  # messages between progress updates
 
@@ -191,10 +193,13 @@ class Engine:
             pipe.expire(keys.job_stage(job_id, stage.name), self.ttl_s)
         pipe.execute()
 
-    def settle(self, job_id: str, kind: str, queue: str, index: int, plan: StagePlan, given_up: bool) -> str:
+    def settle(self, job_id: str, kind: str, queue: str, index: int, plan: StagePlan, given_up: bool,
+               check: Callable[[Entry], None] | None = None,
+               refused: Callable[[Entry | None, Exception], None] | None = None) -> str:
         """Task ``index`` is committed (or given up on): launch the next stage if it was its stage's
         last, once. Call it before the job counts the task (the job must never look complete between
-        two stages). Returns what happened: 'wait', 'done', 'launched', 'last', 'ended' or 'gone'."""
+        two stages). ``check`` and ``refused``: as for :meth:`successor`. Returns what happened: 'wait',
+        'done', 'launched', 'last', 'ended' or 'gone'."""
         stage = plan.stage_of(index)
         if stage.last:
             return "last"
@@ -211,16 +216,34 @@ class Engine:
         # The claimant's slots of the window: its own successor (run_shard) fills one, these the rest.
         # Taken per (stage, slot): a redelivered claimant publishes the same entries again, never others.
         for slot in range(self.window - 1):
-            self.successor(job_id, kind, queue, f"{nxt.name}+{slot}")
+            self.successor(job_id, kind, queue, f"{nxt.name}+{slot}", check, refused)
         return "launched" if pushed else "done"
 
-    def successor(self, job_id: str, kind: str, queue: str, parent: int | str) -> None:
+    def successor(self, job_id: str, kind: str, queue: str, parent: int | str,
+                  check: Callable[[Entry], None] | None = None,
+                  refused: Callable[[Entry | None, Exception], None] | None = None) -> None:
         """Keep the window full: publish the pending entry ``parent`` takes (the same one however often
-        it asks until it went out: a parent that died in between publishes it on its redelivery)."""
-        entry = self.feed.successor(job_id, parent)
-        if entry is not None:
+        it asks until it went out: a parent that died in between publishes it on its redelivery).
+
+        ``check`` (signing on) raises Refused for an entry no trusted key vouches for; it, or a malformed
+        entry, goes to ``refused`` (never run) and the next one is taken under the parent's next slot
+        (``3/1``, ``3/2``: a redelivery takes the same ones)."""
+        for slot in itertools.count():
+            key = parent if slot == 0 else f"{parent}/{slot}"
+            entry = None
+            try:
+                entry = self.feed.successor(job_id, key)
+                if entry is None:
+                    return
+                if check is not None:
+                    check(entry)
+            except (Refused, ValueError) as why:  # ValueError: not an entry at all
+                if refused is not None:
+                    refused(entry, why)
+                continue
             self._send(job_id, kind, queue, entry)
-            self.feed.sent(job_id, parent)
+            self.feed.sent(job_id, key)
+            return
 
     def _send(self, job_id: str, kind: str, queue: str, entry: Entry, producer: Any = None) -> None:
         self.app.send_task(task_of(kind, entry), args=[job_id, *entry], queue=queue, producer=producer)

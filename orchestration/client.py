@@ -27,6 +27,7 @@ from clipbatch.core.leases import OutputLeases
 from clipbatch.core.curation import plan_curation, resume
 from clipbatch.core.storage import open_storage
 from clipbatch.core.broker import FINALIZE_JOB, make_app
+from clipbatch.core.signing import Signer
 from clipbatch.core.stages import Engine, Stage
 from clipbatch.core.specs import FinetuneSpec, JobSpec, ModelSpec, SpecError, TrainShardsSpec
 
@@ -53,6 +54,7 @@ class Client:
         self.feed = feed.Feed(self.redis, self.settings.job_ttl_s)
         self.app = make_app(self.settings)
         self.engine = Engine(self.redis, self.settings.job_ttl_s, self.app, self.settings.queue_window)
+        self.signer = Signer.from_env()  # with signing on, each job's spec and entries are signed
         self.progress: SubmitProgress | None = None  # set by the CLI to draw the submit's progress
 
     def ping(self) -> None:
@@ -182,7 +184,8 @@ class Client:
         A job with nothing to run gets one finalise message instead: a worker ends it (writes
         ``_job.json`` and the report), so the producer never writes to the output.
         """
-        self.jobs.create(job_id, spec.to_dict(), total, committed, rescored)
+        entries = self._signed(job_id, entries)
+        self.jobs.create(job_id, spec.to_dict(), total, committed, rescored, signer=self.signer)
         if seed is not None:
             self.engine.seed(job_id, *seed)
         done = 0
@@ -200,6 +203,10 @@ class Client:
             self.app.send_task(FINALIZE_JOB, args=[job_id], queue=spec.queue)
         self.jobs.mark_submitted(job_id)
         return Job(self, job_id)
+
+    def _signed(self, job_id: str, entries: list[feed.Entry]) -> list[feed.Entry]:
+        """The entries with their signatures (signing on), else as they are."""
+        return entries if self.signer is None else self.signer.entries(job_id, entries)
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)

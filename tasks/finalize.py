@@ -30,10 +30,11 @@ from clipbatch.core.keys import JobState
 from clipbatch.core.leases import OutputLeases
 from clipbatch.core.report import build_report, finish_finetune, full_totals, nothing_embedded
 from clipbatch.core.selection import finish_train_shards
+from clipbatch.core.signing import Refused
 from clipbatch.core.specs import ShardSpec
 from clipbatch.core.storage import Storage, open_storage
 from clipbatch.tasks.app import app
-from clipbatch.tasks.context import SETTINGS, job_store
+from clipbatch.tasks.context import SETTINGS, job_spec, job_store
 
 log = logging.getLogger("clipbatch.finalize")
 
@@ -58,12 +59,13 @@ def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:
     status = jobs.get(job_id)
     if status is None or not jobs.is_complete(status) or JobState(status["state"]).terminal:
         return status
+    spec = job_spec(jobs, job_id)  # verified with signing on: where the job writes is the signed output
     # Shorter than the visibility timeout: a redelivered message can claim what a dead finaliser held.
-    if not jobs.claim_finalize(job_id, max(1, SETTINGS.visibility_timeout_s // 2)):
+    if spec is None or not jobs.claim_finalize(job_id, max(1, SETTINGS.visibility_timeout_s // 2)):
         return status
-    storage = open_storage(status["output"])
-    record = {"spec": jobs.spec(job_id), **status, "finished_at": time.time()}
-    end = _end_embed(jobs, storage, record) if status["kind"] in EMBED_KINDS else _end_other(jobs, storage, record)
+    storage = open_storage(spec.output)
+    record = {"spec": spec.to_dict(), **status, "output": spec.output, "kind": spec.kind, "finished_at": time.time()}
+    end = _end_embed(jobs, storage, record) if spec.kind in EMBED_KINDS else _end_other(jobs, storage, record)
     final = JobState.FAILED if status["shards_failed"] or end.problems else JobState.SUCCEEDED
     record.update(state=final.value, failures={**record["failures"], **end.problems})
     if end.summary is not None:
@@ -77,7 +79,7 @@ def finalize(jobs: JobStore, job_id: str) -> dict[str, Any] | None:
     swept = commit.sweep_orphans(storage, end.named, time.time() - SETTINGS.visibility_timeout_s)
     jobs.set_state(job_id, final)
     jobs.drop_counted(job_id)
-    OutputLeases(jobs.r, jobs.ttl_s).release(status["output"], job_id)
+    OutputLeases(jobs.r, jobs.ttl_s).release(spec.output, job_id)
     log.info("job finalized job=%s state=%s incomplete=%d orphans_swept=%d merged=%s", job_id, final.value,
              len(end.problems), swept, end.how)
     return jobs.get(job_id)
@@ -227,5 +229,10 @@ def _incomplete(jobs: JobStore, job_id: str, storage: Storage, markers: dict[int
 
 @app.task(name=FINALIZE_JOB)
 def finalize_job(job_id: str) -> str | None:
-    status = finalize(job_store(), job_id)
+    try:
+        status = finalize(job_store(), job_id)
+    except Refused as why:  # signing on, and the job's spec does not verify: nothing is written
+        log.error("job end refused job=%s reason=%s", job_id, why)
+        job_store().record_refused(job_id, -1, "", f"refused, not run: {why}")
+        return "refused"
     return None if status is None else status["state"]

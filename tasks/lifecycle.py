@@ -1,10 +1,11 @@
 """The life of one shard message, the same for every kind of shard task.
 
-decode (look the job's spec up by id) -> skip if the job was cancelled -> skip (and finish the
-move) if the marker exists -> compute -> commit (conditional marker; the job is checked again after
-the compute and after the upload, and a cancelled job's attempt deletes what it staged) -> settle it
-with the stage engine (tasks/stages.py: the next stage, once, and a successor from the job's pending
-list) -> count once in Redis -> finalize if last.
+decode (look the job's spec up by id; with signing on, refuse a spec or entry no trusted key vouches
+for) -> skip if the job was cancelled -> skip (and finish the move) if the marker exists -> compute ->
+commit (conditional marker; the job is checked again after the compute and after the upload, and a
+cancelled job's attempt deletes what it staged) -> settle it with the stage engine (tasks/stages.py:
+the next stage, once, and a successor from the job's pending list, one that verifies) -> count once
+in Redis -> finalize if last.
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from clipbatch.core.broker import FINALIZE_JOB
 from clipbatch.core.jobs import JobStore
 from clipbatch.core.keys import JobState
 from clipbatch.core.results import ShardResult
+from clipbatch.core.signing import Refused
 from clipbatch.core.specs import ShardSpec, SpecError
 from clipbatch.core.storage import PERMANENT_ERRORS, open_storage
 from clipbatch.tasks.app import app
-from clipbatch.tasks.context import SETTINGS, job_spec, job_store
+from clipbatch.tasks.context import SETTINGS, VERIFIER, check_entry, job_spec, job_store
 from clipbatch.tasks.finalize import finalize, report_committed
-from clipbatch.tasks.stages import settle
+from clipbatch.tasks.stages import refuse, settle
 from clipbatch.workers.writers import UnreadableOutput
 
 log = logging.getLogger("clipbatch.shard")
@@ -51,7 +53,11 @@ class ShardTask(Task):
     max_retries = SETTINGS.max_retries
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: ANN001 (Celery's signature)
-        shard = decode(job_store(), list(args))
+        try:
+            shard = decode(job_store(), list(args))
+        except Refused as why:  # verified when it ran; its job's record changed since
+            refuse(job_store(), list(args), why)
+            return
         if shard is None:
             return
         reason = f"{type(exc).__name__}: {exc}"
@@ -62,17 +68,27 @@ class ShardTask(Task):
 # The task that runs a shard of each kind of job fed from a pending list (a fine-tune is a chain).
 def decode(jobs: JobStore, args: list[Any]) -> ShardSpec | None:
     """A shard message's arguments -> its ShardSpec, the spec looked up by job id; None when the
-    job's record is gone. A one-dict message is an older producer's, which carried the whole spec."""
+    job's record is gone. A one-dict message is an older producer's, which carried the whole spec.
+    With signing on, Refused (core/signing.py) unless the spec and the entry verify."""
     if len(args) == 1 and isinstance(args[0], dict):
+        if VERIFIER is not None:
+            raise Refused("a message carrying its own spec (an older producer's) is not run with signing on")
         return ShardSpec.from_dict(args[0])
     spec = job_spec(jobs, args[0])
-    return None if spec is None else ShardSpec.from_message(args, spec)
+    if spec is None:
+        return None
+    check_entry(jobs, args[0], tuple(args[1:]))
+    return ShardSpec.from_message(args, spec)
 
 
 def run_message(args: list[Any], compute: Compute,
                 after_commit: Callable[[JobStore, ShardSpec, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run one shard message (see :func:`run_shard`); a message of a job Redis no longer knows is dropped."""
-    shard = decode(job_store(), args)
+    """Run one shard message (see :func:`run_shard`); a message of a job Redis no longer knows is dropped,
+    one that does not verify (signing on) is refused."""
+    try:
+        shard = decode(job_store(), args)
+    except Refused as why:
+        return refuse(job_store(), args, why)
     if shard is None:
         log.info("shard skipped job=%s shard=%s reason=job_unknown", args[0], args[1] if len(args) > 1 else "?")
         return {"outcome": "job_unknown"}

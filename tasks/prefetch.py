@@ -212,10 +212,10 @@ def on_input_drained(shard: ShardSpec) -> None:
     if held is None:
         return
     chain.held = held
-    spec = decode(job_store(), held.args)
     try:
+        spec = decode(job_store(), held.args)
         warm = spec is not None and chain.warm(spec)
-    except Exception as exc:  # noqa: BLE001 (the read-ahead runs cold and fails, or not, like any shard)
+    except Exception as exc:  # noqa: BLE001 (the read-ahead runs cold and fails, is refused, or not, like any shard)
         log.warning("read-ahead input not opened id=%s reason=%s: %s", held.task_id, type(exc).__name__, exc)
         warm = False
     log.info("shard read-ahead job=%s shard=%s id=%s warm=%s", held.args[0], held.args[1] if len(held.args) > 1
