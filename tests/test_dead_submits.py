@@ -87,6 +87,7 @@ def test_a_submit_killed_after_its_record_is_ended_failed_by_the_workers_and_a_r
     check_output(str(out), built)
 
 
+@pytest.mark.integration
 def test_a_live_producer_keeps_its_job_past_the_stale_interval_and_a_dead_one_loses_it(redis_url):
     # given: a job record as a submit writes it, with a short stale interval, and the output's lease
     r = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -112,6 +113,7 @@ def test_a_live_producer_keeps_its_job_past_the_stale_interval_and_a_dead_one_lo
     assert job_id not in submits.sweep(jobs, 1) and r.zscore(keys.SUBMITTING, job_id) is None
 
 
+@pytest.mark.integration
 def test_a_whole_submit_leaves_nothing_for_the_sweep(redis_url):
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     jobs = JobStore(r, 3600, submit_stale_s=1)

@@ -75,16 +75,18 @@ def test_a_duplicate_delivery_is_counted_exactly_once(make_job):
     assert job.run(1)["outcome"] == "committed"
     late = job.run(0)
 
-    # then: each redelivery found the commit, and the counters hold each shard once
-    assert again["outcome"] == late["outcome"] == "already_committed"
+    # then: the redelivery found the commit, the late one found the job ended (neither ran the shard), and
+    # the counters hold each shard once
+    assert (again["outcome"], late["outcome"]) == ("already_committed", "job_ended")
     status = job.status()
     assert (status["shards_done"], status["samples_done"], status["state"]) == (2, 2 * synthetic.SAMPLES, "succeeded")
     assert json.loads((job.output / layout.JOB_FILE).read_text())["state"] == "succeeded"
 
 
 def test_an_attempt_that_loses_the_race_counts_the_winner_once(make_job):
-    # given: a shard whose message is delivered a second time while the first attempt computes
-    job = make_job(1)
+    # given: a shard whose message is delivered a second time while the first attempt computes (in a job
+    # of two shards, so the duplicate's commit does not end the job)
+    job = make_job(2)
     inner: list[dict[str, Any]] = []
 
     def slow_compute(shard: ShardSpec, attempt: str) -> ShardResult:

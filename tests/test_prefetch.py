@@ -274,6 +274,7 @@ redis.client.Redis.execute_command = execute_command
 """
 
 
+@pytest.mark.integration
 def test_a_pool_process_killed_right_after_taking_a_read_ahead_loses_nothing(small_world, checkpoint, redis_url,
                                                                               start_worker, tmp_path):
     # given: a job of five shards, and a worker whose pool process is SIGKILLed the instant its first
@@ -300,6 +301,7 @@ def test_a_pool_process_killed_right_after_taking_a_read_ahead_loses_nothing(sma
     check_output(str(out), keys)
 
 
+@pytest.mark.integration
 def test_read_aheads_are_recorded_per_process_at_any_pool_size(redis_url):
     # given: 130 messages in a queue, and 130 pool processes of one worker (twice the old 64 slots)
     from clipbatch.tasks import held

@@ -9,7 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import remove_seaweedfs_sockets, wait_for
+
+pytestmark = pytest.mark.integration  # it starts SeaweedFS
 
 PROBE = textwrap.dedent("""
     import os, time

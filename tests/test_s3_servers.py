@@ -14,7 +14,7 @@ from clipbatch.core import storage as storage_module
 from clipbatch.core.storage import open_storage
 from tests.conftest import S3_SERVERS
 
-pytestmark = pytest.mark.parametrize("s3_endpoint", S3_SERVERS, indirect=True)
+pytestmark = [pytest.mark.integration, pytest.mark.parametrize("s3_endpoint", S3_SERVERS, indirect=True)]
 
 RACERS = 16
 PART = 5 << 20  # S3's smallest part
