@@ -155,8 +155,8 @@ def test_an_entry_pushed_onto_the_pending_list_without_the_producers_signature_n
     env = service_env(redis_url, CLIPBATCH_QUEUE_WINDOW="1", **producer)
     job = submit(folder, out, checkpoint, queue, env)
     r = redis.Redis.from_url(redis_url, decode_responses=True)
-    genuine = feed.decode(r.lindex(feed.pending_key(job), 0))  # with its signature, the fourth element
-    assert r.llen(feed.pending_key(job)) == 2
+    genuine = feed.decode(r.lindex(keys.job_pending(job), 0))  # with its signature, the fourth element
+    assert r.llen(keys.job_pending(job)) == 2
     dead_before = r.llen(keys.DEAD_LETTERS)
 
     # when: an attacker with Redis write access and no key pushes, ahead of them, an unsigned entry
@@ -164,7 +164,7 @@ def test_an_entry_pushed_onto_the_pending_list_without_the_producers_signature_n
     # secret tar as its input, and one that is no entry at all; then a signing worker runs the job
     forged = [[9, str(secret), None], [genuine[0], str(secret), *genuine[2:]], "not an entry"]
     for entry in reversed(forged):  # the first is taken first
-        r.lpush(feed.pending_key(job), json.dumps(entry))
+        r.lpush(keys.job_pending(job), json.dumps(entry))
     worker = start_worker(queue, service_env(redis_url, **worker_env))
     output = open_storage(str(out))
 
@@ -253,7 +253,7 @@ def test_a_curation_job_runs_signed_its_later_stages_derived_from_the_spec(redis
     # when: an attacker pushes a dedup task, at its very index, before the stage before it ran (its input
     # would be half there); then a signing worker runs the job
     dedup = load_plan(open_storage(str(out))).base("dedup")
-    r.lpush(feed.pending_key(job), json.dumps([dedup, task_input(str(out), "dedup", 0), None]))
+    r.lpush(keys.job_pending(job), json.dumps([dedup, task_input(str(out), "dedup", 0), None]))
     worker = start_worker(queue, service_env(redis_url, **worker_env))
     wait_for(lambda: (out / "_job.json").exists(), 600, "the job to end")
 
