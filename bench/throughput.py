@@ -16,7 +16,7 @@ shard of a real worker on a private Redis (--queue-overhead-shards, 1,000-sample
 
 With --prefetch it instead runs a real worker on 6 shards of 1,000 with shard prefetch off and on
 (CLIPBATCH_PREFETCH), interleaved for --rounds rounds, and reports the idle shares at shard
-boundaries (bench/boundaries.py):
+boundaries (bench/shard_gaps.py):
 
     python -m bench.throughput --prefetch --rounds 2 --out bench/results/<date>-cpu.json
 
@@ -52,7 +52,7 @@ import click
 import torch
 from PIL import Image
 
-from bench.boundaries import boundary_idle, compare_prefetch
+from bench.shard_gaps import boundary_idle, compare_prefetch
 from bench.compiled import compare_compile
 from bench.modalities import compare_modalities
 from bench.precision import compare_precision

@@ -9,7 +9,7 @@ winner's staged bytes (idempotent); losers delete their own temporaries.
 
 Staging is one object, a tar of every file (``_tmp/{attempt}/_bundle.tar``): the winner writes
 its files from memory and deletes the bundle, 3 + n writes for n files. Commits over
-``BUNDLE_MAX_BYTES``, and attempts staged by older versions, stage each file on its own and
+``BUNDLE_MAX_BYTES`` stage each file on its own and
 move it with a server-side copy (1 + 3n writes). The marker says which (``staging``).
 """
 from __future__ import annotations

@@ -140,8 +140,8 @@ def parse_input(uri: str) -> tuple[str, str, int]:
 
 
 def load_plan(output: Storage) -> CurationPlan:
-    """The saved plan (one saved before tasks took groups of clusters had one cluster per task)."""
-    return CurationPlan(**{"clusters_per_task": 1, **json.loads(output.read(layout.CURATION_PLAN))})
+    """The saved plan."""
+    return CurationPlan(**json.loads(output.read(layout.CURATION_PLAN)))
 
 
 def load_parts(output: Storage) -> list[int]:

@@ -142,8 +142,6 @@ def message_job(raw: str | bytes) -> str | None:
     if not args:
         return None
     first = args[0]
-    if isinstance(first, dict):  # messages of an older producer carried the whole shard spec
-        first = first.get("job_id")
     return first if isinstance(first, str) else None
 
 

@@ -118,7 +118,7 @@ class Counted:
     record: list[Any]  # merged.shard_record: attempt, files, score bounds, counts
     stats: dict[str, Any]  # the shard's stats/{i}.json
     before: bool  # committed before this job (a plan's unfinished move): the saved totals hold it
-    marker: dict[str, Any] | None = None  # the commit's marker, for the index the job's end writes (core/index.py)
+    marker: dict[str, Any] | None = None  # the commit's marker, for the index the job's end writes (core/marker_index.py)
 
     def args(self) -> list[Any]:
         hist = self.stats.get("clip_score") or scores.merge([])

@@ -1,6 +1,7 @@
 """Every Redis key name clipbatch uses, and the job states."""
 from __future__ import annotations
 
+import hashlib
 from enum import Enum
 
 PREFIX = "clipbatch"
@@ -86,6 +87,17 @@ def job_stage_given_up(job_id: str, stage: str) -> str:
 def job_stage_claim(job_id: str, stage: str) -> str:
     """String: who moves the job past the stage ('claimed:<index>', then 'launched'), or 'ended'."""
     return f"{PREFIX}:job:{job_id}:stage:{stage}:next"
+
+
+def output_lease(canonical_output: str) -> str:
+    """String: the job holding an output (core/leases.py); a digest of its canonical URI (URIs can be
+    long and hold any byte)."""
+    return f"{PREFIX}:output:{hashlib.sha256(canonical_output.encode()).hexdigest()[:32]}"
+
+
+def prefetch_held(node: str, pid: int) -> str:
+    """Set: the delivery tags of the read-ahead messages pool process ``pid`` of worker ``node`` holds."""
+    return f"{PREFIX}:readahead:{node}:{pid}"
 
 
 def job_keys(job_id: str) -> list[str]:

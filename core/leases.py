@@ -11,7 +11,6 @@ the last one to end (it logs the refusal and submits again at its next time).
 """
 from __future__ import annotations
 
-import hashlib
 
 import redis
 
@@ -43,7 +42,7 @@ return 0
 def key_for(output: str) -> str:
     """The lease's key: a digest of the output's canonical URI (``/x/sub/../out`` and ``/x/out``, or
     ``s3://b/out/`` and ``s3://b/out``, are one output; URIs can be long and hold any byte)."""
-    return f"{keys.PREFIX}:output:{hashlib.sha256(canonical(output).encode()).hexdigest()[:32]}"
+    return keys.output_lease(canonical(output))
 
 
 class OutputLeases:

@@ -94,8 +94,7 @@ class JobSpec:
     producer sets it at submit. ``input_format`` is resolved from ``auto`` at submit; the column
     names apply to parquet and manifest inputs (on tars, ``image_col``/``caption_col`` name the
     member extension, or ``json:FIELD`` of the json sidecar for the caption), ``samples_per_shard``
-    to folder and manifest inputs (and splits parquet files by row group). A spec without
-    ``modality`` (written before it existed) is a pairs job.
+    to folder and manifest inputs (and splits parquet files by row group).
     """
 
     input: str
@@ -303,7 +302,8 @@ class ShardSpec:
 
     On the wire a message carries the shard's identity only, ``[job_id, index, input, version]``
     (:meth:`message`); the job's spec is stored once, in its Redis record, and a worker looks it
-    up by job id (:meth:`from_message`). ``to_dict`` is the older form that carried the whole spec.
+    up by job id (:meth:`from_message`). This is the one wire format (docs/reliability.md, "Wire
+    format"): no other is read.
     """
 
     job_id: str
@@ -313,15 +313,6 @@ class ShardSpec:
     # The input's version (ETag or range digest) the plan saw; a commit found at the index must
     # be of it. None where the plan has no versions (training shards, fine-tune steps).
     input_etag: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "index": self.index, "input": self.input, "job": self.job.to_dict(),
-                "input_etag": self.input_etag}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ShardSpec:
-        return cls(data["job_id"], int(data["index"]), data["input"], job_from_dict(data["job"]),
-                   data.get("input_etag"))
 
     def message(self) -> list[Any]:
         """The message's arguments: the shard's identity, not its job's spec."""

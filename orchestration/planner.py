@@ -8,7 +8,7 @@ commit (size or ETag) is planned again; an output holding another model's result
 modality's (pairs, image-only, text-only), is refused. A shard of another model or modality that
 embedded nothing (every sample an error row) holds no results to mix with: it is planned again.
 
-The output's markers are read through their index (core/index.py): a plan over C committed and D
+The output's markers are read through their index (core/marker_index.py): a plan over C committed and D
 new or changed shards costs a few requests, the LISTs' pages and O(D) GETs, not a GET per marker.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from clipbatch.core import commit, layout
-from clipbatch.core.index import refresh as indexed_markers
+from clipbatch.core.marker_index import refresh as indexed_markers
 from clipbatch.core.inputs import InputError, plan_inputs
 from clipbatch.core.report import keep_replaced_stats
 from clipbatch.orchestration.models import check_model, fingerprint
@@ -111,7 +111,7 @@ def own_markers(storage: Storage, kind: str, inputs: list[str]) -> dict[int, dic
     """
     markers = indexed_markers(storage)  # under the output's lease: the index may be written
     for index, marker in sorted(markers.items()):
-        theirs = marker.get("kind", kind)  # markers written before kinds were recorded
+        theirs = marker.get("kind")
         if theirs != kind or index >= len(inputs) or marker.get("input") != inputs[index]:
             raise SpecError("output", f"{storage.uri} holds other results (shard {index}: a {theirs} job's, of "
                                       f"{marker.get('input')}); use a separate output for each job of this kind")

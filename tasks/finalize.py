@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clipbatch.core import commit, layout, merged
-from clipbatch.core.index import after_job as write_marker_index
+from clipbatch.core.marker_index import after_job as write_marker_index
 from clipbatch.core.broker import FINALIZE_JOB
 from clipbatch.core.jobs import Counted, JobStore
 from clipbatch.core.keys import JobState
@@ -101,7 +101,7 @@ def _end_other(jobs: JobStore, storage: Storage, record: dict[str, Any]) -> _End
 def _end_embed(jobs: JobStore, storage: Storage, record: dict[str, Any]) -> _End:
     """An embed or score job's end: the saved totals advanced by this job's shards (a bounded number of
     requests), or, when they cannot be trusted, every marker and stats file read as before. The marker
-    index (core/index.py) is written from the end's one LIST of the output and the markers it knows (the
+    index (core/marker_index.py) is written from the end's one LIST of the output and the markers it knows (the
     job's own commits, kept in Redis as they were counted), so the next plan reads none of them."""
     job = jobs.job_shards(record["job_id"], record)
     listed_at = time.time()

@@ -54,7 +54,7 @@ _TAKE_SHA = hashlib.sha1(_TAKE.encode()).hexdigest()
 
 def held_key(node: str, pid: int) -> str:
     """Set: the delivery tags of the read-ahead messages pool process ``pid`` of worker ``node`` holds."""
-    return f"{keys.PREFIX}:readahead:{node}:{pid}"
+    return keys.prefetch_held(node, pid)
 
 
 def take(channel: Any, queue: str, held: str, ttl_s: int, accept: Any) -> Any:

@@ -9,11 +9,11 @@ from celery.signals import task_postrun, worker_process_init, worker_ready, work
 from clipbatch.core import submits
 from clipbatch.tasks import prefetch
 from clipbatch.tasks.context import SETTINGS, job_store
-from clipbatch.workers import readahead, runtime
+from clipbatch.workers import prefetch as warm, runtime
 
 log = logging.getLogger("clipbatch.worker")
 
-readahead.input_drained.append(prefetch.on_input_drained)
+warm.input_drained.append(prefetch.on_input_drained)
 
 
 @worker_process_init.connect

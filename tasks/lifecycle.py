@@ -26,7 +26,7 @@ from clipbatch.core.signing import Refused
 from clipbatch.core.specs import ShardSpec, SpecError
 from clipbatch.core.storage import PERMANENT_ERRORS, open_storage
 from clipbatch.tasks.app import app
-from clipbatch.tasks.context import SETTINGS, VERIFIER, check_entry, job_spec, job_store
+from clipbatch.tasks.context import SETTINGS, check_entry, job_spec, job_store
 from clipbatch.tasks.finalize import finalize, report_committed
 from clipbatch.tasks.stages import refuse, settle
 from clipbatch.workers.writers import UnreadableOutput
@@ -67,13 +67,11 @@ class ShardTask(Task):
 
 # The task that runs a shard of each kind of job fed from a pending list (a fine-tune is a chain).
 def decode(jobs: JobStore, args: list[Any]) -> ShardSpec | None:
-    """A shard message's arguments -> its ShardSpec, the spec looked up by job id; None when the
-    job's record is gone. A one-dict message is an older producer's, which carried the whole spec.
-    With signing on, Refused (core/signing.py) unless the spec and the entry verify."""
-    if len(args) == 1 and isinstance(args[0], dict):
-        if VERIFIER is not None:
-            raise Refused("a message carrying its own spec (an older producer's) is not run with signing on")
-        return ShardSpec.from_dict(args[0])
+    """A shard message's arguments (``[job_id, index, input, version(, signature)]``, the one wire
+    format) -> its ShardSpec, the spec looked up by job id; None when the job's record is gone.
+    Refused (never run) for anything else, and, with signing on, unless the spec and the entry verify."""
+    if not 4 <= len(args) <= 5 or not isinstance(args[0], str) or not isinstance(args[1], int):
+        raise Refused(f"not a shard message [job_id, index, input, version(, signature)]: {str(args)[:300]}")
     spec = job_spec(jobs, args[0])
     if spec is None:
         return None

@@ -39,7 +39,7 @@ from clipbatch.tasks import held as holding
 from clipbatch.tasks.app import app
 from clipbatch.tasks.context import SETTINGS, job_store
 from clipbatch.tasks.lifecycle import decode, run_message
-from clipbatch.workers import readahead
+from clipbatch.workers import prefetch as ahead
 
 PREFETCH_ENV = "CLIPBATCH_PREFETCH"
 CHAIN_ENV = "CLIPBATCH_PREFETCH_CHAIN"
@@ -137,7 +137,7 @@ def run_chained(task: Task, args: list[Any], compute: Callable[[ShardSpec, str],
         _chains.clear()
         if chain.held is not None:  # the shard before it raised: Celery's path retries that one
             _put_back(chain, chain.held.message, chain.held.task_id, "chain_failed")
-        readahead.discard()
+        ahead.discard()
 
 
 def _end_if_stopped(chain: _Chain, result: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from clipbatch.core import commit, index, layout
+from clipbatch.core import commit, layout, marker_index
 from clipbatch.core.scores import histogram
 from clipbatch.core.storage import Storage, open_storage
 from clipbatch.orchestration.planner import plan
@@ -78,7 +78,7 @@ def test_a_job_past_index_99999_plans_commits_reports_and_reads_in_order(redis_u
     # when it is planned: the five are committed and the new shard goes past the end
     planned = plan(spec)
     assert sorted(planned.committed) == sorted(COMMITTED) and planned.todo == [123_457]
-    assert sorted(index.read_markers(storage)) == sorted(commit.list_markers(storage)) == sorted(COMMITTED)
+    assert sorted(marker_index.read_markers(storage)) == sorted(commit.list_markers(storage)) == sorted(COMMITTED)
 
     # and a real worker runs it through the CLI
     queue = f"big-{uuid.uuid4().hex[:8]}"
@@ -99,7 +99,7 @@ def test_a_job_past_index_99999_plans_commits_reports_and_reads_in_order(redis_u
     assert storage.exists("_commits/123457.json")
     markers = commit.list_markers(storage)
     assert sorted(markers) == every and markers[123_457]["input"].endswith(NEW)
-    assert index.refresh(storage) == markers
+    assert marker_index.refresh(storage) == markers
     # and the report merged every shard's scores
     summary = json.loads(storage.read(layout.SUMMARY))
     assert (summary["shards"], summary["count"]) == (6, 6 * synthetic.SAMPLES), summary

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import redis
 
-from clipbatch.core import index, layout, merged
+from clipbatch.core import layout, marker_index, merged
 from clipbatch.core.jobs import Counted, JobStore
 from clipbatch.core.report import SUMMARY, full_totals, keep_replaced_stats
 from clipbatch.core.scores import histogram, summarize
@@ -179,7 +179,7 @@ def test_the_end_indexes_the_jobs_markers_and_frees_their_records(jobs, tmp_path
     assert finalize(jobs, job_id)["state"] == "succeeded"
 
     # then: the marker index holds every marker it committed, and its per-shard records left Redis
-    cached = index.load(storage)
+    cached = marker_index.load(storage)
     assert {i: json.loads(raw) for i, (_, raw) in cached.items()} == {s["marker"]["index"]: s["marker"] for s in shards}
     assert not jobs.r.exists(f"clipbatch:job:{job_id}:commits", f"clipbatch:job:{job_id}:merged")
 

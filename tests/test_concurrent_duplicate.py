@@ -33,8 +33,8 @@ def test_duplicate_delivery_runs_concurrently_and_commits_once(redis_url, bucket
 
     # when: the job is submitted and its shard message is delivered a second time right away
     job = client.submit(spec)
-    duplicate = ShardSpec(job.job_id, 0, spec.input, spec).to_dict()
-    client.app.send_task(EMBED_SHARD, args=[duplicate], queue=queue)
+    duplicate = ShardSpec(job.job_id, 0, spec.input, spec).message()
+    client.app.send_task(EMBED_SHARD, args=duplicate, queue=queue)
     status = job.wait(timeout_s=300)
     logs = lambda: "".join(w.log() for w in workers)  # noqa: E731
     wait_for(lambda: logs().count("] succeeded in") >= 2, 120, "both deliveries to finish")

@@ -20,7 +20,7 @@ from clipbatch.core.leases import OutputLeases, key_for
 from tests.conftest import run_cli, service_env, wait_for
 from tests.invariant import check_output
 from tests.test_overlap_and_reruns import shard
-from tests.test_queue_window import client_for, spec_for
+from tests.test_feed import client_for, spec_for
 
 STALE_S = 2
 

@@ -3,7 +3,7 @@
 tests/fakes.py, and the synthetic compute of tests/synthetic.py in place of the model.
 
 The same rules hold through real workers, Redis and S3 in the integration tests (tests/test_faults.py,
-tests/test_queue_window.py, tests/test_job_lifecycle.py); here each one is a few milliseconds.
+tests/test_feed.py, tests/test_job_lifecycle.py); here each one is a few milliseconds.
 """
 from __future__ import annotations
 

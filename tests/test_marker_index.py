@@ -1,4 +1,4 @@
-"""The marker index (core/index.py): a checked cache of the output's markers, never trusted over them.
+"""The marker index (core/marker_index.py): a checked cache of the output's markers, never trusted over them.
 
 Given an output whose markers are written, deleted and rewritten while its index goes missing,
 stale or corrupt, when the markers are read through the index, then they are exactly what
@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from clipbatch.core import commit, index, layout
+from clipbatch.core import commit, layout, marker_index
 from clipbatch.core.storage import Storage, open_storage
 from tests import synthetic
 from tests.conftest import run_cli, service_env
@@ -82,7 +82,7 @@ _AGES = itertools.count(OLD, 0.25)
 
 def corrupt(storage: Storage, rng: random.Random) -> str:
     """Damage the stored index one of the ways a cache goes wrong; returns which."""
-    data = index.dump(index.load(storage) or {})  # damage a good index (the stored one may be damaged already)
+    data = marker_index.dump(marker_index.load(storage) or {})  # damage a good index (the stored one may be damaged already)
     lines = gzip.decompress(data).decode().split("\n")
     header, entries = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
     kind = rng.choice(["truncate", "garbage", "flip", "not_json", "version", "invent", "forget", "etag", "count",
@@ -109,7 +109,7 @@ def corrupt(storage: Storage, rng: random.Random) -> str:
 def _edit(kind: str, entries: list, header: dict, rng: random.Random) -> tuple[list, dict]:
     """A well-formed index that lies: an entry for no marker, one missing, a stale ETag, or a bad header."""
     if kind == "version":
-        header = {**header, "version": index.VERSION + 1}
+        header = {**header, "version": marker_index.VERSION + 1}
     elif kind == "invent":  # a committed shard the markers do not hold, with a plausible ETag
         entries.append([777_777, "0" * 32, marker_bytes(777_777, rng).decode()])
         header = {**header, "count": len(entries)}
@@ -146,7 +146,7 @@ def step(storage: Storage, rng: random.Random, pool: list[int]) -> str:
     elif op == "corrupt":
         return "corrupt:" + corrupt(storage, rng)
     else:
-        index.refresh(storage)
+        marker_index.refresh(storage)
     return op
 
 
@@ -161,11 +161,11 @@ def test_the_index_never_hides_or_invents_a_committed_shard(storage, seed):
         # when they are read through the index (with or without writing it back)
         truth = commit.list_markers(storage)
         refreshed = rng.random() < 0.5
-        read = index.refresh(storage) if refreshed else index.read_markers(storage)
+        read = marker_index.refresh(storage) if refreshed else marker_index.read_markers(storage)
         # then they are exactly the markers, and an index written back holds exactly them
         assert read == truth, (seed, ops)
         if refreshed:
-            stored = index.load(storage)
+            stored = marker_index.load(storage)
             assert stored is not None and {i: json.loads(raw) for i, (_, raw) in stored.items()} == truth
     assert ops["rewrite"] and ops["delete"] and sum(n for op, n in ops.items() if op.startswith("corrupt")), ops
 
@@ -177,12 +177,12 @@ def test_a_resubmit_reads_only_the_markers_that_are_new_or_changed(storage):
     for i in range(60):
         storage.create_exclusive(layout.marker(i), marker_bytes(i, rng))
         age(storage, i)
-    assert index.refresh(counted) == commit.list_markers(storage)
+    assert marker_index.refresh(counted) == commit.list_markers(storage)
     built = counted.reset()
     assert (built["read"], built["write"], built["list_info"]) == (61, 1, 1)  # the missing index, 60 markers
 
     # when nothing changed: one GET (the index), one LIST, no write
-    assert index.refresh(counted) == commit.list_markers(storage)
+    assert marker_index.refresh(counted) == commit.list_markers(storage)
     assert counted.reset() == Counter({"read": 1, "list_info": 1})
 
     # when 2 shards are committed, 1 rewritten and 1 deleted: 3 marker GETs and the index written once
@@ -192,9 +192,9 @@ def test_a_resubmit_reads_only_the_markers_that_are_new_or_changed(storage):
     storage.write(layout.marker(10), marker_bytes(10, rng))
     age(storage, 10)
     storage.delete(layout.marker(20))
-    assert index.refresh(counted) == commit.list_markers(storage)
+    assert marker_index.refresh(counted) == commit.list_markers(storage)
     assert counted.reset() == Counter({"read": 1 + 3, "list_info": 1, "write": 1})
-    assert index.read_markers(counted) == commit.list_markers(storage)
+    assert marker_index.read_markers(counted) == commit.list_markers(storage)
     assert counted.reset() == Counter({"read": 1, "list_info": 1})
 
 
@@ -205,15 +205,15 @@ def test_a_local_marker_rewritten_within_one_clock_tick_is_not_trusted(tmp_path)
     storage.create_exclusive(layout.marker(3), marker_bytes(3, rng))
     path = tmp_path / "out" / layout.marker(3)
     tick = path.stat().st_mtime_ns
-    index.refresh(storage)
+    marker_index.refresh(storage)
     # when it is rewritten with other bytes of the same length in the same clock tick (same ETag)
     before = storage.list_info(layout.MARKER_DIR + "/")[layout.marker(3)].etag
     storage.write(layout.marker(3), marker_bytes(3, rng))
     os.utime(path, ns=(tick, tick))
     assert storage.list_info(layout.MARKER_DIR + "/")[layout.marker(3)].etag == before
     # then the index does not hide the rewrite: a marker that young was cached as untrusted
-    assert index.read_markers(storage) == commit.list_markers(storage)
-    assert index.read_markers(storage)[3]["attempt"] == json.loads(storage.read(layout.marker(3)))["attempt"]
+    assert marker_index.read_markers(storage) == commit.list_markers(storage)
+    assert marker_index.read_markers(storage)[3]["attempt"] == json.loads(storage.read(layout.marker(3)))["attempt"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "flip", "not_json", "version", "invent", "forget",
@@ -225,16 +225,16 @@ def test_a_damaged_index_is_rebuilt_from_the_markers(tmp_path, damage):
     for i in range(5):
         storage.create_exclusive(layout.marker(i), marker_bytes(i, rng))
         age(storage, i)
-    index.refresh(storage)
+    marker_index.refresh(storage)
     # when it is damaged
     class Always(random.Random):
         def choice(self, seq):
             return damage if damage in seq else super().choice(seq)
     assert corrupt(storage, Always(2)) == damage
     # then the markers read through it are still the markers, and the next refresh writes a good index
-    assert index.read_markers(storage) == commit.list_markers(storage)
-    assert index.refresh(storage) == commit.list_markers(storage)
-    stored = index.load(storage)
+    assert marker_index.read_markers(storage) == commit.list_markers(storage)
+    assert marker_index.refresh(storage) == commit.list_markers(storage)
+    stored = marker_index.load(storage)
     assert stored is not None and {i: json.loads(raw) for i, (_, raw) in stored.items()} == commit.list_markers(storage)
 
 
@@ -245,7 +245,7 @@ def test_the_index_a_jobs_end_writes_is_read_as_the_markers_are(storage):
     for i in range(4):
         storage.write(layout.marker(i), marker_bytes(i, rng))
         age(storage, i)
-    index.refresh(storage)
+    marker_index.refresh(storage)
     mine = {}
     for i in (2, 4, 5, 6):
         storage.write(layout.marker(i), marker_bytes(i, rng))
@@ -256,11 +256,11 @@ def test_the_index_a_jobs_end_writes_is_read_as_the_markers_are(storage):
     age(storage, 3)
 
     # when: the job's end writes the index from its LIST and its own markers
-    index.after_job(storage, listing, listed_at, mine)
+    marker_index.after_job(storage, listing, listed_at, mine)
 
     # then: the markers read through it are the markers, and the next read fetches only marker 3
     counting = CountingStorage(storage)
-    assert index.read_markers(counting) == commit.list_markers(storage)
+    assert marker_index.read_markers(counting) == commit.list_markers(storage)
     assert counting.reset()["read"] == 1 + 1  # the index and marker 3
 
 

@@ -337,23 +337,23 @@ class _Closes:
 
 def test_a_warm_input_goes_only_to_its_own_shard_and_any_other_is_closed(tmp_path):
     from clipbatch.core.specs import ShardSpec
-    from clipbatch.workers import readahead
+    from clipbatch.workers import prefetch as ahead
 
     job = spec_for(tmp_path, tmp_path / "out", tmp_path / "ckpt.pt", "q")
     ours, other = ShardSpec("j", 1, "a.tar", job), ShardSpec("j", 2, "b.tar", job)
     parts = _Closes()
 
-    def warm() -> readahead.ShardInput:
-        return readahead.ShardInput(readahead.shard_key(ours), None, parts, parts)
+    def warm() -> ahead.ShardInput:
+        return ahead.ShardInput(ahead.shard_key(ours), None, parts, parts)
 
     # given a warm input held for shard 1: shard 2 does not get it, and it is closed (reader and feeder)
-    readahead.hold(warm())
-    assert readahead.holding() and readahead.take(other) is None
-    assert not readahead.holding() and parts.closed == 2
+    ahead.hold(warm())
+    assert ahead.holding() and ahead.take(other) is None
+    assert not ahead.holding() and parts.closed == 2
     # given another: shard 1 gets it, open
-    readahead.hold(warm())
-    taken = readahead.take(ours)
-    assert taken is not None and taken.key == ("j", 1, "a.tar") and parts.closed == 2 and not readahead.holding()
+    ahead.hold(warm())
+    taken = ahead.take(ours)
+    assert taken is not None and taken.key == ("j", 1, "a.tar") and parts.closed == 2 and not ahead.holding()
 
 
 def test_a_chain_takes_no_read_ahead_that_would_end_past_half_the_visibility_timeout():

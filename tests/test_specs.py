@@ -51,12 +51,13 @@ def test_bad_fields_are_named(overrides, field):
     assert str(err.value).startswith(field + ":")
 
 
-def test_shard_spec_round_trips_through_json():
-    shard = ShardSpec("job1", 4, "s3://b/x.tar", spec(model=ModelSpec("m", "tag", {"embed_dim": 1, "vision_cfg": {}, "text_cfg": {}})))
-    assert ShardSpec.from_dict(json.loads(json.dumps(shard.to_dict()))) == shard
-    ranged = ShardSpec("job1", 0, "/m.csv#rows=0-10", spec(input_format="manifest", image_col="url", caption_col="text",
-                                                        key_col="id", samples_per_shard=10))
-    assert ShardSpec.from_dict(json.loads(json.dumps(ranged.to_dict()))) == ranged
+def test_shard_spec_round_trips_through_a_message():
+    job = spec(model=ModelSpec("m", "tag", {"embed_dim": 1, "vision_cfg": {}, "text_cfg": {}}))
+    shard = ShardSpec("job1", 4, "s3://b/x.tar", job, "etag1")
+    assert ShardSpec.from_message(json.loads(json.dumps(shard.message())), job) == shard
+    ranged_job = spec(input_format="manifest", image_col="url", caption_col="text", key_col="id", samples_per_shard=10)
+    ranged = ShardSpec("job1", 0, "/m.csv#rows=0-10", ranged_job)
+    assert ShardSpec.from_message(json.loads(json.dumps(ranged.message())), ranged_job) == ranged
 
 
 def test_a_job_without_a_batch_size_gets_the_workers_choice_for_its_device():

@@ -22,7 +22,7 @@ from clipbatch.core import layout
 from clipbatch.core.results import ShardResult
 from clipbatch.core.scores import histogram
 from clipbatch.core.specs import ShardSpec
-from clipbatch.workers import compiled, readahead, runtime, writers
+from clipbatch.workers import compiled, prefetch, runtime, writers
 from clipbatch.workers.compute import alignment_scores, effective_precision, encode_images, encode_texts
 from clipbatch.workers.device_decode import DevicePreprocess, decode_on_device
 from clipbatch.workers.models import ModelBundle
@@ -138,10 +138,10 @@ def embed_shard(shard: ShardSpec, attempt: str) -> ShardResult:
     bundle = runtime.model_for(shard.job.model)
     batch_size = shard.job.batch_size_on(bundle.device.type)
     got = _Collected()
-    shard_input = readahead.take(shard)
+    shard_input = prefetch.take(shard)
     got.warm = shard_input is not None
     if shard_input is None:
-        shard_input = readahead.open_input(shard, batch_size, pipeline_steps(bundle, members_for(shard.job)))
+        shard_input = prefetch.open_input(shard, batch_size, pipeline_steps(bundle, members_for(shard.job)))
     try:
         _run_batches(shard, bundle, shard_input.batches, batch_size, got)
     finally:
@@ -178,7 +178,7 @@ def warm_input(shard: ShardSpec) -> bool:
     if bundle is None or bundle.spec != shard.job.model:
         return False
     batch_size = shard.job.batch_size_on(bundle.device.type)
-    readahead.hold(readahead.open_input(shard, batch_size, pipeline_steps(bundle, members_for(shard.job))))
+    prefetch.hold(prefetch.open_input(shard, batch_size, pipeline_steps(bundle, members_for(shard.job))))
     return True
 
 
@@ -216,7 +216,7 @@ def _run_batches(shard: ShardSpec, bundle: ModelBundle, batches: PrefetchedBatch
     while True:
         if not drained and batches.drained:
             drained = True
-            readahead.notify_drained(shard)
+            prefetch.notify_drained(shard)
         t0 = time.perf_counter()
         batch = next(batches, None)
         got.seconds["waiting_for_decode"] += time.perf_counter() - t0
@@ -229,7 +229,7 @@ def _run_batches(shard: ShardSpec, bundle: ModelBundle, batches: PrefetchedBatch
             continue
         if cpu_threads is not None:
             # a warm read-ahead input keeps the decode threads busy: the forward leaves them the cores
-            idle = batches.decode_idle and not readahead.holding()
+            idle = batches.decode_idle and not prefetch.holding()
             threads = cpu_threads.choose(batches.decode_s_per_sample, idle)
             got.threads_used[threads] += 1
         t0, cpu0 = time.perf_counter(), time.thread_time()
