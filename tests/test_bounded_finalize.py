@@ -52,7 +52,7 @@ def pages(keys: int) -> int:
 
 
 def spec(output: str) -> dict:
-    return {"kind": "embed", "output": output, "queue": "q", "modality": "pairs", "model": {"name": "tiny"}}
+    return {"kind": "embed", "input": "s3://in/", "output": output, "queue": "q", "modality": "pairs", "model": {"name": "tiny"}}
 
 
 def committed_output(storage, shards: int, seed: int) -> dict[int, dict]:

@@ -7,6 +7,8 @@ left behind: its type, its value and whether it expires. The stub broker takes C
 """
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import json
 import random
@@ -109,7 +111,20 @@ def _answer(call: Callable[..., Any], args: tuple[Any, ...]) -> Any:
 
 def _shards(store: JobStore, job_id: str) -> Any:
     status = store.get(job_id)
-    return None if status is None else store.job_shards(job_id, status)
+    if status is None:
+        return None
+    return _ordered(dataclasses.asdict(store.job_shards(job_id, status)))  # not a repr: key order varies
+
+
+def _ordered(value: Any) -> Any:
+    """``value`` with every dict and set in sorted order (keys of any type), for comparing answers."""
+    if isinstance(value, dict):
+        return sorted(([repr(k), _ordered(v)] for k, v in value.items()), key=lambda kv: kv[0])
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    if isinstance(value, (list, tuple)):
+        return [_ordered(v) for v in value]
+    return value
 
 
 def _comparable(answer: Any) -> str:
