@@ -291,12 +291,12 @@ def report(job_or_output: str, as_json: bool) -> None:
 
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="TOML schedule file (see orchestration/schedule.py or docs/usage.md).")
+              help="TOML schedule file (see orchestration/schedule_file.py or docs/usage.md).")
 @click.option("--state-dir", default=".clipbatch-scheduler", show_default=True, type=click.Path(file_okay=False),
               help="Where beat keeps its schedule state.")
 def scheduler(config_path: str, state_dir: str) -> None:
     """Submit each dataset's score job at its cron time (Celery beat)."""
-    from clipbatch.orchestration.schedule import load_schedule
+    from clipbatch.orchestration.schedule_file import load_schedule
     from clipbatch.orchestration.scheduler import SCHEDULER_QUEUE, make_scheduler_app
 
     datasets = load_schedule(config_path)

@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery, shared_task
 from celery.schedules import crontab
 
-from clipbatch.orchestration.schedule import cron_fields, dataset_spec
+from clipbatch.orchestration.schedule_file import cron_fields, dataset_spec
 from clipbatch.core.broker import make_app
 
 SUBMIT_DATASET = "clipbatch.submit_dataset"

@@ -26,7 +26,7 @@ import yaml
 from clipbatch.cli import main as clipbatch_cli
 from clipbatch.orchestration.client import Client
 from clipbatch.core.config import Settings
-from clipbatch.orchestration.schedule import load_schedule
+from clipbatch.orchestration.schedule_file import load_schedule
 from clipbatch.core.broker import EMBED_SHARD
 from clipbatch.core.specs import JobSpec, ModelSpec
 from tests.conftest import BIN, service_env, wait_for

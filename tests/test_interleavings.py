@@ -19,6 +19,7 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import boto3
 import pytest
@@ -120,7 +121,14 @@ def step(world: World, op: str, checkpoint, workers: list, start_worker, env) ->
         name = world.rng.choice(sorted(world.inputs)).rsplit("/", 1)[1].removesuffix(".tar")
         put_shard(world, name)
         world.log.append(f"change {name}")
-    elif op == "kill":
+    else:
+        fault(world, op, lambda: client(world), workers, start_worker, env)
+
+
+def fault(world, op: str, client_of: Callable[[], Client], workers: list, start_worker, env) -> None:
+    """The faults every interleaving search injects: SIGKILL a worker (and start another), cancel the
+    newest job, Redis losing its state; any other ``op`` is a pause."""
+    if op == "kill":
         victim = workers.pop(world.rng.randrange(len(workers)))
         os.killpg(victim.proc.pid, signal.SIGKILL)
         victim.proc.wait()
@@ -129,7 +137,7 @@ def step(world: World, op: str, checkpoint, workers: list, start_worker, env) ->
         world.log.append("kill a worker, start another")
     elif op == "cancel" and world.jobs:
         try:
-            client(world).job(world.jobs[-1]).cancel()
+            client_of().job(world.jobs[-1]).cancel()
             world.count("cancels")
             world.log.append(f"cancel {world.jobs[-1]}")
         except UnknownJob:

@@ -20,7 +20,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -35,10 +34,11 @@ from clipbatch.core.config import Settings
 from clipbatch.core.specs import FinetuneSpec, ModelSpec, SpecError, TrainShardsSpec
 from clipbatch.core.stages import task_of
 from clipbatch.core.storage import open_storage
-from clipbatch.orchestration.client import Client, UnknownJob
+from clipbatch.orchestration.client import Client
 from clipbatch.sample_data import shape_collection
 from tests.conftest import S3_SERVERS, service_env
 from tests.curation_data import plant, write_scored, write_shard
+from tests.test_interleavings import fault
 
 pytestmark = pytest.mark.integration
 
@@ -153,27 +153,8 @@ def step(world: World, op: str, checkpoint: Path, workers: list, start_worker, e
         world.log.append(hide(world))
     elif op == "rescore":
         world.log.append(rescore(world))
-    elif op == "kill":
-        victim = workers.pop(world.rng.randrange(len(workers)))
-        os.killpg(victim.proc.pid, signal.SIGKILL)
-        victim.proc.wait()
-        workers.append(start_worker(world.queue, env))
-        world.count("kills")
-        world.log.append("kill a worker, start another")
-    elif op == "cancel" and world.jobs:
-        try:
-            client(world).job(world.jobs[-1]).cancel()
-            world.count("cancels")
-            world.log.append(f"cancel {world.jobs[-1]}")
-        except UnknownJob:
-            world.log.append("cancel: job unknown")
-    elif op == "lose_redis":
-        redis.Redis.from_url(world.redis_url).flushdb()
-        world.count("redis_losses")
-        world.log.append("Redis loses its state")
     else:
-        time.sleep(world.rng.uniform(0.5, 3))
-        world.log.append("pause")
+        fault(world, op, lambda: client(world), workers, start_worker, env)
 
 
 def settle(world: World, checkpoint: Path, timeout_s: float = 400) -> dict:

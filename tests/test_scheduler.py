@@ -71,7 +71,7 @@ def test_a_bad_schedule_is_refused_naming_dataset_and_field(redis_url, tmp_path,
 
 
 def test_a_schedule_takes_the_input_format_options(tmp_path):
-    from clipbatch.orchestration.schedule import ScheduleError, dataset_spec, load_schedule
+    from clipbatch.orchestration.schedule_file import ScheduleError, dataset_spec, load_schedule
 
     entry = ('[[dataset]]\nname = "pq"\ninput = "s3://b/x.parquet"\noutput = "s3://b/o"\nmodel = "ViT-B-32"\n'
              'cron = "0 2 * * *"\ninput_format = "{fmt}"\nimage_col = "jpg"\nsamples_per_shard = 5000\n')

@@ -86,7 +86,7 @@ def test_a_spec_from_before_modalities_is_a_pairs_job():
 
 
 def test_a_schedule_entry_may_embed_one_modality(tmp_path):
-    from clipbatch.orchestration.schedule import ScheduleError, dataset_spec, load_schedule
+    from clipbatch.orchestration.schedule_file import ScheduleError, dataset_spec, load_schedule
 
     entry = 'name = "photos"\ninput = "/in"\noutput = "/out"\nmodel = "clipbatch-tiny"\ncron = "0 2 * * *"\n'
     # given an embed entry with a modality, and a score entry (the default kind) with one
