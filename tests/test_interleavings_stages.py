@@ -38,14 +38,13 @@ from clipbatch.orchestration.client import Client
 from clipbatch.sample_data import shape_collection
 from tests.conftest import S3_SERVERS, service_env
 from tests.curation_data import plant, write_scored, write_shard
-from tests.test_interleavings import fault
+from tests.test_interleavings import VISIBILITY_TIMEOUT_S, client, fault
 
 pytestmark = pytest.mark.integration
 
 SEEDS = int(os.environ.get("CLIPBATCH_INTERLEAVING_STAGE_SEEDS", "1"))
 FIRST_SEED = int(os.environ.get("CLIPBATCH_INTERLEAVING_FIRST_SEED", "0"))
 STEPS = int(os.environ.get("CLIPBATCH_INTERLEAVING_STEPS", "8"))
-VISIBILITY_TIMEOUT_S = 4
 OPERATIONS = ("submit", "submit", "duplicate", "duplicate", "kill", "cancel", "lose_redis", "hide", "pause")
 CURATION = dict(top_fraction=0.8, dedup_cosine=0.95, dedup_exact=True, cluster_size=400, clusters_per_task=1,
                 samples_per_shard=400)
@@ -69,23 +68,6 @@ class World:
 
     def count(self, what: str) -> None:
         self.tally[what] = self.tally.get(what, 0) + 1
-
-
-def client(world: World) -> Client:
-    """A fresh client that sometimes publishes a message twice (duplicate deliveries)."""
-    settings = replace(Settings.from_env(), broker_url=world.redis_url, visibility_timeout_s=VISIBILITY_TIMEOUT_S,
-                       queue_window=world.rng.choice([1, 2, 1000]))
-    c = Client(settings)
-    send = c.app.send_task
-
-    def sometimes_twice(*args, **kwargs):
-        send(*args, **kwargs)
-        if world.rng.random() < 0.3:
-            world.count("duplicates")
-            send(*args, **kwargs)
-
-    c.app.send_task = sometimes_twice
-    return c
 
 
 def spec(world: World, checkpoint: Path):
